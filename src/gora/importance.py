@@ -1,0 +1,51 @@
+"""Layer importance I(W) from the weight W and the mean gradient G, in float32 whatever the model dtype.
+
+The paper's metric is I(W) = avg(|W ⊙ G|) ("parameter sensitivity"); the others serve its ablation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Importance
+from .estimate import GradientStats
+from .targets import get_weight
+
+_ROW_CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of ~16M elements so huge layers need no fp32 copy of W
+
+
+def layer_importance(weight: torch.Tensor, grad: torch.Tensor, metric: Importance) -> float:
+    """I(W) of one layer; `weight` and `grad` share the [m, n] layout."""
+    if weight.shape != grad.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and gradient {tuple(grad.shape)} differ in shape")
+    grad = grad.to(device=weight.device, dtype=torch.float32)
+    if metric == "grad_nuclear":  # ‖G‖_*
+        return float(torch.linalg.svdvals(grad).sum())
+    if metric == "grad_frobenius":  # ‖G‖_F
+        return float(torch.linalg.vector_norm(grad))
+    if metric == "wg_nuclear":  # ‖W ⊙ G‖_*
+        return float(torch.linalg.svdvals(weight.float() * grad).sum())
+    rows = max(1, _ROW_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        wg = weight[start : start + rows].float() * grad[start : start + rows]  # W ⊙ G, one chunk
+        if metric == "mean_abs_wg":
+            total += wg.abs().sum(dtype=torch.float64)
+        elif metric == "wg_frobenius":
+            total += wg.square().sum(dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown importance metric {metric!r}")
+    if metric == "mean_abs_wg":  # avg(|W ⊙ G|)
+        return float(total / weight.numel())
+    return float(total.sqrt())  # ‖W ⊙ G‖_F
+
+
+@torch.no_grad()
+def compute_importances(model: nn.Module, stats: GradientStats, metric: Importance) -> dict[str, float]:
+    """I(W_i) for every target that received a gradient, keyed by module name."""
+    by_name = {t.name: t for t in stats.targets}
+    return {
+        name: layer_importance(get_weight(model, by_name[name]), grad, metric)
+        for name, grad in stats.gradients.items()
+    }

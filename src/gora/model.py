@@ -1,0 +1,214 @@
+"""PEFT glue: GoRA's allocation and initialization as a stock `peft.PeftModel`, and the one-call `get_gora_model`.
+
+The adapter is plain LoRA: full-module-name `rank_pattern` (and `alpha_pattern` where the scaling needs it),
+`r` = the largest rank, `use_rslora=True`, `init_lora_weights=True`; A0 and B0 are written into PEFT's own layers.
+W0 is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocate import Allocation, allocate_ranks
+from .config import GoraConfig
+from .estimate import ForwardFn, GradientStats, estimate_gradients
+from .importance import compute_importances
+from .initialize import gora_init, layer_scaling
+from .record import GoraRecord
+
+logger = logging.getLogger(__name__)
+
+
+def init_gora_weights(
+    stats: GradientStats, allocation: Allocation, config: GoraConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Stage 3 as tensors: module name -> (A0 [r_i, n], B0 [m, r_i]) in float32, for every layer with r_i > 0."""
+    return {
+        name: gora_init(name, stats.gradients[name], rank, config) for name, rank in allocation.adapted.items()
+    }
+
+
+def make_lora_config(config: GoraConfig, allocation: Allocation, stats: GradientStats):
+    """The plain `peft.LoraConfig` that carries GoRA's allocation."""
+    from peft import LoraConfig
+
+    ranks = allocation.adapted
+    if not ranks:
+        raise ValueError("every layer was allocated rank 0: raise min_rank or r")
+    names = [t.name for t in stats.targets if t.name in ranks]  # model order
+    alpha_pattern = {}
+    if config.scaling == "reference":  # s_i = α/√r_ref  ⇔  alpha_i = α·√r_i/√r_ref under rsLoRA
+        alpha_pattern = {n: config.lora_alpha * math.sqrt(ranks[n] / config.r) for n in names}
+    kwargs = dict(config.lora_kwargs)
+    kwargs.setdefault("fan_in_fan_out", all(t.transposed for t in stats.targets if t.name in ranks))
+    return LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=True,
+        target_modules=names,
+        rank_pattern={n: ranks[n] for n in names},
+        alpha_pattern=alpha_pattern,
+        init_lora_weights=True,
+        **kwargs,
+    )
+
+
+def build_gora_model(
+    model: nn.Module,
+    config: GoraConfig,
+    stats: GradientStats,
+    allocation: Allocation,
+    *,
+    adapter_name: str = "default",
+    timings: dict[str, float] | None = None,
+):
+    """Wrap `model` in a stock PeftModel whose LoRA layers carry GoRA's ranks, A0 and B0.
+
+    Everything that can fail is computed before PEFT touches the model, so a failure leaves it as it was.
+    """
+    from peft import get_peft_model
+
+    start = time.perf_counter()
+    weights = init_gora_weights(stats, allocation, config)
+    lora_config = make_lora_config(config, allocation, stats)
+    init_s = time.perf_counter() - start
+    peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    _write_lora_weights(peft_model, weights, adapter_name)
+    timings = {**(timings or {}), "init_s": (timings or {}).get("init_s", 0.0) + init_s}
+    record = make_record(config, stats, allocation, timings)
+    attach_record(peft_model, record, adapter_name)
+    _log_summary(allocation, stats)
+    return peft_model
+
+
+def get_gora_model(
+    model: nn.Module,
+    config: GoraConfig,
+    dataloader: Iterable[Any],
+    *,
+    forward_fn: ForwardFn | None = None,
+    adapter_name: str = "default",
+    offload_to_cpu: bool = False,
+    show_progress: bool = True,
+):
+    """Run GoRA on `model` and return a stock `peft.PeftModel`, ready to train.
+
+    Args:
+        model: A transformers (or any torch) model; its weights are never modified.
+        config: The GoRA configuration.
+        dataloader: Iterable of batches; the first `config.num_batches` are used. Without `forward_fn` each batch is
+            a dict of keyword arguments for which the model returns an output with `.loss`.
+        forward_fn: Optional `forward_fn(model, batch) -> loss` for models that do not return `.loss`.
+        adapter_name: Name of the LoRA adapter.
+        offload_to_cpu: Keep gradient accumulators on the CPU.
+        show_progress: Show progress bars.
+
+    Returns:
+        A `peft.PeftModel`. `model.save_pretrained(dir)` writes a plain LoRA adapter plus `gora_record.json`.
+    """
+    start = time.perf_counter()
+    stats = estimate_gradients(
+        model, config, dataloader, forward_fn=forward_fn, offload_to_cpu=offload_to_cpu, show_progress=show_progress
+    )
+    estimate_s = time.perf_counter() - start
+    start = time.perf_counter()
+    importances = compute_importances(model, stats, config.importance)
+    allocation = allocate_ranks(importances, stats.shapes, config)
+    allocate_s = time.perf_counter() - start
+    return build_gora_model(
+        model,
+        config,
+        stats,
+        allocation,
+        adapter_name=adapter_name,
+        timings={"estimate_s": estimate_s, "allocate_s": allocate_s},
+    )
+
+
+def make_record(
+    config: GoraConfig, stats: GradientStats, allocation: Allocation, timings: dict[str, float] | None = None
+) -> GoraRecord:
+    shapes = stats.shapes
+    return GoraRecord(
+        config=config.to_dict(),
+        num_batches=stats.num_batches,
+        budget=allocation.budget,
+        trainable_params=allocation.trainable_params,
+        lora_params=allocation.lora_params,
+        ranks=allocation.ranks,
+        importances=allocation.importances,
+        advantages=allocation.advantages,
+        shapes={name: list(shapes[name]) for name in allocation.ranks},
+        scalings={name: layer_scaling(config, r) for name, r in allocation.adapted.items()},
+        no_grad=list(stats.no_grad),
+        dropped=allocation.dropped,
+        gamma=config.gamma,
+        timings_s=dict(timings or {}),
+    )
+
+
+def attach_record(peft_model: Any, record: GoraRecord, adapter_name: str = "default") -> None:
+    """Keep the record on the model (`peft_model.gora_records[adapter]`) and write it on every `save_pretrained`.
+
+    The PeftModel stays a stock PeftModel; only this instance's `save_pretrained` also writes `gora_record.json`
+    into the folder PEFT writes the adapter to (a subfolder for adapters other than "default").
+    """
+    records = peft_model.__dict__.setdefault("gora_records", {})
+    records[adapter_name] = record
+    if "save_pretrained" in peft_model.__dict__:
+        return
+    original = peft_model.save_pretrained
+
+    def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        result = original(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            selected = kwargs.get("selected_adapters") or list(peft_model.peft_config)
+            for name in selected:
+                if name in records:
+                    folder = save_directory if name == "default" else os.path.join(save_directory, name)
+                    records[name].save(folder)
+        return result
+
+    peft_model.save_pretrained = save_pretrained
+
+
+@torch.no_grad()
+def _write_lora_weights(peft_model: Any, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: str) -> None:
+    base = peft_model.base_model.model
+    for name, (A, B) in weights.items():
+        module = base.get_submodule(name)
+        lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        if lora_A.shape != A.shape or lora_B.shape != B.shape:
+            raise RuntimeError(
+                f"PEFT built {name} with A{tuple(lora_A.shape)}, B{tuple(lora_B.shape)}; GoRA expected "
+                f"A{tuple(A.shape)}, B{tuple(B.shape)}"
+            )
+        lora_A.copy_(A.to(device=lora_A.device, dtype=lora_A.dtype))
+        lora_B.copy_(B.to(device=lora_B.device, dtype=lora_B.dtype))
+
+
+def _log_summary(allocation: Allocation, stats: GradientStats) -> None:
+    adapted = allocation.adapted
+    ranks = list(adapted.values())
+    logger.info(
+        "GoRA: %d layers adapted, ranks %d..%d (mean %.2f) from %d batches; trainable %d vs LoRA %d (%.3fx)",
+        len(adapted),
+        min(ranks),
+        max(ranks),
+        sum(ranks) / len(ranks),
+        stats.num_batches,
+        allocation.trainable_params,
+        allocation.lora_params,
+        allocation.param_ratio,
+    )
+    if allocation.dropped:
+        logger.info("GoRA: rank 0 (no adapter) for %s", ", ".join(allocation.dropped))

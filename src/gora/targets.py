@@ -1,0 +1,120 @@
+"""Which modules GoRA adapts: PEFT's own matching rules, restricted to layers whose gradient GoRA can read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import GoraConfig
+
+try:  # transformers' GPT-2 style linear layer, weight stored transposed as [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+QUANTIZED_CLASS_HINTS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "Int8", "FP8Linear")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module that GoRA adapts. `m` = out_features, `n` = in_features (the torch layout of an nn.Linear)."""
+
+    name: str
+    m: int
+    n: int
+    transposed: bool  # True for Conv1D, whose weight is stored as [n, m]
+
+
+def base_lora_config(config: GoraConfig, model: nn.Module):
+    """A `LoraConfig` with the user's target_modules and pass-through options, for PEFT's matching rules."""
+    from peft import LoraConfig
+
+    target_modules = config.target_modules
+    if target_modules is None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults:
+            raise ValueError(
+                f"target_modules is not set and PEFT has no default targets for model type {model_type!r}: "
+                "set GoraConfig(target_modules=[...]) to the names of the linear layers to adapt"
+            )
+        target_modules = defaults[model_type]
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return LoraConfig(target_modules=target_modules, **config.lora_kwargs)
+
+
+def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
+    """The target modules of `model`, in `named_modules` order, as PEFT would match them.
+
+    Raises:
+        ValueError: when nothing matches, when the model already carries PEFT adapters, or when a matched module is
+            not an nn.Linear / Conv1D with a floating-point weight (e.g. a quantized layer).
+    """
+    from peft.tuners.tuners_utils import (
+        BaseTunerLayer,
+        _maybe_include_all_linear_layers,
+        check_target_module_exists,
+    )
+
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "the model already carries PEFT adapter layers: pass the base model (e.g. peft_model.get_base_model() "
+            "after unloading the adapter), not a PeftModel"
+        )
+    lora_config = _maybe_include_all_linear_layers(base_lora_config(config, model), model)
+    targets: list[Target] = []
+    unsupported: list[str] = []
+    quantized: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not check_target_module_exists(lora_config, name):
+            continue
+        if type(module).__name__.startswith(QUANTIZED_CLASS_HINTS) or _has_quantized_weight(module):
+            quantized.append(name)
+        elif isinstance(module, nn.Linear):
+            targets.append(Target(name, module.out_features, module.in_features, transposed=False))
+        elif Conv1D and isinstance(module, Conv1D):
+            n, m = module.weight.shape
+            targets.append(Target(name, m, n, transposed=True))
+        else:
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if quantized:
+        raise ValueError(
+            f"quantized base layers are not supported for gradient estimation: {_short(quantized)}. "
+            "Load the model in full precision (float32/bfloat16) for GoRA, then quantize it for training"
+        )
+    if unsupported:
+        raise ValueError(
+            f"GoRA adapts nn.Linear and Conv1D layers only; these targets are neither: {_short(unsupported)}. "
+            "Narrow target_modules (or use exclude_modules in lora_kwargs)"
+        )
+    if not targets:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no nn.Linear/Conv1D module of this "
+            f"{type(model).__name__}. Module names look like: {_short(_linear_names(model))}"
+        )
+    return targets
+
+
+def get_weight(model: nn.Module, target: Target) -> torch.Tensor:
+    """W of a target in the [m, n] layout, as a view (no copy)."""
+    weight = model.get_submodule(target.name).weight
+    return weight.T if target.transposed else weight
+
+
+def _has_quantized_weight(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    kinds = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "(none)"
