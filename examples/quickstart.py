@@ -45,15 +45,29 @@ def main() -> None:
     collate = DataCollatorWithPadding(tokenizer)
     loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, collate_fn=collate)
 
-    config = gora.GoraConfig(target_modules=["query", "key", "value", "dense"], num_batches=8,
-                             lora_kwargs={"task_type": "SEQ_CLS"})
+    config = gora.GoraConfig(
+        target_modules=["query", "key", "value", "dense"], num_batches=8, lora_kwargs={"task_type": "SEQ_CLS"}
+    )
     model = gora.get_gora_model(model, config, loader)  # a stock peft.PeftModel
     model.print_trainable_parameters()
 
-    args = TrainingArguments("outputs/quickstart", num_train_epochs=1, per_device_train_batch_size=16,
-                             learning_rate=5e-4, report_to=[], use_cpu=True, save_strategy="no")
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collate,
-                      compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+    args = TrainingArguments(
+        "outputs/quickstart",
+        num_train_epochs=1,
+        per_device_train_batch_size=16,
+        learning_rate=5e-4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=collate,
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+    )
     trainer.train()
     print(trainer.evaluate())
     model.save_pretrained("outputs/quickstart/adapter")  # plain LoRA adapter + gora_record.json

@@ -1,8 +1,8 @@
 """Stage 2: rank allocation (pure: importances and shapes in, ranks out; no torch, no PEFT).
 
-    a_i = I_i / Σ_j I_j                                  (advantage, normalised importance)
-    b   = r_ref · Σ_i f(m_i, n_i)                        (budget; f = sqrt(m+n) in the paper, m+n in the code)
-    r_i = clip(round(b · a_i / f(m_i, n_i)), r_min, min(r_max, m_i, n_i))
+a_i = I_i / Σ_j I_j                                  (advantage, normalised importance)
+b   = r_ref · Σ_i f(m_i, n_i)                        (budget; f = sqrt(m+n) in the paper, m+n in the code)
+r_i = clip(round(b · a_i / f(m_i, n_i)), r_min, min(r_max, m_i, n_i))
 """
 
 from __future__ import annotations

@@ -133,7 +133,9 @@ def _first(dataloader: Iterable[Any], n: int) -> Iterator[Any]:
         yield batch
 
 
-def _loss(model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, index: int) -> torch.Tensor:
+def _loss(
+    model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, index: int
+) -> torch.Tensor:
     if forward_fn is not None:
         out = forward_fn(model, batch)
     elif isinstance(batch, Mapping):

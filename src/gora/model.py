@@ -31,9 +31,7 @@ def init_gora_weights(
     stats: GradientStats, allocation: Allocation, config: GoraConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Stage 3 as tensors: module name -> (A0 [r_i, n], B0 [m, r_i]) in float32, for every layer with r_i > 0."""
-    return {
-        name: gora_init(name, stats.gradients[name], rank, config) for name, rank in allocation.adapted.items()
-    }
+    return {name: gora_init(name, stats.gradients[name], rank, config) for name, rank in allocation.adapted.items()}
 
 
 def make_lora_config(config: GoraConfig, allocation: Allocation, stats: GradientStats):
