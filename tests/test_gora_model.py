@@ -400,3 +400,35 @@ def test_weight_view_matches_layout():
     config = GoraConfig(target_modules=["c_fc"], num_batches=1)
     target = find_targets(model, config)[0]
     assert target.transposed and get_weight(model, target).shape == (target.m, target.n) == (128, 32)
+
+
+def test_tied_target_weight_is_warned_about(caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with caplog.at_level("WARNING"):
+        find_targets(model, GoraConfig(target_modules=["lm_head"]))
+    assert "shares its weight with model.embed_tokens" in caplog.text
+
+
+def test_bfloat16_model_gets_float32_statistics_and_adapters():
+    model = make_llama().to(torch.bfloat16)
+    config = GoraConfig(target_modules=["q_proj", "v_proj"], num_batches=2, gamma=0.05)
+    stats = gora.estimate_gradients(model, config, lm_batches(2), show_progress=False)
+    assert all(g.dtype == torch.float32 for g in stats.gradients.values())
+    peft_model = gora.get_gora_model(model, config, lm_batches(2), show_progress=False)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.v_proj
+    assert layer.lora_B["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype keeps them fp32
+    assert layer.lora_B["default"].weight.abs().sum() > 0
+    assert layer.base_layer.weight.dtype == torch.bfloat16

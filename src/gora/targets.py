@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ try:  # transformers' GPT-2 style linear layer, weight stored transposed as [in,
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
 
 QUANTIZED_CLASS_HINTS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "Int8", "FP8Linear")
 
@@ -91,12 +94,33 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
             f"GoRA adapts nn.Linear and Conv1D layers only; these targets are neither: {_short(unsupported)}. "
             "Narrow target_modules (or use exclude_modules in lora_kwargs)"
         )
+    _warn_tied(model, targets)
     if not targets:
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no nn.Linear/Conv1D module of this "
             f"{type(model).__name__}. Module names look like: {_short(_linear_names(model))}"
         )
     return targets
+
+
+def _warn_tied(model: nn.Module, targets: list[Target]) -> None:
+    """A weight shared with another module gets the sum of the gradients of all its uses: say so."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    for t in targets:
+        names = owners.get(id(model.get_submodule(t.name).weight), [])
+        others = [n for n in names if n != t.name]
+        if others:
+            logger.warning(
+                "target %s shares its weight with %s: its gradient G is the sum over all uses, and the adapter "
+                "applies to %s only",
+                t.name,
+                ", ".join(others),
+                t.name,
+            )
 
 
 def get_weight(model: nn.Module, target: Target) -> torch.Tensor:
