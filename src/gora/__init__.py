@@ -10,13 +10,17 @@ __version__ = "0.1.0"
 from .allocate import Allocation, allocate_ranks
 from .config import GoraConfig
 from .estimate import GradientStats, estimate_gradients
+from .gamma import GammaSearch
 from .importance import compute_importances, layer_importance
 from .initialize import draw_lora_A, gora_init, solve_lora_B
 from .model import build_gora_model, get_gora_model, init_gora_weights, make_lora_config
+from .quant import get_qgora_model, quantize_base
 from .record import GoraRecord
+from .stats_io import load_gradient_stats, model_fingerprint, save_gradient_stats
 
 __all__ = [
     "Allocation",
+    "GammaSearch",
     "GoraConfig",
     "GoraRecord",
     "GradientStats",
@@ -27,9 +31,14 @@ __all__ = [
     "draw_lora_A",
     "estimate_gradients",
     "get_gora_model",
+    "get_qgora_model",
     "gora_init",
     "init_gora_weights",
     "layer_importance",
+    "load_gradient_stats",
     "make_lora_config",
+    "model_fingerprint",
+    "quantize_base",
+    "save_gradient_stats",
     "solve_lora_B",
 ]

@@ -17,11 +17,14 @@ Importance = Literal["mean_abs_wg", "grad_nuclear", "wg_nuclear", "grad_frobeniu
 Features = Literal["sqrt", "linear"]
 Rounding = Literal["round", "floor"]
 Scaling = Literal["rslora", "reference"]
+GradientStore = Literal["full", "sketch"]
 
 IMPORTANCE_CHOICES: tuple[str, ...] = Importance.__args__  # type: ignore[attr-defined]
 FEATURES_CHOICES: tuple[str, ...] = Features.__args__  # type: ignore[attr-defined]
 ROUNDING_CHOICES: tuple[str, ...] = Rounding.__args__  # type: ignore[attr-defined]
 SCALING_CHOICES: tuple[str, ...] = Scaling.__args__  # type: ignore[attr-defined]
+GRADIENT_STORE_CHOICES: tuple[str, ...] = GradientStore.__args__  # type: ignore[attr-defined]
+NUCLEAR_IMPORTANCES: tuple[str, ...] = ("grad_nuclear", "wg_nuclear")
 
 # LoraConfig fields that GoRA decides itself: passing them through `lora_kwargs` would contradict the allocation.
 GORA_OWNED_LORA_FIELDS: dict[str, str] = {
@@ -58,13 +61,25 @@ class GoraConfig:
         max_rank: Largest rank a layer gets (r_max); also capped at min(out_features, in_features).
         lora_alpha: α; the adapter scaling is α/sqrt(r_i) (rsLoRA).
         lora_dropout: Dropout on the adapter input during training (as in PEFT).
-        gamma: γ, the size of the gradient step that the initial adapter takes (0 = allocation only, B0 = 0).
+        gamma: γ, the size of the gradient step that the initial adapter takes (0 = allocation only, B0 = 0), or
+            "auto": chosen among `gamma_candidates` by the loss on `gamma_batches` held-out batches (gamma.py).
+        gamma_candidates: Candidate γ values for gamma="auto" (None = 5e-2·2^k, k = −6..2: 7.8e-4 … 0.2).
+        gamma_batches: K, the number of held-out batches that gamma="auto" evaluates each candidate on.
         num_batches: N, the number of batches whose gradients are averaged.
         seed: Seed of A0 (drawn per module from (seed, module name)) and of dropout during estimation.
         importance: Layer importance I(W); `mean_abs_wg` = mean|W ⊙ G| (the paper's choice).
         features: f(m, n) in the budget and rank formulas: `sqrt` = sqrt(m+n) (paper), `linear` = m+n (research code).
         rounding: `round` (paper) or `floor` (research code) when turning real-valued ranks into integers.
         scaling: `rslora` = α/sqrt(r_i) per layer (paper); `reference` = α/sqrt(r_ref) for every layer (research code).
+        gradient_store: What estimation keeps per layer: `full` = the float32 mean gradient G (m x n); `sketch` =
+            Y = G·A_maxᵀ (m x max_rank) plus G at a fixed sample of entries for the importance (bounded memory;
+            not with nuclear-norm importances).
+        offload_to_cpu: Keep the gradient statistics on the CPU instead of the model's device.
+        sketch_samples: Entries of G sampled per layer for the importance in sketch mode.
+        adaptive_batches: Stop estimation early once every layer's importance changes by at most
+            `adaptive_threshold` (relative) between consecutive batches, after `adaptive_min_batches` batches.
+        adaptive_threshold: τ, the relative change of importance below which estimation stops.
+        adaptive_min_batches: Smallest number of batches before adaptive stopping may stop.
         lora_kwargs: Any other `peft.LoraConfig` argument (task_type, modules_to_save, bias, layers_to_transform, ...).
     """
 
@@ -76,7 +91,14 @@ class GoraConfig:
     max_rank: int = field(default=32, metadata={"help": "largest rank of a layer"})
     lora_alpha: float = field(default=16, metadata={"help": "alpha; adapter scaling is alpha/sqrt(rank)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input during training"})
-    gamma: float = field(default=5e-2, metadata={"help": "step size of the gradient step taken at initialization"})
+    gamma: float | Literal["auto"] = field(
+        default=5e-2,
+        metadata={"help": "step size of the gradient step taken at initialization, or 'auto' (held-out loss)"},
+    )
+    gamma_candidates: tuple[float, ...] | None = field(
+        default=None, metadata={"help": "candidate gammas for gamma='auto' (default 5e-2 * 2^k, k=-6..2)"}
+    )
+    gamma_batches: int = field(default=4, metadata={"help": "held-out batches that gamma='auto' evaluates"})
     num_batches: int = field(default=64, metadata={"help": "number of batches N for gradient estimation"})
     seed: int = field(default=0, metadata={"help": "seed of A0 and of dropout during estimation"})
     importance: Importance = field(
@@ -92,6 +114,26 @@ class GoraConfig:
         default="rslora",
         metadata={"help": "alpha/sqrt(r_i) per layer, or alpha/sqrt(r_ref) everywhere", "choices": SCALING_CHOICES},
     )
+    gradient_store: GradientStore = field(
+        default="full",
+        metadata={
+            "help": "gradient statistics: full mean G, or a low-memory sketch (G·A_maxᵀ + sampled entries)",
+            "choices": GRADIENT_STORE_CHOICES,
+        },
+    )
+    offload_to_cpu: bool = field(default=False, metadata={"help": "keep gradient statistics on the CPU"})
+    sketch_samples: int = field(
+        default=2048, metadata={"help": "entries of G sampled per layer for the importance in sketch mode"}
+    )
+    adaptive_batches: bool = field(
+        default=False, metadata={"help": "stop estimation once every layer's importance has converged"}
+    )
+    adaptive_threshold: float = field(
+        default=0.1, metadata={"help": "relative importance change between batches that counts as converged"}
+    )
+    adaptive_min_batches: int = field(
+        default=3, metadata={"help": "smallest number of batches before adaptive stopping may stop"}
+    )
     lora_kwargs: Mapping[str, Any] = field(
         default_factory=dict, metadata={"help": "other peft.LoraConfig arguments, passed through", "cli": False}
     )
@@ -105,7 +147,7 @@ class GoraConfig:
             )
             object.__setattr__(self, "target_modules", tuple(tm))
             _check(len(tm) > 0, "target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
-        for name in ("r", "min_rank", "max_rank", "num_batches", "seed"):
+        for name in ("r", "min_rank", "max_rank", "num_batches", "seed", "sketch_samples", "adaptive_min_batches"):
             value = getattr(self, name)
             _check(
                 isinstance(value, int) and not isinstance(value, bool),
@@ -127,10 +169,7 @@ class GoraConfig:
             _is_real(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
             f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}",
         )
-        _check(
-            _is_real(self.gamma) and math.isfinite(self.gamma) and self.gamma >= 0,
-            f"gamma must be a finite number >= 0 (0 = allocation only), got {self.gamma!r}",
-        )
+        self._check_gamma()
         for name, choices in (
             ("importance", IMPORTANCE_CHOICES),
             ("features", FEATURES_CHOICES),
@@ -139,9 +178,68 @@ class GoraConfig:
         ):
             value = getattr(self, name)
             _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+        self._check_estimation()
         _check(isinstance(self.lora_kwargs, Mapping), "lora_kwargs must be a mapping of LoraConfig arguments")
         self._check_lora_kwargs()
         object.__setattr__(self, "lora_kwargs", dict(self.lora_kwargs))
+
+    def _check_estimation(self) -> None:
+        _check(
+            self.gradient_store in GRADIENT_STORE_CHOICES,
+            f"gradient_store={self.gradient_store!r} is not one of {', '.join(GRADIENT_STORE_CHOICES)}",
+        )
+        _check(
+            not (self.gradient_store == "sketch" and self.importance in NUCLEAR_IMPORTANCES),
+            f"importance={self.importance!r} needs the full gradient G (a nuclear norm), which "
+            "gradient_store='sketch' does not keep: use importance='mean_abs_wg' or gradient_store='full'",
+        )
+        for name in ("offload_to_cpu", "adaptive_batches"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check(self.sketch_samples > 0, f"sketch_samples must be a positive integer, got {self.sketch_samples}")
+        _check(
+            _is_real(self.adaptive_threshold)
+            and math.isfinite(self.adaptive_threshold)
+            and self.adaptive_threshold > 0,
+            f"adaptive_threshold must be a finite number > 0 (a relative change), got {self.adaptive_threshold!r}",
+        )
+        _check(
+            self.adaptive_min_batches >= 2,
+            f"adaptive_min_batches must be >= 2 (a change needs two batches), got {self.adaptive_min_batches}",
+        )
+        _check(
+            not self.adaptive_batches or self.adaptive_min_batches <= self.num_batches,
+            f"adaptive_min_batches ({self.adaptive_min_batches}) > num_batches ({self.num_batches}): "
+            "lower adaptive_min_batches or raise num_batches",
+        )
+
+    def _check_gamma(self) -> None:
+        _check(
+            self.gamma == "auto" or (_is_real(self.gamma) and math.isfinite(self.gamma) and self.gamma >= 0),
+            f"gamma must be a finite number >= 0 (0 = allocation only) or 'auto' (chosen on held-out batches), "
+            f"got {self.gamma!r}",
+        )
+        _check(
+            isinstance(self.gamma_batches, int)
+            and not isinstance(self.gamma_batches, bool)
+            and self.gamma_batches > 0,
+            f"gamma_batches must be a positive integer (held-out batches for gamma='auto'), got {self.gamma_batches!r}",
+        )
+        candidates = self.gamma_candidates
+        if candidates is None:
+            return
+        _check(
+            self.gamma == "auto",
+            f"gamma_candidates is only used with gamma='auto' (gamma is {self.gamma!r}): set gamma='auto' or drop it",
+        )
+        _check(
+            not isinstance(candidates, (str, bytes)) and isinstance(candidates, Sequence) and len(candidates) > 0,
+            f"gamma_candidates must be a non-empty sequence of numbers > 0, got {candidates!r}",
+        )
+        _check(
+            all(_is_real(c) and math.isfinite(c) and c > 0 for c in candidates),
+            f"gamma_candidates must all be finite numbers > 0 (gamma = 0 is always the fallback), got {candidates!r}",
+        )
+        object.__setattr__(self, "gamma_candidates", tuple(sorted({float(c) for c in candidates})))
 
     def _check_lora_kwargs(self) -> None:
         from peft import LoraConfig

@@ -9,6 +9,7 @@ The model comes back exactly as it was: weights, requires_grad flags, train/eval
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -20,6 +21,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import GoraConfig
+from .distributed import (
+    all_reduce_sum_,
+    all_true,
+    check_not_zero3,
+    full_tensor,
+    is_distributed,
+    is_dtensor,
+    sum_counts,
+    unwrap_model,
+    world_size,
+)
+from .distributed import rank as dist_rank
+from .sketch import SketchStore
 from .targets import Target, find_targets
 
 logger = logging.getLogger(__name__)
@@ -33,19 +47,54 @@ class GradientStats:
 
     Attributes:
         targets: The adapted modules with their shapes, in model order.
-        gradients: Module name -> G, the float32 mean gradient in the [out, in] layout.
-        num_batches: N, the number of batches averaged.
+        gradients: Module name -> G, the float32 mean gradient in the [out, in] layout (every layer with
+            `store="full"`; only the small layers stored whole with `store="sketch"`).
+        num_batches: N, the number of batches averaged (over all ranks under torch.distributed).
         no_grad: Targets whose weight received no gradient at all (unused in the forward); they get no adapter.
+        store: "full" or "sketch" (`GoraConfig.gradient_store`).
+        sketches: Module name -> Y = G·A_maxᵀ [m, min(max_rank, m, n)] (sketch mode).
+        importances: Module name -> I estimated during estimation (sketched layers), for `importance_metric`.
+        importance_metric: The metric of `importances`.
+        seed: The seed of A_max (sketch mode: A0 must be drawn with it).
+        info: How the statistics were made (world size, batches per rank, adaptive stopping, bytes, ...).
     """
 
     targets: list[Target]
     gradients: dict[str, torch.Tensor]
     num_batches: int
     no_grad: list[str] = field(default_factory=list)
+    store: str = "full"
+    sketches: dict[str, torch.Tensor] = field(default_factory=dict)
+    importances: dict[str, float] = field(default_factory=dict)
+    importance_metric: str | None = None
+    seed: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {t.name: (t.m, t.n) for t in self.targets if t.name in self.gradients}
+        return {t.name: (t.m, t.n) for t in self.targets if t.name in self.gradients or t.name in self.sketches}
+
+    def nbytes(self) -> int:
+        """Bytes held by the statistics' tensors."""
+        return sum(x.numel() * x.element_size() for x in [*self.gradients.values(), *self.sketches.values()])
+
+
+class _FullStore:
+    """`gradient_store="full"`: S = Σ_b g_b in float32 per target."""
+
+    def __init__(self, targets: list[Target], device: torch.device) -> None:
+        self.whole = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
+        self.sketches: dict[str, torch.Tensor] = {}
+        self.device = device
+
+    def fold(self, target: Target, grad: torch.Tensor) -> None:
+        self.whole[target.name].add_(grad.to(device=self.device, dtype=torch.float32))
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.whole.values())
+
+
+Store = _FullStore | SketchStore
 
 
 def estimate_gradients(
@@ -59,62 +108,131 @@ def estimate_gradients(
 ) -> GradientStats:
     """Average the gradient of every target weight over the first `config.num_batches` batches.
 
+    Under torch.distributed every rank runs its own batches and the float32 statistics are summed over ranks once
+    at the end, so G is the mean over all ranks' batches and identical everywhere. DDP (and DeepSpeed ZeRO-1/2 or
+    accelerate) wrappers are unwrapped: target names are those of `model.module`, and the backward runs on the
+    inner module without DDP's gradient sync. FSDP2 (`fully_shard`) models are supported: each sharded gradient
+    (already averaged over ranks by FSDP) is gathered layer by layer, folded in and freed. ZeRO-3 is refused.
+
     Args:
-        model: The base model (not a PeftModel), in any dtype; it is not modified.
-        config: GoRA configuration (targets, N, seed).
-        dataloader: Any iterable of batches. Without `forward_fn`, each batch is a dict of keyword arguments that
-            makes the model return an output with a `.loss`.
+        model: The base model (not a PeftModel), in any dtype, possibly wrapped in DDP or sharded by FSDP2; it is
+            not modified.
+        config: GoRA configuration (targets, N, seed, gradient_store, adaptive stopping).
+        dataloader: Any iterable of batches (this rank's batches under torch.distributed). Without `forward_fn`,
+            each batch is a dict of keyword arguments that makes the model return an output with a `.loss`.
         forward_fn: Optional `forward_fn(model, batch)` returning the scalar loss (or an output with `.loss`), for
             models or batches that do not fit the dict convention.
-        offload_to_cpu: Keep the float32 accumulators on the CPU instead of the model's device.
-        show_progress: Show a tqdm progress bar.
+        offload_to_cpu: Keep the float32 statistics on the CPU instead of the model's device (also
+            `GoraConfig.offload_to_cpu`).
+        show_progress: Show a tqdm progress bar (rank 0 only).
 
     Raises:
         ValueError: empty dataloader, a batch without loss, a non-finite loss or gradient, no gradient reaching any
-            target, or any target problem that `find_targets` reports. The model is left exactly as it was.
+            target, ZeRO-3 parameters, or any target problem that `find_targets` reports. The model is left exactly
+            as it was.
     """
+    model = unwrap_model(model)
+    check_not_zero3(model)
     targets = find_targets(model, config)
     device = _model_device(model)
-    acc_device = torch.device("cpu") if offload_to_cpu else device
-    sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=acc_device) for t in targets}
-    counts = dict.fromkeys(sums, 0)
+    acc_device = torch.device("cpu") if (offload_to_cpu or config.offload_to_cpu) else device
+    store: Store = (
+        SketchStore(targets, config, acc_device)
+        if config.gradient_store == "sketch"
+        else _FullStore(targets, acc_device)
+    )
+    counts = dict.fromkeys((t.name for t in targets), 0)
     non_finite: set[str] = set()
+    sink: list[Callable[[Target, torch.Tensor, torch.Tensor], None]] = []
+
+    def fold(target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        grad = grad.T if target.transposed else grad
+        if not bool(torch.isfinite(grad).all()):
+            non_finite.add(target.name)
+        sink[0](target, grad, weight)  # weight: the parameter as stored (an FSDP2 shard is gathered only if needed)
 
     def make_hook(target: Target) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad.detach()
-            grad = grad.T if target.transposed else grad
-            if not bool(torch.isfinite(grad).all()):
-                non_finite.add(target.name)
-            sums[target.name].add_(grad.to(device=acc_device, dtype=torch.float32))
-            counts[target.name] += 1
-            param.grad = None  # free it now: memory stays bounded by the accumulators plus ~one gradient
+            fold(target, param.grad.detach(), param)
+            param.grad = None  # free it now: memory stays bounded by the statistics plus ~one gradient
 
         return hook
 
-    num_batches = 0
-    with _estimation_state(model, targets) as weights, _seeded(config.seed, device):
-        handles = [w.register_post_accumulate_grad_hook(make_hook(t)) for t, w in zip(targets, weights)]
+    def step(batch: Any, index: int, weights: list[nn.Parameter], sharded: list[bool]) -> None:
+        loss = _loss(model, batch, forward_fn, device, index)
+        loss.backward()
+        for target, weight, is_sharded in zip(targets, weights, sharded):
+            if is_sharded and weight.grad is not None:  # FSDP2: a sharded grad, already averaged over ranks
+                fold(target, full_tensor(weight.grad.detach()), weight)
+                weight.grad = None
+        if non_finite:
+            raise ValueError(
+                f"non-finite gradient in batch {index} for {sorted(non_finite)[:4]}: check the data, lower "
+                "the loss scale, or run estimation in float32"
+            )
+
+    def count(target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        counts[target.name] += 1
+        store.fold(target, grad)
+
+    local_batches = 0
+    adaptive = _Adaptive(config) if config.adaptive_batches else None
+    with _estimation_state(model, targets) as weights, _seeded(config.seed + dist_rank(), device):
+        sharded = [is_dtensor(w) for w in weights]
+        reduce = {t.name: is_distributed() and not s for t, s in zip(targets, sharded)}
+        handles = [
+            w.register_post_accumulate_grad_hook(make_hook(t)) for t, w, s in zip(targets, weights, sharded) if not s
+        ]
         try:
-            batches = _first(dataloader, config.num_batches)
-            progress = tqdm(batches, total=config.num_batches, desc="GoRA gradients", disable=not show_progress)
+            batches = iter(_first(dataloader, config.num_batches))
+            first = next(batches, None)
+            if first is not None and isinstance(store, SketchStore):
+                sink[:] = [lambda t, g, w: store.pilot_fold(t, g, _layout(t, full_tensor(w.detach())))]
+                with _seeded(config.seed + dist_rank(), device):  # pilot pass: forked RNG, the N batches unchanged
+                    step(first, 0, weights, sharded)
+                by_name = {t.name: (t, w) for t, w in zip(targets, weights)}
+                store.finish_pilot(
+                    lambda name: _layout(by_name[name][0], full_tensor(by_name[name][1].detach())), reduce
+                )
+            sink[:] = [count]
+            progress = tqdm(
+                itertools.chain([] if first is None else [first], batches),
+                total=config.num_batches,
+                desc="GoRA gradients",
+                disable=not show_progress or dist_rank() != 0,
+            )
             for index, batch in enumerate(progress):
-                loss = _loss(model, batch, forward_fn, device, index)
-                loss.backward()
-                num_batches += 1
-                if non_finite:
-                    raise ValueError(
-                        f"non-finite gradient in batch {index} for {sorted(non_finite)[:4]}: check the data, lower "
-                        "the loss scale, or run estimation in float32"
-                    )
+                step(batch, index, weights, sharded)
+                local_batches += 1
+                if adaptive is not None and adaptive.converged(store, targets, weights, reduce, local_batches):
+                    break
         finally:
             for handle in handles:
                 handle.remove()
-    if num_batches == 0:
+        return _finish(store, targets, weights, config, counts, local_batches, reduce, adaptive)
+
+
+def _finish(
+    store: Store,
+    targets: list[Target],
+    weights: list[nn.Parameter],
+    config: GoraConfig,
+    counts: dict[str, int],
+    local_batches: int,
+    reduce: dict[str, bool],
+    adaptive: _Adaptive | None,
+) -> GradientStats:
+    """Sum the statistics over ranks (once), divide by the number of batches, estimate sketched importances."""
+    names = [t.name for t in targets]
+    global_batches, *reduced_counts = sum_counts([local_batches] + [counts[n] for n in names])
+    if global_batches == 0:
         raise ValueError("the dataloader yielded no batch: GoRA needs at least one batch to estimate gradients")
-    if num_batches < config.num_batches:
-        logger.warning("the dataloader ran out after %d of num_batches=%d batches", num_batches, config.num_batches)
-    no_grad = [t.name for t in targets if counts[t.name] == 0]
+    if local_batches < config.num_batches and (adaptive is None or not adaptive.stopped):
+        logger.warning("the dataloader ran out after %d of num_batches=%d batches", local_batches, config.num_batches)
+    for name, reduced in zip(names, reduced_counts):
+        if reduce[name]:
+            counts[name] = reduced
+    no_grad = [n for n in names if counts[n] == 0]
     if len(no_grad) == len(targets):
         raise ValueError(
             "no target layer received a gradient: the loss does not depend on the targeted modules. "
@@ -122,8 +240,131 @@ def estimate_gradients(
         )
     if no_grad:
         logger.warning("%d target(s) got no gradient and get no adapter: %s", len(no_grad), ", ".join(no_grad))
-    gradients = {name: s.div_(num_batches) for name, s in sums.items() if counts[name] > 0}
-    return GradientStats(targets=targets, gradients=gradients, num_batches=num_batches, no_grad=no_grad)
+    stats_bytes = store.nbytes()
+    gradients: dict[str, torch.Tensor] = {}
+    sketches: dict[str, torch.Tensor] = {}
+    importances: dict[str, float] = {}
+    for name in names:
+        total = global_batches if reduce[name] else local_batches  # FSDP2 grads arrive averaged over ranks
+        if name in no_grad:
+            continue
+        if name in store.whole:
+            gradients[name] = _reduced(store.whole.pop(name), reduce[name]).div_(total)
+        else:
+            assert isinstance(store, SketchStore)
+            sketches[name] = _reduced(store.sketches.pop(name), reduce[name]).div_(total)
+            values = _reduced(store.samplers[name].values, reduce[name]).div_(total)
+            importances[name] = store.estimate(name, values)
+    info: dict[str, Any] = {
+        "store": config.gradient_store,
+        "world_size": world_size(),
+        "batches_per_rank": local_batches,
+        "statistics_bytes": stats_bytes,
+    }
+    if isinstance(store, SketchStore):
+        info["pilot_batches"] = 1
+        info["sketch_samples"] = config.sketch_samples
+    if adaptive is not None:
+        info["adaptive"] = adaptive.report(local_batches, global_batches)
+    return GradientStats(
+        targets=targets,
+        gradients=gradients,
+        num_batches=global_batches,
+        no_grad=no_grad,
+        store=config.gradient_store,
+        sketches=sketches,
+        importances=importances,
+        importance_metric=config.importance if importances else None,
+        seed=config.seed,
+        info=info,
+    )
+
+
+def _layout(target: Target, weight: torch.Tensor) -> torch.Tensor:
+    """W in the [m, n] layout (Conv1D stores [n, m])."""
+    return weight.T if target.transposed else weight
+
+
+def _reduced(tensor: torch.Tensor, reduce: bool) -> torch.Tensor:
+    return all_reduce_sum_(tensor) if reduce else tensor
+
+
+class _Adaptive:
+    """Adaptive number of batches: stop once every layer's importance has converged.
+
+    After batch k >= adaptive_min_batches, with I_k the importance of the running mean G_k = S_k / k:
+    stop when |I_k − I_{k−1}| / (I_{k−1} + 1e-8) <= τ for every layer (layers without gradient yet excluded).
+    Under torch.distributed the running sums are all-reduced first (a per-batch collective, only in this mode),
+    so the decision is computed from identical statistics and is the same on every rank.
+    """
+
+    def __init__(self, config: GoraConfig) -> None:
+        self.config = config
+        self.previous: dict[str, float] | None = None
+        self.history: list[float] = []  # the largest relative change after each checked batch
+        self.stopped = False
+
+    def converged(
+        self, store: Store, targets: list[Target], weights: list[nn.Parameter], reduce: dict[str, bool], k: int
+    ) -> bool:
+        config = self.config
+        if k < config.adaptive_min_batches - 1:
+            return False
+        current = _running_importances(store, targets, weights, reduce, config, k)
+        previous, self.previous = self.previous, current
+        if previous is None or k < config.adaptive_min_batches:
+            return False
+        change = max(
+            (abs(current[n] - previous[n]) / (previous[n] + 1e-8) for n in current if n in previous), default=0.0
+        )
+        self.history.append(change)
+        self.stopped = all_true(change <= config.adaptive_threshold)
+        if self.stopped:
+            logger.info("GoRA: importances converged after %d batches (max relative change %.3g)", k, change)
+        return self.stopped
+
+    def report(self, local_batches: int, global_batches: int) -> dict[str, Any]:
+        return {
+            "stopped_early": self.stopped,
+            "batches_per_rank": local_batches,
+            "batches": global_batches,
+            "max_batches": self.config.num_batches,
+            "threshold": self.config.adaptive_threshold,
+            "min_batches": self.config.adaptive_min_batches,
+            "max_relative_change": self.history,
+        }
+
+
+@torch.no_grad()
+def _running_importances(
+    store: Store,
+    targets: list[Target],
+    weights: list[nn.Parameter],
+    reduce: dict[str, bool],
+    config: GoraConfig,
+    k: int,
+) -> dict[str, float]:
+    """I(S/k) = I(S)/k of every layer (every metric is 1-homogeneous), from all-reduced copies of the sums S."""
+    from .importance import layer_importance
+
+    out: dict[str, float] = {}
+    for target, weight in zip(targets, weights):
+        name = target.name
+        if name in store.whole:
+            S = store.whole[name]
+            S = all_reduce_sum_(S.clone()) if reduce[name] else S
+            if not bool(S.any()):
+                continue
+            W = full_tensor(weight.detach())
+            total = k * world_size() if reduce[name] else k
+            out[name] = layer_importance(W.T if target.transposed else W, S, config.importance) / total
+        else:
+            assert isinstance(store, SketchStore)
+            values = store.samplers[name].values
+            values = all_reduce_sum_(values.clone()) if reduce[name] else values
+            if bool(values.any()):
+                out[name] = store.estimate(name, values) / (k * world_size() if reduce[name] else k)
+    return out
 
 
 def _first(dataloader: Iterable[Any], n: int) -> Iterator[Any]:

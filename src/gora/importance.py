@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .config import Importance
+from .distributed import full_tensor, sync_importances, unwrap_model
 from .estimate import GradientStats
-from .targets import get_weight
 
 _ROW_CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of ~16M elements so huge layers need no fp32 copy of W
 
@@ -43,9 +43,25 @@ def layer_importance(weight: torch.Tensor, grad: torch.Tensor, metric: Importanc
 
 @torch.no_grad()
 def compute_importances(model: nn.Module, stats: GradientStats, metric: Importance) -> dict[str, float]:
-    """I(W_i) for every target that received a gradient, keyed by module name."""
+    """I(W_i) for every target that received a gradient, keyed by module name, in model order.
+
+    Layers held as a sketch (`gradient_store="sketch"`) carry the importance estimated during estimation.
+    FSDP2-sharded weights are gathered one layer at a time; a DDP wrapper is looked through. Under
+    torch.distributed every rank gets rank 0's values, so the allocation is identical on every rank.
+    """
+    if stats.sketches and metric != stats.importance_metric:
+        raise ValueError(
+            f"these statistics are a sketch whose importances were estimated as {stats.importance_metric!r}; "
+            f"{metric!r} needs the full gradient: re-estimate with gradient_store='full' or use that metric"
+        )
+    model = unwrap_model(model)
     by_name = {t.name: t for t in stats.targets}
-    return {
-        name: layer_importance(get_weight(model, by_name[name]), grad, metric)
-        for name, grad in stats.gradients.items()
-    }
+    out: dict[str, float] = {}
+    for name in stats.shapes:
+        if name in stats.gradients:
+            weight = full_tensor(model.get_submodule(name).weight)  # FSDP2: gather this layer only
+            weight = weight.T if by_name[name].transposed else weight
+            out[name] = layer_importance(weight, stats.gradients[name], metric)
+        else:
+            out[name] = stats.importances[name]
+    return sync_importances(out)

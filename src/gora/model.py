@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,9 +20,11 @@ from torch import nn
 from .allocate import Allocation, allocate_ranks
 from .config import GoraConfig
 from .estimate import ForwardFn, GradientStats, estimate_gradients
+from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
-from .initialize import gora_init, layer_scaling
+from .initialize import layer_scaling
 from .record import GoraRecord
+from .sketch import init_layer
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def init_gora_weights(
     stats: GradientStats, allocation: Allocation, config: GoraConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Stage 3 as tensors: module name -> (A0 [r_i, n], B0 [m, r_i]) in float32, for every layer with r_i > 0."""
-    return {name: gora_init(name, stats.gradients[name], rank, config) for name, rank in allocation.adapted.items()}
+    return {name: init_layer(stats, name, rank, config) for name, rank in allocation.adapted.items()}  # G or sketch
 
 
 def make_lora_config(config: GoraConfig, allocation: Allocation, stats: GradientStats):
@@ -68,21 +70,47 @@ def build_gora_model(
     *,
     adapter_name: str = "default",
     timings: dict[str, float] | None = None,
+    eval_batches: Sequence[Any] | None = None,
+    forward_fn: ForwardFn | None = None,
 ):
     """Wrap `model` in a stock PeftModel whose LoRA layers carry GoRA's ranks, A0 and B0.
 
+    With `config.gamma == "auto"`, γ is chosen on `eval_batches` (held-out batches, run through `forward_fn` if
+    given) by rescaling B0 in place (gamma.py); the search is kept in `record.extra["gamma_search"]`.
     Everything that can fail is computed before PEFT touches the model, so a failure leaves it as it was.
     """
     from peft import get_peft_model
 
     start = time.perf_counter()
-    weights = init_gora_weights(stats, allocation, config)
+    auto = config.gamma == "auto"
+    if auto and not eval_batches:
+        raise ValueError(
+            "gamma='auto' needs held-out batches: pass eval_batches=[...] to build_gora_model (get_gora_model takes "
+            "them from the dataloader after the gradient batches, or from eval_dataloader)"
+        )
+    weights = init_gora_weights(stats, allocation, unit_gamma_config(config) if auto else config)  # auto: B0 at γ=1
     lora_config = make_lora_config(config, allocation, stats)
     init_s = time.perf_counter() - start
+    base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if auto else 0.0  # L(0)
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     _write_lora_weights(peft_model, weights, adapter_name)
+    search = None
+    if auto:  # lora_B ← γ_k·B0(1) for each candidate, then γ*·B0(1)
+        search = search_gamma(
+            peft_model,
+            weights,
+            eval_batches,
+            config,
+            base_loss=base_loss,
+            forward_fn=forward_fn,
+            adapter_name=adapter_name,
+        )
     timings = {**(timings or {}), "init_s": (timings or {}).get("init_s", 0.0) + init_s}
+    if auto:
+        timings["gamma_s"] = time.perf_counter() - start - init_s  # L(0) and the search, with PEFT's wrapping
     record = make_record(config, stats, allocation, timings)
+    if search is not None:
+        search.apply_to(record)
     attach_record(peft_model, record, adapter_name)
     _log_summary(allocation, stats)
     return peft_model
@@ -97,6 +125,7 @@ def get_gora_model(
     adapter_name: str = "default",
     offload_to_cpu: bool = False,
     show_progress: bool = True,
+    eval_dataloader: Iterable[Any] | None = None,
 ):
     """Run GoRA on `model` and return a stock `peft.PeftModel`, ready to train.
 
@@ -109,10 +138,14 @@ def get_gora_model(
         adapter_name: Name of the LoRA adapter.
         offload_to_cpu: Keep gradient accumulators on the CPU.
         show_progress: Show progress bars.
+        eval_dataloader: Held-out batches for `gamma="auto"` (its first `config.gamma_batches`); without it they are
+            the `gamma_batches` batches of `dataloader` after the first `num_batches`.
 
     Returns:
         A `peft.PeftModel`. `model.save_pretrained(dir)` writes a plain LoRA adapter plus `gora_record.json`.
     """
+    if eval_dataloader is not None and config.gamma != "auto":
+        raise ValueError("eval_dataloader is only used with gamma='auto': set GoraConfig(gamma='auto') or drop it")
     start = time.perf_counter()
     stats = estimate_gradients(
         model, config, dataloader, forward_fn=forward_fn, offload_to_cpu=offload_to_cpu, show_progress=show_progress
@@ -122,6 +155,7 @@ def get_gora_model(
     importances = compute_importances(model, stats, config.importance)
     allocation = allocate_ranks(importances, stats.shapes, config)
     allocate_s = time.perf_counter() - start
+    eval_batches = held_out_batches(config, dataloader, eval_dataloader) if config.gamma == "auto" else None
     return build_gora_model(
         model,
         config,
@@ -129,6 +163,8 @@ def get_gora_model(
         allocation,
         adapter_name=adapter_name,
         timings={"estimate_s": estimate_s, "allocate_s": allocate_s},
+        eval_batches=eval_batches,
+        forward_fn=forward_fn,
     )
 
 
@@ -151,6 +187,7 @@ def make_record(
         dropped=allocation.dropped,
         gamma=config.gamma,
         timings_s=dict(timings or {}),
+        extra={"estimation": dict(stats.info)} if stats.info else {},
     )
 
 
@@ -210,3 +247,10 @@ def _log_summary(allocation: Allocation, stats: GradientStats) -> None:
     )
     if allocation.dropped:
         logger.info("GoRA: rank 0 (no adapter) for %s", ", ".join(allocation.dropped))
+    if not 0.9 <= allocation.param_ratio <= 1.1:
+        logger.warning(
+            "GoRA: %d trainable adapter parameters are %.2fx those of LoRA at the reference rank: importance sits on "
+            "layers of unusual size or ranks hit min_rank/max_rank. Adjust r to match the budget if that matters",
+            allocation.trainable_params,
+            allocation.param_ratio,
+        )

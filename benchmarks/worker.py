@@ -1,0 +1,238 @@
+"""One run: load the task, build the method, train, evaluate, and return (or write) one JSON record.
+
+`python -m benchmarks.worker SPEC_JSON OUT_JSON` runs a spec in a fresh process (clean peak-RSS numbers) and writes
+its record to OUT_JSON; `benchmarks.run` calls it once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import warnings
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+from . import methods as M
+from .measure import RssSampler, Timer, machine, maxrss_mb, now, versions
+from .tasks import load_task
+from .train import train
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = (
+    "suite",
+    "task",
+    "model",
+    "method",
+    "seed",
+    "metric_name",
+    "metric",
+    "trainable_params",
+    "estimate_s",
+    "init_s",
+    "train_s",
+    "step_s",
+    "peak_rss_mb",
+    "versions",
+    "machine",
+    "date",
+)
+
+
+def run_id(spec: dict[str, Any]) -> str:
+    """What identifies a run: the same id in any suite group means the same numbers (reused, not re-run)."""
+    keys = ("task", "method", "seed", "lr", "train_size", "batch_size", "num_batches", "r", "max_length")
+    return "|".join(f"{k}={spec.get(k)}" for k in keys)
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    for name in ("transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one spec (see `benchmarks.suites`) and return its record."""
+    if spec.get("method") == "init-cost":
+        return run_init_cost(spec)
+    _quiet()
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    method = M.METHODS[spec["method"]]
+    sampler = RssSampler()
+    try:
+        with sampler.phase("load"):
+            task = load_task(spec)
+        model = task.model
+        spec = {**spec, "steps": len(task.train_batches)}
+        # one untimed forward+backward so that every method's timings start from a warm allocator
+        model.train()
+        model(**task.calib_batches[0]).loss.backward()
+        model.zero_grad(set_to_none=True)
+        plain_s = M.plain_fwd_bwd(model, task.calib_batches) if method.kind in M.DATA_DRIVEN else None
+        lora_ref = M.lora_reference_params(model, task.target_modules, spec["r"])
+        total_params = sum(p.numel() for p in model.parameters())
+        rss_before_init = maxrss_mb()
+        torch.manual_seed(spec["seed"])
+        with sampler.phase("init"):
+            model, info = M.build(spec["method"], task, spec)
+        rss_after_init = maxrss_mb()
+        trainable = M.count_trainable(model)
+        adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+        extra: dict[str, Any] = {}
+        if method.kind == "adalora":
+            extra["adalora_rank_total_start"] = M.adalora_rank_total(model, capacity=True)
+        lr = spec["lr_full"] if method.kind == "full" else spec["lr"]
+        torch.manual_seed(spec["seed"])
+        with sampler.phase("train"):
+            result = train(
+                model,
+                task.train_batches,
+                lr=lr,
+                warmup_ratio=spec["warmup_ratio"],
+                scheduler=spec["scheduler"],
+                loraplus_ratio=method.loraplus,
+                adalora=method.kind == "adalora",
+            )
+        if method.kind == "adalora":
+            extra["adalora_rank_total_end"] = M.adalora_rank_total(model)
+            extra["adalora_update_calls"] = result.adalora_calls
+        with sampler.phase("eval"), Timer() as t_eval:
+            metrics = task.evaluate(model)
+    finally:
+        sampler.close()
+    estimate_s = float(info.pop("estimate_s"))
+    init_s = float(info.pop("init_s"))
+    record: dict[str, Any] = {
+        "suite": spec["suite"],
+        "task": spec["task"],
+        "model": task.model_name,
+        "method": spec["method"],
+        "method_description": method.description,
+        "seed": spec["seed"],
+        "metric_name": task.metric_name,
+        "metric": metrics[task.metric_name],
+        "metrics": metrics,
+        "trainable_params": trainable,
+        "adapter_params": adapter,
+        "lora_adapter_params_ref": lora_ref,
+        "total_params": total_params,
+        "estimate_s": estimate_s,
+        "init_s": init_s,
+        "plain_fwd_bwd_s": plain_s,
+        "init_over_plain": (estimate_s + init_s) / plain_s if plain_s else None,
+        "train_s": result.train_s,
+        "step_s": result.step_s,
+        "eval_s": t_eval.s,
+        "steps": result.steps,
+        "peak_rss_mb": max(sampler.peaks.values()),
+        "peak_rss_init_mb": sampler.peaks.get("init"),
+        "peak_rss_train_mb": sampler.peaks.get("train"),
+        "maxrss_before_init_mb": rss_before_init,
+        "maxrss_after_init_mb": rss_after_init,
+        "lr": lr,
+        "lr_lora": spec["lr"],
+        "loraplus_ratio": method.loraplus,
+        "train_size": spec["train_size"],
+        "batch_size": spec["batch_size"],
+        "num_batches": spec["num_batches"],
+        "r": spec["r"],
+        "max_length": spec["max_length"],
+        "test_size": spec.get("test_size"),
+        "max_new_tokens": spec.get("max_new_tokens"),
+        "scheduler": spec["scheduler"],
+        "warmup_ratio": spec["warmup_ratio"],
+        "loss_curve": result.loss_curve,
+        "info": {**info, **extra},
+        "groups": spec.get("groups", []),
+        "run_id": run_id(spec),
+        "versions": versions(),
+        "machine": machine(),
+        "date": now(),
+    }
+    return record
+
+
+def run_init_cost(spec: dict[str, Any]) -> dict[str, Any]:
+    """Side by side in one process, on the same N batches: N plain forward+backward passes, GoRA (estimate,
+    allocate, initialize), PEFT's LoRA-GA (preprocess_loraga + get_peft_model) and EVA (get_peft_model +
+    initialize_lora_eva_weights). Interleaved `repeats` times; medians, with per-phase peak RSS."""
+    import copy
+
+    repeats = spec.get("cost_repeats", 3)
+    _quiet()
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    sampler = RssSampler()
+    times: dict[str, list[float]] = {"plain": [], "gora": [], "gora_estimate": [], "loraga": [], "eva": []}
+    try:
+        task = load_task(spec)
+        base = task.model
+        base.train()
+        base(**task.calib_batches[0]).loss.backward()
+        base.zero_grad(set_to_none=True)
+        for _ in range(repeats):
+            with sampler.phase("plain"):
+                times["plain"].append(M.plain_fwd_bwd(base, task.calib_batches))
+            for name in ("gora", "loraga", "eva"):
+                task.model = copy.deepcopy(base)
+                with sampler.phase(name), Timer() as t:
+                    _, info = M.build(name, task, spec)
+                times[name].append(t.s)
+                if name == "gora":
+                    times["gora_estimate"].append(info["estimate_s"])
+                task.model = None
+    finally:
+        sampler.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "suite": spec["suite"],
+        "task": spec["task"],
+        "model": task.model_name,
+        "method": "init-cost",
+        "seed": spec["seed"],
+        "metric_name": "gora_init_over_plain",
+        "metric": med["gora"] / med["plain"],
+        "trainable_params": None,
+        "estimate_s": med["gora_estimate"],
+        "init_s": med["gora"] - med["gora_estimate"],
+        "train_s": None,
+        "step_s": None,
+        "peak_rss_mb": max(sampler.peaks.values()),
+        "cost": {
+            "repeats": repeats,
+            "num_batches": spec["num_batches"],
+            "batch_size": spec["batch_size"],
+            "times_s": times,
+            "median_s": med,
+            "ratio_to_plain": {k: med[k] / med["plain"] for k in ("gora", "gora_estimate", "loraga", "eva")},
+            "peak_rss_mb": sampler.peaks,
+        },
+        "groups": spec.get("groups", []),
+        "run_id": run_id(spec),
+        "versions": versions(),
+        "machine": machine(),
+        "date": now(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m benchmarks.worker SPEC_JSON OUT_JSON", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    record = run_spec(json.loads(args[0]))
+    with open(args[1], "w") as handle:
+        json.dump(record, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

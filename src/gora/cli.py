@@ -1,0 +1,219 @@
+"""The `gora` command: `gora finetune`, `gora allocate`, `gora merge`.
+
+Options come from the typed config dataclasses (GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig)
+through one generic builder (cliconfig.py); only the options the user gives are layered over the preset's values.
+This module is the user interface, so it prints; the library logs. Bad input exits with status 2 and one message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from .cliconfig import add_dataclass_arguments, dataclass_kwargs
+
+EXIT_USAGE = 2
+
+
+def _configs() -> tuple[Any, ...]:
+    from .config import GoraConfig
+    from .train import AllocateConfig, DataConfig, MergeConfig, TrainConfig
+
+    return GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gora` parser with its three subcommands (each option generated from a dataclass field)."""
+    from .train import DEFAULT_PRESET, PRESETS
+
+    gora_cls, data_cls, train_cls, alloc_cls, merge_cls = _configs()
+    parser = argparse.ArgumentParser(
+        prog="gora",
+        description="GoRA (gradient-driven adaptive LoRA) for PEFT: fine-tune, allocate ranks, merge adapters. "
+        "`gora` alone runs `gora finetune` on the embedded default; `gora <command> --help` lists the options.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars; only warnings and the summary")
+    subparsers = parser.add_subparsers(dest="command", metavar="{finetune,allocate,merge}")
+    presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
+    preset = PRESETS[DEFAULT_PRESET]
+
+    def add_common(sub: argparse.ArgumentParser, run_cls: type) -> None:
+        sub.add_argument(
+            "--preset",
+            choices=sorted(PRESETS),
+            default=DEFAULT_PRESET,
+            help=f"built-in model, data and settings that the other options override (default: {DEFAULT_PRESET}). "
+            + presets.replace("%", "%%"),
+        )
+        add_dataclass_arguments(sub, data_cls, title="model and data", defaults=preset.data)
+        add_dataclass_arguments(sub, run_cls, title=run_cls.__doc__.splitlines()[0].rstrip("."), defaults=preset.train)
+        add_dataclass_arguments(sub, gora_cls, title="GoRA", defaults=preset.gora)
+
+    epilog = f"Defaults shown are those of --preset {DEFAULT_PRESET}."
+    finetune = subparsers.add_parser(
+        "finetune",
+        help="GoRA (or LoRA) fine-tune, evaluate, save adapter + report",
+        description="Load a model and data, run GoRA (gradient estimation -> rank allocation -> initialization), "
+        "train with transformers' Trainer, evaluate before and after, and write the adapter, gora_record.json, "
+        "report.json and plots. With no options: " + preset.summary + ".",
+        epilog=epilog,
+        parents=[common],
+    )
+    add_common(finetune, train_cls)
+    allocate = subparsers.add_parser(
+        "allocate",
+        help="gradient estimation + rank allocation only; rank table and heatmap",
+        description="Estimate gradients (or reuse saved statistics) and allocate ranks; print the rank table and "
+        "write the heatmap. --save-stats keeps the statistics so other r/min_rank/max_rank reuse them.",
+        epilog=epilog,
+        parents=[common],
+    )
+    add_common(allocate, alloc_cls)
+    merge = subparsers.add_parser(
+        "merge", help="merge a saved adapter into its base model", description=merge_cls.__doc__, parents=[common]
+    )
+    add_dataclass_arguments(merge, merge_cls, title="merge")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gora` console script; returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "finetune"
+    if args.command is None:  # `gora` alone = `gora finetune`
+        args = parser.parse_args(["finetune", *(argv if argv is not None else sys.argv[1:])])
+    _setup_logging(args.quiet)
+    try:
+        if command == "merge":
+            return _merge(args)
+        return _run(command, args, started)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"gora {command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"gora {command}: interrupted; no output folder was left behind", file=sys.stderr)
+        return 130
+
+
+def _setup_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gora").setLevel(level)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional QGoRA backend's import-time notices
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def _run(command: str, args: argparse.Namespace, started: float) -> int:
+    from .train import allocate_only, finetune, resolve_configs
+
+    gora_cls, data_cls, train_cls, alloc_cls, _ = _configs()
+    run_cls = train_cls if command == "finetune" else alloc_cls
+    data, run, gora = resolve_configs(
+        args.preset,
+        dataclass_kwargs(data_cls, args),
+        dataclass_kwargs(run_cls, args),
+        dataclass_kwargs(gora_cls, args),
+        train_cls=run_cls,
+    )
+    show = not args.quiet
+    if command == "finetune":
+        report = finetune(data, run, gora, preset=args.preset, show_progress=show)
+        print_finetune(report, time.perf_counter() - started)
+    else:
+        report = allocate_only(data, run, gora, preset=args.preset, show_progress=show)
+        print_allocation(report, time.perf_counter() - started)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .train import merge_adapter
+
+    _, _, _, _, merge_cls = _configs()
+    config = merge_cls(**dataclass_kwargs(merge_cls, args))
+    result = merge_adapter(config.adapter, config.output_dir, base=config.base, overwrite=config.overwrite)
+    print(f"merged {result['adapter']} into {result['base']}: standalone model in {result['model']}")
+    return 0
+
+
+def _params_line(params: dict[str, Any], method: str) -> str:
+    name = "GoRA" if method == "gora" else method
+    return (
+        f"{name} adapter {params['adapter']:,} vs LoRA at r (same targets) {params['lora_same_r']:,} "
+        f"({params['ratio_to_lora']:.3f}x)"
+    )
+
+
+def print_finetune(report: dict[str, Any], wall_s: float) -> None:
+    """The end-of-run summary: metric before/after, parameters, rank table, stage times, outputs."""
+    from .report import RankTable, format_rank_table
+
+    metric = report["metric"]
+    m = report["metrics"]
+    print()
+    print(
+        f"== gora finetune: {report['method']} on {report['task']} ({report['sizes']['train']} train / "
+        f"{report['sizes']['eval']} eval) =="
+    )
+    print(f"model: {report['sources']['model']}")
+    parts = []
+    for stage, label in (("before", "before training"), ("init", "after GoRA init"), ("after", "after training")):
+        if stage in m:
+            parts.append(f"{label} {m[stage][metric]:.4f}")
+    print(f"{metric}: " + " | ".join(parts))
+    if "before" in m:
+        print(f"eval loss: {m['before']['loss']:.4f} -> {m['after']['loss']:.4f}")
+    p = report["params"]
+    print(
+        f"trainable parameters: {_params_line(p, report['method'])}; all trainable incl. heads "
+        f"{p['trainable_total']:,} of {p['model_total']:,}"
+    )
+    table = report["rank_table"]
+    print("ranks (layer x module type):")
+    print(format_rank_table(RankTable(table["layers"], table["module_types"], table["ranks"])))
+    times = report["timings_s"]
+    print(
+        "time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in times.items()) + f"; total {wall_s:.1f}s"
+    )
+    print("outputs: " + ", ".join(f"{k} {v}" for k, v in report["outputs"].items()))
+
+
+def print_allocation(report: dict[str, Any], wall_s: float) -> None:
+    """Rank table, parameters, times and outputs of `gora allocate`."""
+    from .report import RankTable, format_rank_table
+
+    table = report["rank_table"]
+    print()
+    print(f"== gora allocate: {len(report['ranks'])} layers, N = {report['num_batches']} batches ==")
+    print(format_rank_table(RankTable(table["layers"], table["module_types"], table["ranks"])))
+    print(f"trainable parameters: {_params_line(report['params'], 'gora')}")
+    times = report["timings_s"]
+    print(
+        "time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in times.items()) + f"; total {wall_s:.1f}s"
+    )
+    stats = report["stats"]
+    if stats["saved_to"]:
+        print(f"gradient statistics saved to {stats['saved_to']} (reuse with --load-stats)")
+    if stats["loaded_from"]:
+        print(f"gradient statistics reused from {stats['loaded_from']}")
+    print("outputs: " + ", ".join(f"{k} {v}" for k, v in report["outputs"].items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Tabular data for the CLI: local JSONL/JSON/CSV/TSV/Parquet files or a `datasets.save_to_disk` folder, turned
+into token batches for sequence classification or causal-LM supervised fine-tuning (loss on the response only).
+
+Rows are plain dicts; no `datasets` needed except to read a `save_to_disk` folder (`pip install gora-peft[datasets]`).
+Every problem with the user's data raises `UsageError` with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
+FILE_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
+
+
+class UsageError(ValueError):
+    """Bad input from the user (path, column, data, model type): the message says what to change."""
+
+
+def read_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local data file or a `datasets.save_to_disk` folder.
+
+    Args:
+        path: A `.jsonl`/`.ndjson`, `.json` (a list of objects), `.csv`, `.tsv` or `.parquet` file, or a folder
+            written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+        split: Which split of a saved `DatasetDict` to read.
+
+    Raises:
+        UsageError: missing path, unknown format, unreadable or empty file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data file {str(path)!r} does not exist: check the path")
+    if path.is_dir():
+        rows = _read_saved_dataset(path, split)
+    else:
+        kind = FILE_KINDS.get(path.suffix.lower())
+        if kind is None:
+            raise UsageError(
+                f"cannot read {path.name!r}: use a .jsonl, .json, .csv, .tsv or .parquet file, or a folder written by "
+                "datasets' save_to_disk"
+            )
+        try:
+            rows = _READERS[kind](path)
+        except UsageError:
+            raise
+        except Exception as err:  # malformed file: say which and why
+            raise UsageError(f"cannot read {str(path)!r} as {kind}: {err}") from err
+    if not rows:
+        raise UsageError(f"{str(path)!r} holds no rows: give a file with at least one example")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise UsageError(f"{str(path)!r} line {number} is not a JSON object: write one object per line")
+                rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # column-oriented
+        keys = list(data)
+        return [dict(zip(keys, values)) for values in zip(*data.values())]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UsageError(f"{str(path)!r} must hold a list of objects (or use .jsonl with one object per line)")
+    return data
+
+
+def _read_csv(path: Path, delimiter: str = ",") -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return [dict(row) for row in csv.DictReader(handle, delimiter=delimiter)]
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise UsageError("reading .parquet needs pyarrow: run `pip install pyarrow` (or use .jsonl/.csv)") from err
+    return pq.read_table(path).to_pylist()
+
+
+_READERS = {
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "csv": _read_csv,
+    "tsv": lambda p: _read_csv(p, "\t"),
+    "parquet": _read_parquet,
+}
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
+    if not any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        raise UsageError(
+            f"{str(path)!r} is a folder but not one written by datasets' save_to_disk: give a .jsonl, .csv or "
+            ".parquet file instead"
+        )
+    try:
+        import datasets
+    except ImportError as err:
+        raise UsageError(
+            f"{str(path)!r} is a datasets folder; reading it needs `pip install datasets` (or "
+            "`pip install gora-peft[datasets]`), or export it to .jsonl/.parquet"
+        ) from err
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UsageError(f"{str(path)!r} has splits {sorted(loaded)}, not {split!r}: name the file of that split")
+        loaded = loaded[split]
+    return loaded.to_list()
+
+
+def check_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str], source: str, what: Sequence[str]) -> None:
+    """Raise UsageError unless every row of `rows` has every column (`what` names the option that sets each)."""
+    present = set(rows[0])
+    for column, option in zip(columns, what):
+        if column not in present:
+            raise UsageError(
+                f"{source} has no column {column!r} (columns: {', '.join(sorted(map(str, present)))}): "
+                f"name the right one with {option}"
+            )
+        missing = sum(1 for row in rows if row.get(column) is None)
+        if missing:
+            raise UsageError(f"{missing} row(s) of {source} have no value in column {column!r}: fill or drop them")
+
+
+def split_rows(
+    rows: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, eval): a seeded random `fraction` of `rows` held out for evaluation (at least one row each)."""
+    if len(rows) < 2:
+        raise UsageError("one row cannot be split into training and evaluation data: give more rows or --eval-file")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, math.ceil(len(rows) * fraction)), len(rows) - 1)
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+# --- classification -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """How the label column maps to class ids."""
+
+    label2id: dict[str, int]
+    names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+    def encode(self, value: Any) -> int:
+        return self.label2id[_label_key(value)]
+
+
+def _label_key(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def label_space(
+    labels: Sequence[Any], *, num_labels: int | None = None, model_label2id: dict[str, int] | None = None
+) -> LabelSpace:
+    """Class ids for the values of a label column.
+
+    Integer labels (also "0", "1" in CSV) are their own ids, 0..K-1. Other labels are names: mapped through the
+    model's own `label2id` when it has real names, else sorted.
+
+    Raises:
+        UsageError: negative or fractional numbers, or more classes than `num_labels` allows.
+    """
+    keys = sorted({_label_key(v) for v in labels})
+    if any(isinstance(v, float) and not v.is_integer() for v in labels):
+        raise UsageError("labels are fractional numbers: classification needs integer class ids or class names")
+    if all(_is_int(k) for k in keys):
+        ids = sorted(int(k) for k in keys)
+        if ids[0] < 0:
+            raise UsageError(f"label {ids[0]} is negative: class ids must be 0, 1, ..., K-1")
+        k = max(ids[-1] + 1, num_labels or 0)
+        names = [str(i) for i in range(k)]
+    elif model_label2id and set(keys) <= set(model_label2id):
+        names = [name for name, _ in sorted(model_label2id.items(), key=lambda kv: kv[1])]
+    else:
+        names = keys
+    if num_labels is not None and len(names) > num_labels:
+        raise UsageError(
+            f"the labels need {len(names)} classes ({', '.join(names[:8])}) but --num-labels is {num_labels}: "
+            "raise --num-labels or fix the label column"
+        )
+    if len(names) < 2:
+        raise UsageError(f"the label column has a single class ({names[0]}): classification needs at least two")
+    return LabelSpace({name: i for i, name in enumerate(names)}, names)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_classification(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    labels: LabelSpace,
+    *,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    max_length: int,
+) -> list[dict[str, Any]]:
+    """Token ids (unpadded; a `DataCollatorWithPadding` pads each batch) and integer `labels` for every row."""
+    texts = [str(r[text_column]) for r in rows]
+    pairs = [str(r[text_pair_column]) for r in rows] if text_pair_column else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    out = []
+    for i, row in enumerate(rows):
+        key = _label_key(row[label_column])
+        if key not in labels.label2id:
+            raise UsageError(f"label {row[label_column]!r} is not one of the classes {labels.names}")
+        out.append({**{k: v[i] for k, v in encoded.items()}, "labels": labels.label2id[key]})
+    return out
+
+
+# --- causal-LM supervised fine-tuning -------------------------------------------------------------------------------
+
+
+def prompt_and_response_text(tokenizer: Any, prompt: str, response: str | None = None) -> tuple[str, str]:
+    """The prompt as the model sees it (chat template with the generation prompt, if the tokenizer has one) and the
+    response text that follows it (ending with the end-of-turn / end-of-sequence marker)."""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        if response is None:
+            return head, ""
+        full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
+        if full.startswith(head):
+            return head, full[len(head) :]
+        logger.debug("chat template does not extend the generation prompt; using a plain continuation")
+        return head, response + (tokenizer.eos_token or "")
+    head = prompt.rstrip() + "\n"
+    return head, "" if response is None else response + (tokenizer.eos_token or "")
+
+
+def encode_sft(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    prompt_column: str,
+    response_column: str,
+    max_length: int,
+) -> list[dict[str, Any]]:
+    """input_ids = prompt + response, labels = -100 on the prompt (and later on padding) and the response ids.
+
+    Examples whose prompt alone fills `max_length` have no response token to learn from and are dropped (logged).
+
+    Raises:
+        UsageError: when every example is dropped.
+    """
+    out, dropped = [], 0
+    for row in rows:
+        head, tail = prompt_and_response_text(tokenizer, str(row[prompt_column]), str(row[response_column]))
+        prompt_ids = tokenizer(head, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+        response_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        if not getattr(tokenizer, "chat_template", None) and eos is not None and response_ids[-1:] != [eos]:
+            response_ids = [*response_ids, eos]
+        ids = (prompt_ids + response_ids)[:max_length]
+        n_prompt = min(len(prompt_ids), len(ids))
+        if n_prompt >= len(ids):
+            dropped += 1
+            continue
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if dropped:
+        logger.warning("%d example(s) dropped: the prompt alone fills max_length=%d", dropped, max_length)
+    if not out:
+        raise UsageError(f"every prompt is at least max_length={max_length} tokens long: raise --max-length")
+    return out

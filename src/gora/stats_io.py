@@ -1,0 +1,169 @@
+"""Gradient statistics as an artifact: save once, allocate and initialize again without a forward pass.
+
+One `.safetensors` file: the tensors (`gradients/<module>` = G, `sketches/<module>` = Y = G·A_maxᵀ) and, in its
+metadata under the key "gora", a JSON header with the model fingerprint, targets, N, seed, store mode,
+importances of sketched layers and library versions. Never pickle. Written through a temporary file and
+`os.replace`, so an interrupted save leaves either the old file or none, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import full_tensor, unwrap_model
+from .estimate import GradientStats
+from .targets import Target
+
+FORMAT = "gora-gradient-stats"
+FORMAT_VERSION = 1
+_CHECKSUM_LAYERS = 4  # weights whose leading values enter the fingerprint
+_CHECKSUM_ROWS, _CHECKSUM_COLS = 2, 16
+
+
+def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
+    """sha256 of the targets (names, shapes, layout) and the leading values of a few of their weights.
+
+    The values are rounded to bfloat16 first, so the fingerprint is the same whether the model is loaded in
+    float32, bfloat16 or float16 from the same checkpoint, on any device; different weights change it.
+
+    Raises:
+        ValueError: a target name is not a module of `model` or its weight has another shape.
+    """
+    model = unwrap_model(model)
+    digest = hashlib.sha256()
+    for t in targets:
+        digest.update(f"{t.name}:{t.m}x{t.n}:{int(t.transposed)};".encode())
+    picks = sorted({round(i * (len(targets) - 1) / max(1, _CHECKSUM_LAYERS - 1)) for i in range(_CHECKSUM_LAYERS)})
+    for i in picks if targets else []:
+        digest.update(_leading_values(model, targets[i]))
+    return digest.hexdigest()
+
+
+def _leading_values(model: nn.Module, target: Target) -> bytes:
+    try:
+        weight = model.get_submodule(target.name).weight
+    except AttributeError as err:
+        raise ValueError(f"the model has no module {target.name!r} with a weight") from err
+    expected = (target.n, target.m) if target.transposed else (target.m, target.n)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"{target.name} has weight shape {tuple(weight.shape)}, the statistics expect {expected}")
+    block = full_tensor(weight.detach())[:_CHECKSUM_ROWS, :_CHECKSUM_COLS]
+    return block.to(device="cpu", dtype=torch.bfloat16).float().contiguous().numpy().tobytes()
+
+
+def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], model: nn.Module) -> Path:
+    """Write `stats` to `path` (a `.safetensors` file), fingerprinted against `model`, atomically.
+
+    Args:
+        stats: What `estimate_gradients` returned (either store).
+        path: The file to write; its folder is created.
+        model: The model the statistics were estimated on (wrappers are looked through).
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    from .record import versions
+
+    tensors: dict[str, torch.Tensor] = {}
+    for kind, table in (("gradients", stats.gradients), ("sketches", stats.sketches)):
+        for name, tensor in table.items():
+            tensors[f"{kind}/{name}"] = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    header: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": model_fingerprint(model, stats.targets),
+        "targets": [[t.name, t.m, t.n, t.transposed] for t in stats.targets],
+        "num_batches": stats.num_batches,
+        "no_grad": list(stats.no_grad),
+        "store": stats.store,
+        "seed": stats.seed,
+        "importances": dict(stats.importances),
+        "importance_metric": stats.importance_metric,
+        "info": stats.info,
+        "versions": versions(),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"gora": json.dumps(header)})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_gradient_stats(
+    path: str | os.PathLike[str], model: nn.Module, *, device: str | torch.device = "cpu"
+) -> GradientStats:
+    """Read statistics written by `save_gradient_stats`, after checking that they belong to `model`.
+
+    Args:
+        path: The `.safetensors` file.
+        model: The model to allocate and initialize for; its targets and leading weight values must match the
+            fingerprint stored in the file.
+        device: Where to put the tensors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a gora statistics file, an unknown format version, or a model that does not match.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no gradient statistics file at {path}")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for foreign or corrupt files
+        raise ValueError(
+            f"{path} is not a safetensors file ({err}): was it written by gora.save_gradient_stats?"
+        ) from err
+    with handle:
+        raw = (handle.metadata() or {}).get("gora")
+        if raw is None:
+            raise ValueError(f"{path} has no gora header: was it written by gora.save_gradient_stats?")
+        header = json.loads(raw)
+        if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} is format {header.get('format')!r} v{header.get('format_version')}, this gora reads "
+                f"{FORMAT!r} v{FORMAT_VERSION}: re-estimate the statistics"
+            )
+        targets = [Target(name, int(m), int(n), bool(tr)) for name, m, n, tr in header["targets"]]
+        fingerprint = model_fingerprint(model, targets)
+        if fingerprint != header["fingerprint"]:
+            raise ValueError(
+                f"the gradient statistics in {path} were estimated on a different model (fingerprint "
+                f"{header['fingerprint'][:12]}, this model {fingerprint[:12]}): the targets or weights differ. "
+                "Load them with the model they were estimated on, or re-estimate"
+            )
+        tables: dict[str, dict[str, torch.Tensor]] = {"gradients": {}, "sketches": {}}
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            kind, name = key.split("/", 1)
+            tables[kind][name] = handle.get_tensor(key).to(device)
+    return GradientStats(
+        targets=targets,
+        gradients=tables["gradients"],
+        num_batches=int(header["num_batches"]),
+        no_grad=list(header["no_grad"]),
+        store=header["store"],
+        sketches=tables["sketches"],
+        importances={k: float(v) for k, v in header["importances"].items()},
+        importance_metric=header["importance_metric"],
+        seed=int(header["seed"]),
+        info=dict(header["info"]),
+    )

@@ -1,0 +1,109 @@
+"""Tiny transformers model folders with an offline word-level tokenizer, and small data files, for CLI tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["good", "great", "fun", "fine", "nice", "bad", "awful", "boring", "dull", "poor", "the", "movie", "film", "was", "a", "is", "what", "plus", "equals", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", "?", "####"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+VOCAB = 96
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="</s>",
+    )
+
+
+def save_bert(folder: Path, *, num_labels: int | None = None, seed: int = 0) -> Path:
+    """A 2-layer BERT encoder (no head: BertModel) or, with `num_labels`, a classifier with that head."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        num_labels=num_labels or 2,
+    )
+    model = BertForSequenceClassification(config) if num_labels else BertModel(config)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def save_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama causal LM whose eos/pad ids match the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=4,
+        bos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int = 48, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    pos, neg = ["good", "great", "fun", "fine", "nice"], ["bad", "awful", "boring", "dull", "poor"]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = pos if label else neg
+        picks = [words[int(j)] for j in torch.randint(0, 5, (3,), generator=g)]
+        rows.append({"text": f"the movie was {' '.join(picks)}", "label": label})
+    return rows
+
+
+def sum_rows(n: int = 24) -> list[dict]:
+    rows = []
+    for i in range(n):
+        a, b = i % 5, (i * 3) % 5
+        rows.append({"prompt": f"what is {a} + {b} ?", "response": f"{a} + {b} = {a + b} #### {a + b}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

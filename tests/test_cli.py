@@ -1,0 +1,207 @@
+"""The `gora` command end to end on tiny config-built models saved to folders, with data files written here.
+
+Runs `gora.cli.main(argv)` in-process (seconds). Bad input must exit with status 2, one message that says what to
+change, and no output folder (nor a half-written temporary one) left behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_csv, write_jsonl
+from gora.cli import main
+
+FAST = ["--num-batches", "2", "--batch-size", "8", "--eval-batch-size", "16", "--logging-steps", "1", "-q"]
+BERT_GORA = ["--target-modules", "query", "value", "--r", "4", "--min-rank", "2", "--max-rank", "8"]
+
+
+FAST_ALLOCATE = ["--num-batches", "2", "--batch-size", "8", "-q"]
+
+
+def _run(argv: list[str]) -> int:
+    fast = {"finetune": FAST, "allocate": FAST_ALLOCATE}.get(argv[0], [])
+    return main([argv[0], *fast, *argv[1:]])
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    return save_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def cls_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", sentiment_rows(48))
+
+
+@pytest.fixture(scope="module")
+def gora_run(bert_dir, cls_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "gora"
+    argv = ["finetune", "--model", str(bert_dir), "--train-file", str(cls_file), "--output-dir", str(out)]
+    assert _run([*argv, *BERT_GORA, "--max-steps", "4"]) == 0
+    return out
+
+
+def test_finetune_classification_writes_a_complete_run(gora_run):
+    """Protects the output contract: adapter + gora_record.json + tokenizer, report.json with every printed figure,
+    the rank heatmap, the loss curve and a Trainer checkpoint."""
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/gora_record.json",
+        "adapter/tokenizer.json",
+        "report.json",
+        "ranks.png",
+        "loss.png",
+    ):
+        assert (gora_run / name).is_file(), name
+    assert list((gora_run / "checkpoints").glob("checkpoint-*"))
+    report = json.loads((gora_run / "report.json").read_text())
+    assert report["method"] == "gora" and report["metric"] == "accuracy"
+    assert set(report["metrics"]) == {"before", "init", "after"}
+    assert 0 <= report["metrics"]["after"]["accuracy"] <= 1
+    params = report["params"]
+    assert params["lora_same_r"] == 4 * 2 * 2 * (32 + 32)  # r · layers · (q, v) · (m + n)
+    assert params["ratio_to_lora"] == pytest.approx(params["adapter"] / params["lora_same_r"])
+    assert set(report["rank_table"]["module_types"]) == {"attention.self.query", "attention.self.value"}
+    assert {"load_s", "gora_estimate_s", "train_s", "eval_after_s"} <= set(report["timings_s"])
+    assert [e["loss"] for e in report["log_history"] if "loss" in e]  # the loss curve's data
+    assert not list(gora_run.parent.glob(".*partial*"))
+
+
+def test_finetune_prints_the_summary(bert_dir, cls_file, tmp_path, capsys):
+    """Protects the end-of-run summary: metric before/after, parameters against LoRA, stage times, outputs."""
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(bert_dir), "--train-file", str(cls_file), "--output-dir", str(out)]
+    assert _run([*argv, *BERT_GORA, "--max-steps", "1", "--save-strategy", "no"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy: before training" in text and "after training" in text
+    assert "vs LoRA at r" in text and "time: load" in text and f"folder {out}" in text
+    assert "attention.self.query" in text  # the rank table
+
+
+def test_method_lora_uses_the_same_targets_and_rank(gora_run, bert_dir, cls_file, tmp_path):
+    """Protects the side-by-side comparison: --method lora adapts the very modules GoRA adapted, at rank r with
+    PEFT's default α/r scaling, and reports the same LoRA parameter count."""
+    out = tmp_path / "lora"
+    argv = ["finetune", "--model", str(bert_dir), "--train-file", str(cls_file), "--output-dir", str(out)]
+    assert _run([*argv, *BERT_GORA, "--max-steps", "1", "--method", "lora", "--save-strategy", "no"]) == 0
+    lora = json.loads((out / "adapter/adapter_config.json").read_text())
+    gora = json.loads((gora_run / "adapter/adapter_config.json").read_text())
+    assert sorted(lora["target_modules"]) == sorted(gora["target_modules"])
+    assert lora["r"] == 4 and lora["use_rslora"] is False and not lora["rank_pattern"]
+    assert gora["use_rslora"] is True
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["adapter"] == report["params"]["lora_same_r"]
+    assert "init" not in report["metrics"]
+
+
+def test_finetune_sft_on_csv(llama_dir, tmp_path):
+    """Protects the causal-LM path: prompt/response CSV, loss on the response only, exact-match evaluation."""
+    data = write_csv(tmp_path / "sums.csv", sum_rows(24))
+    out = tmp_path / "sft"
+    argv = ["finetune", "--model", str(llama_dir), "--task", "sft", "--train-file", str(data)]
+    argv += ["--output-dir", str(out), "--target-modules", "q_proj", "v_proj", "--r", "4", "--max-steps", "2"]
+    assert _run([*argv, "--max-new-tokens", "4", "--save-strategy", "no"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "sft" and report["metric"] == "exact_match"
+    assert report["sizes"] == {"train": 21, "eval": 3}  # 10% held out, rounded up
+    assert json.loads((out / "adapter/adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_allocate_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
+    """Protects --save-stats/--load-stats: a second allocation at another r reads the statistics instead of
+    estimating, and matches an allocation estimated from scratch at that r."""
+    stats = tmp_path / "stats.safetensors"
+    base = ["allocate", "--model", str(bert_dir), "--train-file", str(cls_file), "--target-modules", "query", "value"]
+    assert _run([*base, "--output-dir", str(tmp_path / "a1"), "--save-stats", str(stats)]) == 0
+    assert stats.is_file() and (tmp_path / "a1/ranks.png").is_file()
+    assert _run([*base, "--output-dir", str(tmp_path / "a2"), "--load-stats", str(stats), "--r", "2"]) == 0
+    assert _run([*base, "--output-dir", str(tmp_path / "a3"), "--r", "2"]) == 0
+    reused, fresh = (json.loads((tmp_path / f"{n}/report.json").read_text()) for n in ("a2", "a3"))
+    assert "estimate_s" not in reused["timings_s"] and "load_stats_s" in reused["timings_s"]
+    assert reused["ranks"] == fresh["ranks"]
+    assert "attention.self.value" in capsys.readouterr().out
+
+
+def test_merge_gives_the_same_logits(gora_run, cls_file, tmp_path):
+    """Protects `gora merge`: the standalone merged model computes what base + adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(gora_run / "adapter"), "--output-dir", str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["the movie was good fun", "the film was dull"], return_tensors="pt", padding=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    base_path = json.loads((gora_run / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, gora_run / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- bad input: exit 2, one message, nothing written ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, bert_dir, llama_dir):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.jsonl").write_text("")
+    write_jsonl(folder / "three.jsonl", [{"text": "the movie was good", "label": i % 3} for i in range(12)])
+    write_jsonl(folder / "frac.jsonl", [{"text": "the movie was good", "label": 0.5} for _ in range(12)])
+    (folder / "data.txt").write_text("hello")
+    (folder / "not_a_model").mkdir()
+    (folder / "full").mkdir()
+    (folder / "full" / "keep.txt").write_text("keep")
+    return {"dir": folder, "head2": save_bert(folder / "head2", num_labels=2)}
+
+
+BAD = {
+    "missing train file": (["--train-file", "{dir}/nope.jsonl"], "does not exist"),
+    "unknown format": (["--train-file", "{dir}/data.txt"], ".jsonl"),
+    "empty dataset": (["--train-file", "{dir}/empty.jsonl"], "no rows"),
+    "unknown column": (["--text-column", "review"], "--text-column"),
+    "fractional labels": (["--train-file", "{dir}/frac.jsonl"], "fractional"),
+    "labels exceed --num-labels": (["--train-file", "{dir}/three.jsonl", "--num-labels", "2"], "--num-labels"),
+    "labels exceed the model's head": (["--train-file", "{dir}/three.jsonl", "--model", "{head2}"], "--num-labels 3"),
+    "missing model": (["--model", "{dir}/no_model"], "does not exist"),
+    "folder without config.json": (["--model", "{dir}/not_a_model"], "config.json"),
+    "encoder for sft": (["--task", "sft", "--prompt-column", "text", "--response-column", "text"], "causal LM"),
+    "bad config value": (["--min-rank", "9", "--max-rank", "4"], "min_rank"),
+    "non-empty output folder": (["--output-dir", "{dir}/full"], "--overwrite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_a_message_and_no_output(case, bad_inputs, bert_dir, cls_file, capsys):
+    """Protects the bad-input contract: status 2, a message naming what to change, no (partial) output folder."""
+    extra, expected = BAD[case]
+    folder = bad_inputs["dir"]
+    fill = {"dir": folder, "head2": bad_inputs["head2"]}
+    out = folder / f"out-{case.replace(' ', '-')}"
+    argv = ["finetune", "--model", str(bert_dir), "--train-file", str(cls_file), "--output-dir", str(out), *BERT_GORA]
+    argv += [a.format(**fill) for a in extra]
+    before = sorted(p.name for p in folder.iterdir())
+    assert _run(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and expected in err, err
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing created, no .partial folder
+    if case == "non-empty output folder":
+        assert (folder / "full" / "keep.txt").read_text() == "keep"
+
+
+def test_llama_classification_head_is_usable(llama_dir, cls_file, tmp_path):
+    """Protects decoder classification: a causal LM folder gets a new sequence-classification head (pad id set)."""
+    out = tmp_path / "llama-cls"
+    argv = ["finetune", "--model", str(llama_dir), "--train-file", str(cls_file), "--output-dir", str(out)]
+    assert _run([*argv, "--target-modules", "q_proj", "v_proj", "--max-steps", "1", "--save-strategy", "no"]) == 0
+    assert json.loads((out / "adapter/adapter_config.json").read_text())["task_type"] == "SEQ_CLS"

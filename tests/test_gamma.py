@@ -1,0 +1,216 @@
+"""Adaptive γ (GoraConfig(gamma="auto")): held-out selection against the pretrained model, by rescaling B0 in place."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+import gora
+from conftest import VOCAB, make_llama
+from gora.gamma import DEFAULT_GAMMA_CANDIDATES, choose_gamma, held_out_loss
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+FEW = (1e-2, 1e-1, 1.0)  # a short grid where the test is about plumbing, not the grid
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rule_batches(n: int, seed: int, batch: int = 4, length: int = 16, sign: float | None = None) -> list[dict]:
+    """Sequences that count upwards mod VOCAB: one gradient step on some of them lowers the loss on others."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = (torch.randint(0, VOCAB, (batch, 1), generator=g) + torch.arange(length)) % VOCAB
+        b = {"input_ids": ids, "labels": ids.clone(), "idx": i}
+        if sign is not None:
+            b["sign"] = sign
+        out.append(b)
+    return out
+
+
+def lm_forward(model, batch):
+    return batch.get("sign", 1.0) * model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
+def auto_config(**kw) -> gora.GoraConfig:
+    kw = {"target_modules": TARGETS, "r": 4, "num_batches": 4, "gamma": "auto", "gamma_batches": 2, **kw}
+    return gora.GoraConfig(**kw)
+
+
+def lora_B(peft_model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_B" in n}
+
+
+def test_auto_gamma_lowers_held_out_loss(tmp_path):
+    """Protects: 'auto' picks a γ > 0 whose held-out loss is below the pretrained model's, and the returned model
+    really has that loss; the search (candidates, losses, base loss) is reported in the saved record."""
+    model = make_llama()
+    batches = rule_batches(6, seed=0)
+    pretrained = held_out_loss(model, batches[4:], forward_fn=lm_forward)
+    peft_model = gora.get_gora_model(model, auto_config(), batches, forward_fn=lm_forward, show_progress=False)
+    record = peft_model.gora_records["default"]
+    search = record.extra["gamma_search"]
+    assert search["base_loss"] == pytest.approx(pretrained, abs=1e-6)
+    assert search["candidates"] == list(DEFAULT_GAMMA_CANDIDATES)
+    assert len(search["losses"]) == len(search["candidates"])
+    assert record.gamma == search["gamma"] > 0
+    chosen = search["losses"][search["candidates"].index(record.gamma)]
+    assert chosen == min(search["losses"]) < pretrained
+    assert held_out_loss(peft_model.get_base_model(), batches[4:], forward_fn=lm_forward) == pytest.approx(chosen)
+    peft_model.save_pretrained(tmp_path)
+    saved = gora.GoraRecord.load(tmp_path)
+    assert saved.gamma == record.gamma and saved.extra["gamma_search"]["losses"] == search["losses"]
+    assert saved.config["gamma"] == "auto"
+
+
+def test_auto_gamma_is_zero_when_every_candidate_hurts(caplog):
+    """Protects: when every candidate raises the held-out loss (here the held-out objective is the negated training
+    loss, which rises along −G), γ = 0, B0 = 0, the model computes exactly the pretrained outputs, and a warning
+    says so."""
+    model = make_llama()
+    ids = rule_batches(1, seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    batches = rule_batches(4, seed=0, sign=1.0) + rule_batches(2, seed=1, sign=-1.0)
+    with caplog.at_level(logging.WARNING, logger="gora.gamma"):
+        peft_model = gora.get_gora_model(model, auto_config(), batches, forward_fn=lm_forward, show_progress=False)
+    search = peft_model.gora_records["default"].extra["gamma_search"]
+    assert all(loss > search["base_loss"] for loss in search["losses"])
+    assert peft_model.gora_records["default"].gamma == 0.0
+    assert all(torch.count_nonzero(b) == 0 for b in lora_B(peft_model).values())
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, expected)
+    assert "no candidate" in caplog.text and "gamma = 0" in caplog.text
+
+
+def test_held_out_batches_are_disjoint_eval_mode_one_forward_each():
+    """Protects: the gradient uses batches 0..N-1 (train mode, with grad); the search uses the next K batches only,
+    in eval mode without grad, one forward per candidate per batch plus K for the pretrained loss."""
+    calls = []
+
+    def recording_forward(model, batch):
+        calls.append((batch["idx"], torch.is_grad_enabled(), model.training))
+        return lm_forward(model, batch)
+
+    config = auto_config(gamma_candidates=FEW)
+    gora.get_gora_model(
+        make_llama().train(), config, rule_batches(8, 0), forward_fn=recording_forward, show_progress=False
+    )
+    estimation, search = calls[:4], calls[4:]
+    assert estimation == [(i, True, True) for i in range(4)]
+    assert len(search) == 2 * (3 + 1)
+    assert {idx for idx, _, _ in search} == {4, 5}
+    assert not any(grad or training for _, grad, training in search)
+
+
+def test_auto_equals_fixed_gamma_and_is_deterministic():
+    """Protects: rescaling B0(1) in place gives the initialization that γ = γ* would (B0 is linear in γ), A0 is
+    untouched, two runs agree bit for bit, and every module's train/eval flag is as without the search."""
+    batches = rule_batches(6, 0)
+    auto = gora.get_gora_model(
+        make_llama().train(), auto_config(gamma_candidates=FEW), batches, forward_fn=lm_forward, show_progress=False
+    )
+    again = gora.get_gora_model(
+        make_llama().train(), auto_config(gamma_candidates=FEW), batches, forward_fn=lm_forward, show_progress=False
+    )
+    gamma = auto.gora_records["default"].gamma
+    fixed_config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=4, gamma=gamma)
+    fixed = gora.get_gora_model(
+        make_llama().train(), fixed_config, batches, forward_fn=lm_forward, show_progress=False
+    )
+    for (name, p), (_, q), (_, f) in zip(auto.named_parameters(), again.named_parameters(), fixed.named_parameters()):
+        assert torch.equal(p, q), name
+        torch.testing.assert_close(p, f, rtol=1e-5, atol=1e-9, msg=name)
+    assert auto.gora_records["default"].extra == again.gora_records["default"].extra
+    assert [m.training for m in auto.modules()] == [m.training for m in fixed.modules()]
+    assert all(m.training for m in auto.modules())
+
+
+def test_eval_dataloader_and_running_out_leave_model_untouched():
+    """Protects: eval_dataloader supplies the held-out batches; a dataloader that runs out before N + K batches
+    raises a ValueError naming the fix and leaves the model exactly as it was (no LoRA layers, same weights)."""
+    model = make_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=r"ran out.*eval_dataloader"):
+        gora.get_gora_model(model, auto_config(gamma_batches=3), rule_batches(5, 0), show_progress=False)
+    assert [n for n, _ in model.named_modules()] == names
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    peft_model = gora.get_gora_model(
+        model,
+        auto_config(gamma_candidates=FEW),
+        rule_batches(4, 0),
+        eval_dataloader=rule_batches(3, 7),
+        show_progress=False,
+    )
+    assert peft_model.gora_records["default"].extra["gamma_search"]["source"] == "eval_dataloader"
+    with pytest.raises(ValueError, match="only used with gamma='auto'"):
+        gora.get_gora_model(make_llama(), auto_config(gamma=0.05), [], eval_dataloader=[], show_progress=False)
+
+
+def test_one_shot_iterator_continues_after_estimation():
+    """Protects: a one-shot iterator's held-out batches are the ones after the gradient batches (never a rerun)."""
+    seen = []
+
+    def forward(model, batch):
+        if not torch.is_grad_enabled():
+            seen.append(batch["idx"])
+        return lm_forward(model, batch)
+
+    gora.get_gora_model(
+        make_llama(),
+        auto_config(gamma_candidates=FEW),
+        iter(rule_batches(10, 0)),
+        forward_fn=forward,
+        show_progress=False,
+    )
+    assert min(seen) >= 4
+
+
+def test_build_gora_model_needs_held_out_batches():
+    """Protects: the staged API refuses gamma='auto' without held-out batches before PEFT touches the model."""
+    model = make_llama()
+    config = auto_config()
+    stats = gora.estimate_gradients(model, config, rule_batches(4, 0), show_progress=False)
+    allocation = gora.allocate_ranks(gora.compute_importances(model, stats, config.importance), stats.shapes, config)
+    with pytest.raises(ValueError, match="eval_batches"):
+        gora.build_gora_model(model, config, stats, allocation)
+    assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_choose_gamma_rule():
+    """Protects: γ* = argmin among candidates strictly below the pretrained loss, smallest γ on ties, NaN/inf never
+    chosen, 0 when none is below."""
+    assert choose_gamma([0.1, 0.01, 1.0], [2.0, 2.5, 1.9], base_loss=3.0) == 1.0
+    assert choose_gamma([0.1, 0.2], [2.0, 2.0], base_loss=3.0) == 0.1
+    assert choose_gamma([0.1, 0.2], [math.nan, math.inf], base_loss=3.0) == 0.0
+    assert choose_gamma([0.1, 0.2], [3.0, 3.5], base_loss=3.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gamma": "Auto"}, "or 'auto'"),
+        ({"gamma": -0.1}, "gamma must be"),
+        ({"gamma_candidates": (0.1,)}, "only used with gamma='auto'"),
+        ({"gamma": "auto", "gamma_candidates": ()}, "non-empty"),
+        ({"gamma": "auto", "gamma_candidates": (0.0, 0.1)}, "> 0"),
+        ({"gamma": "auto", "gamma_candidates": "0.1"}, "sequence"),
+        ({"gamma_batches": 0}, "gamma_batches"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    """Protects: bad gamma settings fail on construction with a message naming the field."""
+    with pytest.raises(ValueError, match=message):
+        gora.GoraConfig(**kwargs)
+    assert gora.GoraConfig(gamma="auto", gamma_candidates=[0.2, 0.1, 0.2]).gamma_candidates == (0.1, 0.2)
