@@ -134,7 +134,7 @@ def estimate_gradients(
     model = unwrap_model(model)
     check_not_zero3(model)
     targets = find_targets(model, config)
-    device = _model_device(model)
+    device = model_device(model)
     acc_device = torch.device("cpu") if (offload_to_cpu or config.offload_to_cpu) else device
     store: Store = (
         SketchStore(targets, config, acc_device)
@@ -177,7 +177,7 @@ def estimate_gradients(
 
     local_batches = 0
     adaptive = _Adaptive(config) if config.adaptive_batches else None
-    with _estimation_state(model, targets) as weights, _seeded(config.seed + dist_rank(), device):
+    with _estimation_state(model, targets) as weights, seeded(config.seed + dist_rank(), device):
         sharded = [is_dtensor(w) for w in weights]
         reduce = {t.name: is_distributed() and not s for t, s in zip(targets, sharded)}
         handles = [
@@ -188,7 +188,7 @@ def estimate_gradients(
             first = next(batches, None)
             if first is not None and isinstance(store, SketchStore):
                 sink[:] = [lambda t, g, w: store.pilot_fold(t, g, _layout(t, full_tensor(w.detach())))]
-                with _seeded(config.seed + dist_rank(), device):  # pilot pass: forked RNG, the N batches unchanged
+                with seeded(config.seed + dist_rank(), device):  # pilot pass: forked RNG, the N batches unchanged
                     step(first, 0, weights, sharded)
                 by_name = {t.name: (t, w) for t, w in zip(targets, weights)}
                 store.finish_pilot(
@@ -374,16 +374,18 @@ def _first(dataloader: Iterable[Any], n: int) -> Iterator[Any]:
         yield batch
 
 
-def _loss(
-    model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, index: int
+def batch_loss(
+    model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, what: str
 ) -> torch.Tensor:
+    """The scalar loss of one batch: `forward_fn(model, batch)`, else `model(**batch)`; `what` names the batch in
+    errors (e.g. "batch 3", "held-out batch 0")."""
     if forward_fn is not None:
         out = forward_fn(model, batch)
     elif isinstance(batch, Mapping):
         out = model(**_to_device(batch, device))
     else:
         raise ValueError(
-            f"batch {index} is a {type(batch).__name__}, not a dict of model keyword arguments: "
+            f"{what} is a {type(batch).__name__}, not a dict of model keyword arguments: "
             "pass forward_fn=lambda model, batch: <scalar loss> to get_gora_model / estimate_gradients"
         )
     loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
@@ -391,9 +393,16 @@ def _loss(
         loss = out.get("loss")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(
-            f"batch {index} gave no scalar loss: include labels in the batches so the model returns .loss, "
+            f"{what} gave no scalar loss: include labels in the batches so the model returns .loss, "
             "or pass forward_fn=lambda model, batch: <scalar loss>"
         )
+    return loss
+
+
+def _loss(
+    model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, index: int
+) -> torch.Tensor:
+    loss = batch_loss(model, batch, forward_fn, device, f"batch {index}")
     if not loss.requires_grad:
         raise ValueError(f"the loss of batch {index} does not depend on any target weight; check target_modules")
     if not math.isfinite(loss.item()):
@@ -405,7 +414,7 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -435,7 +444,7 @@ def _estimation_state(model: nn.Module, targets: list[Target]) -> Iterator[list[
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Dropout during estimation is drawn from `seed`; the caller's RNG state is restored afterwards."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

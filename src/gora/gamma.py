@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import GoraConfig
-from .estimate import ForwardFn
+from .estimate import ForwardFn, batch_loss, model_device, seeded
 from .record import GoraRecord
 
 logger = logging.getLogger(__name__)
@@ -167,12 +167,11 @@ def held_out_loss(
     Raises:
         ValueError: a batch that gives no scalar loss, or (strict) a non-finite loss.
     """
-    device = _model_device(model)
+    device = model_device(model)
     losses = []
-    with _eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with _eval_mode(model), seeded(seed, device):
         for index, batch in enumerate(batches):
-            loss = _batch_loss(model, batch, forward_fn, device, index)
+            loss = float(batch_loss(model, batch, forward_fn, device, f"held-out batch {index}").float())
             if not math.isfinite(loss):
                 if strict:
                     raise ValueError(
@@ -290,32 +289,6 @@ def _skip(iterator: Iterator[Any], n: int) -> int:
     while skipped < n and next(iterator, _END) is not _END:
         skipped += 1
     return skipped
-
-
-def _batch_loss(model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, index: int) -> float:
-    if forward_fn is not None:
-        out = forward_fn(model, batch)
-    elif isinstance(batch, Mapping):
-        out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    else:
-        raise ValueError(
-            f"held-out batch {index} is a {type(batch).__name__}, not a dict of model keyword arguments: "
-            "pass forward_fn=lambda model, batch: <scalar loss>"
-        )
-    loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(
-            f"held-out batch {index} gave no scalar loss: include labels in the batches so the model returns .loss, "
-            "or pass forward_fn=lambda model, batch: <scalar loss>"
-        )
-    return float(loss.float())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager
