@@ -144,6 +144,38 @@ def get_gora_model(
     Returns:
         A `peft.PeftModel`. `model.save_pretrained(dir)` writes a plain LoRA adapter plus `gora_record.json`.
     """
+    stats, allocation, eval_batches, timings = estimate_and_allocate(
+        model,
+        config,
+        dataloader,
+        forward_fn=forward_fn,
+        offload_to_cpu=offload_to_cpu,
+        show_progress=show_progress,
+        eval_dataloader=eval_dataloader,
+    )
+    return build_gora_model(
+        model,
+        config,
+        stats,
+        allocation,
+        adapter_name=adapter_name,
+        timings=timings,
+        eval_batches=eval_batches,
+        forward_fn=forward_fn,
+    )
+
+
+def estimate_and_allocate(
+    model: nn.Module,
+    config: GoraConfig,
+    dataloader: Iterable[Any],
+    *,
+    forward_fn: ForwardFn | None = None,
+    offload_to_cpu: bool = False,
+    show_progress: bool = True,
+    eval_dataloader: Iterable[Any] | None = None,
+) -> tuple[GradientStats, Allocation, list[Any] | None, dict[str, float]]:
+    """Stages 1 and 2 with their timings, plus the held-out batches that gamma="auto" needs (else None)."""
     if eval_dataloader is not None and config.gamma != "auto":
         raise ValueError("eval_dataloader is only used with gamma='auto': set GoraConfig(gamma='auto') or drop it")
     start = time.perf_counter()
@@ -156,16 +188,7 @@ def get_gora_model(
     allocation = allocate_ranks(importances, stats.shapes, config)
     allocate_s = time.perf_counter() - start
     eval_batches = held_out_batches(config, dataloader, eval_dataloader) if config.gamma == "auto" else None
-    return build_gora_model(
-        model,
-        config,
-        stats,
-        allocation,
-        adapter_name=adapter_name,
-        timings={"estimate_s": estimate_s, "allocate_s": allocate_s},
-        eval_batches=eval_batches,
-        forward_fn=forward_fn,
-    )
+    return stats, allocation, eval_batches, {"estimate_s": estimate_s, "allocate_s": allocate_s}
 
 
 def make_record(

@@ -26,12 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocate import allocate_ranks
 from .config import GoraConfig
-from .estimate import ForwardFn, estimate_gradients
-from .gamma import held_out_batches
-from .importance import compute_importances
-from .model import build_gora_model
+from .estimate import ForwardFn
+from .model import build_gora_model, estimate_and_allocate
 from .targets import QUANTIZED_CLASS_HINTS, base_lora_config, find_targets
 
 logger = logging.getLogger(__name__)
@@ -78,28 +75,19 @@ def get_qgora_model(
         raise ValueError(
             "the model is already quantized (it has bitsandbytes Linear4bit layers): pass quantization_config=None"
         )
-    if eval_dataloader is not None and config.gamma != "auto":
-        raise ValueError("eval_dataloader is only used with gamma='auto': set GoraConfig(gamma='auto') or drop it")
     qconfig = None if prequantized else _check_quantization_config(quantization_config, model)
     if not prequantized:
         _check_linear_targets(model, config)
-    start = time.perf_counter()
     with dequantized_targets(model, config) if prequantized else contextlib.nullcontext():
-        stats = estimate_gradients(
+        stats, allocation, eval_batches, timings = estimate_and_allocate(
             model,
             config,
             dataloader,
             forward_fn=forward_fn,
             offload_to_cpu=offload_to_cpu,
             show_progress=show_progress,
+            eval_dataloader=eval_dataloader,
         )
-        estimate_s = time.perf_counter() - start
-        start = time.perf_counter()
-        importances = compute_importances(model, stats, config.importance)
-    allocation = allocate_ranks(importances, stats.shapes, config)
-    eval_batches = held_out_batches(config, dataloader, eval_dataloader) if config.gamma == "auto" else None
-    allocate_s = time.perf_counter() - start
-    timings = {"estimate_s": estimate_s, "allocate_s": allocate_s}
     if prequantized:
         info: dict[str, Any] = {"estimated_on": "dequantized 4-bit weights", "prequantized": True}
         set_flag = not getattr(model, "is_loaded_in_4bit", False)
