@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,7 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
     """
     from safetensors.torch import save_file
 
-    from .record import versions
+    from .record import atomic_write, versions
 
     tensors: dict[str, torch.Tensor] = {}
     for kind, table in (("gradients", stats.gradients), ("sketches", stats.sketches)):
@@ -92,19 +91,7 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
         "info": stats.info,
         "versions": versions(),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"gora": json.dumps(header)})
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"gora": json.dumps(header)}))
 
 
 def load_gradient_stats(
