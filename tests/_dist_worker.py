@@ -18,6 +18,7 @@ import gora
 from conftest import lm_batches, make_llama
 
 BATCHES = 8
+TRAIN_LR = 0.1
 
 
 def config(**kwargs) -> gora.GoraConfig:
@@ -44,6 +45,55 @@ def run(name: str, model, wrapped, cfg: gora.GoraConfig, batches, out: Path, ran
     (out / f"{name}.rank{rank}.json").write_text(json.dumps(meta))
 
 
+def record_error(name: str, fn, out: Path, rank: int) -> None:
+    """Run `fn`; write the ValueError it raised (or "" if none) to <out>/<name>.rank<r>.err."""
+    try:
+        fn()
+        message = ""
+    except ValueError as error:
+        message = str(error)
+    (out / f"{name}.rank{rank}.err").write_text(message)
+
+
+def fsdp_llama():
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def peft_state(peft_model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+
+
+def fsdp_build(mine: list, out: Path, rank: int) -> None:
+    """The documented FSDP2 flow: estimate on the sharded model, build on an unsharded copy, shard the PeftModel,
+    train one step, save the adapter from the full state dict (rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = config()
+    sharded = fsdp_llama()
+    stats = gora.estimate_gradients(sharded, cfg, mine, show_progress=False)
+    allocation = gora.allocate_ranks(gora.compute_importances(sharded, stats, cfg.importance), stats.shapes, cfg)
+    peft_model = gora.build_gora_model(make_llama(), cfg, stats, allocation)
+    torch.save(peft_state(peft_model), out / f"fsdp_build.init.rank{rank}.pt")
+    for layer in peft_model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(peft_model)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=TRAIN_LR)
+    peft_model.train()
+    peft_model(**mine[0]).loss.backward()  # FSDP averages the LoRA gradients over the ranks' batches
+    optimizer.step()
+    full = get_model_state_dict(peft_model, options=StateDictOptions(full_state_dict=True))
+    torch.save({k: v.detach().clone() for k, v in full.items() if "lora_" in k}, out / f"fsdp_build.rank{rank}.pt")
+    if rank == 0:
+        peft_model.save_pretrained(out / "fsdp_adapter", state_dict=full)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     scenarios = sys.argv[2].split(",")
@@ -63,12 +113,7 @@ def main() -> None:
         model = make_llama()
         run("sketch", model, model, config(gradient_store="sketch"), mine, out, rank)
     if "fsdp" in scenarios:  # FSDP2: weights and gradients are sharded DTensors
-        from torch.distributed.fsdp import fully_shard
-
-        model = make_llama()
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        model = fsdp_llama()
         run("fsdp", model, model, config(), mine, out, rank)
     if "adaptive" in scenarios:  # the stop decision must be the same on both ranks
         model = make_llama()
@@ -77,8 +122,49 @@ def main() -> None:
     if "peft" in scenarios:  # the one-call API: a PeftModel per rank
         model = make_llama()
         peft_model = gora.get_gora_model(model, config(), mine, show_progress=False)
-        state = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
-        torch.save(state, out / f"peft.rank{rank}.pt")
+        torch.save(peft_state(peft_model), out / f"peft.rank{rank}.pt")
+    # Uneven data: rank 1 gets no batch at all (empty_*), or one batch fewer than rank 0 (uneven_fsdp).
+    some = mine if rank == 0 else []
+    if "empty_full" in scenarios:  # no per-batch collective: rank 1 adds nothing, G = mean of rank 0's batches
+        model = make_llama()
+        run("empty_full", model, model, config(), some, out, rank)
+    if "empty_sketch" in scenarios:  # rank 1 still joins the pilot's all-reduce, with zero sums
+        model = make_llama()
+        run("empty_sketch", model, model, config(gradient_store="sketch"), some, out, rank)
+    if "empty_fsdp" in scenarios:  # every batch is a collective: the same error on both ranks, no hang
+        model = fsdp_llama()
+        record_error(
+            "empty_fsdp", lambda: gora.estimate_gradients(model, config(), some, show_progress=False), out, rank
+        )
+    if "empty_adaptive" in scenarios:
+        model = make_llama()
+        cfg = config(adaptive_batches=True, adaptive_min_batches=2)
+        record_error(
+            "empty_adaptive", lambda: gora.estimate_gradients(model, cfg, some, show_progress=False), out, rank
+        )
+    if "uneven_fsdp" in scenarios:  # 4 batches on rank 0, 3 on rank 1: both stop after 3
+        model = fsdp_llama()
+        run("uneven_fsdp", model, model, config(), mine if rank == 0 else mine[:-1], out, rank)
+    if "gamma" in scenarios:  # gamma="auto": the held-out loss is averaged over ranks, so both choose the same γ
+        held_out = lm_batches(4, seed=1)[rank * 2 : rank * 2 + 2]
+        cfg = config(gamma="auto", gamma_batches=2)
+        peft_model = gora.get_gora_model(make_llama(), cfg, mine, eval_dataloader=held_out, show_progress=False)
+        torch.save(peft_state(peft_model), out / f"gamma.rank{rank}.pt")
+        (out / f"gamma.rank{rank}.json").write_text(json.dumps(peft_model.gora_records["default"].extra))
+    if "gamma_short" in scenarios:  # rank 1 has one held-out batch of two: the same error on both ranks
+        held_out = lm_batches(2, seed=1)[: 2 - rank]
+        cfg = config(gamma="auto", gamma_batches=2)
+        record_error(
+            "gamma_short",
+            lambda: gora.get_gora_model(make_llama(), cfg, mine, eval_dataloader=held_out, show_progress=False),
+            out,
+            rank,
+        )
+    if "fsdp_inject" in scenarios:  # LoRA layers into an already-sharded model: refused, before any collective
+        model = fsdp_llama()
+        record_error("fsdp_inject", lambda: gora.get_gora_model(model, config(), mine, show_progress=False), out, rank)
+    if "fsdp_build" in scenarios:
+        fsdp_build(mine, out, rank)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -17,11 +17,27 @@ import pytest
 import torch
 
 import gora
-from _dist_worker import BATCHES, config
+from _dist_worker import BATCHES, TRAIN_LR, config
 from conftest import lm_batches, make_llama
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-SCENARIOS = ("ddp", "sketch", "fsdp", "adaptive", "peft")
+SCENARIOS = (
+    "ddp",
+    "sketch",
+    "fsdp",
+    "adaptive",
+    "peft",
+    "empty_full",
+    "empty_sketch",
+    "empty_fsdp",
+    "empty_adaptive",
+    "uneven_fsdp",
+    "gamma",
+    "gamma_short",
+    "fsdp_inject",
+    "fsdp_build",
+)
+TIMEOUT_S = 240  # a collective that some rank never joins fails the tests here instead of hanging CI
 
 
 def _free_port() -> int:
@@ -46,7 +62,15 @@ def dist_out(tmp_path_factory) -> Path:
         for r in range(2)
     ]
     try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
+        logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        pytest.fail(
+            f"the 2 ranks did not finish within {TIMEOUT_S}s (a collective that one rank never joined?):\n"
+            + "\n".join(log[-2000:] for log in logs)
+        )
     finally:
         for p in procs:
             if p.poll() is None:
@@ -62,11 +86,12 @@ def _load(out: Path, scenario: str) -> tuple[list[dict], list[dict]]:
     return metas, tensors
 
 
-def _single(**kwargs):
-    """The single-process run over all 8 global batches."""
-    cfg = config(num_batches=BATCHES, **kwargs)
+def _single(batches: list | None = None, **kwargs):
+    """The single-process run over all 8 global batches (or over `batches`)."""
+    batches = lm_batches(BATCHES) if batches is None else batches
+    cfg = config(num_batches=len(batches), **kwargs)
     model = make_llama()
-    stats = gora.estimate_gradients(model, cfg, lm_batches(BATCHES), show_progress=False)
+    stats = gora.estimate_gradients(model, cfg, batches, show_progress=False)
     allocation = gora.allocate_ranks(gora.compute_importances(model, stats, cfg.importance), stats.shapes, cfg)
     return stats, allocation, gora.init_gora_weights(stats, allocation, cfg)
 
@@ -124,6 +149,101 @@ def test_get_gora_model_adapters_identical(dist_out):
     for key in single:
         assert torch.equal(states[0][key], states[1][key]), key
         torch.testing.assert_close(states[0][key], single[key], rtol=1e-4, atol=1e-9)
+
+
+def _assert_equal_single(metas: list[dict], tensors: list[dict], batches: list) -> None:
+    """Both ranks identical, and equal to one process over `batches` (G and B0 to float32 precision, A0 exactly)."""
+    _assert_ranks_identical(metas, tensors)
+    stats, allocation, weights = _single(batches)
+    assert metas[0]["num_batches"] == stats.num_batches == len(batches)
+    assert metas[0]["ranks"] == allocation.ranks
+    for name, G in stats.gradients.items():
+        torch.testing.assert_close(tensors[0][f"G/{name}"], G, rtol=1e-5, atol=1e-9)
+    for name, (A, B) in weights.items():
+        assert torch.equal(tensors[0][f"A/{name}"], A)
+        torch.testing.assert_close(tensors[0][f"B/{name}"], B, rtol=1e-4, atol=1e-9)
+
+
+def test_rank_without_batches_adds_nothing(dist_out):
+    """Property: without per-batch collectives (full and sketch stores), a rank whose dataloader is empty joins
+    every collective with zero sums, so both ranks finish identical and G is the mean over the batches that exist:
+    equal to one process over rank 0's 4 batches."""
+    _assert_equal_single(*_load(dist_out, "empty_full"), lm_batches(BATCHES)[: BATCHES // 2])
+    metas, tensors = _load(dist_out, "empty_sketch")
+    _assert_ranks_identical(metas, tensors)
+    assert metas[0]["num_batches"] == BATCHES // 2
+    assert metas[0]["info"]["batches_per_rank"] == BATCHES // 2 and metas[1]["info"]["batches_per_rank"] == 0
+
+
+@pytest.mark.parametrize("scenario", ["empty_fsdp", "empty_adaptive"])
+def test_rank_without_batches_fails_on_every_rank(dist_out, scenario):
+    """Property: under FSDP2 and adaptive stopping (a collective per batch) an empty rank would leave the other
+    waiting forever; instead both ranks raise the same error, naming the empty rank and the fix, and do not hang."""
+    errors = [(dist_out / f"{scenario}.rank{r}.err").read_text() for r in range(2)]
+    assert errors[0] == errors[1]
+    assert "rank(s) [1] of 2 got no batch" in errors[0] and "at least one batch" in errors[0]
+
+
+def test_uneven_fsdp_ranks_stop_together(dist_out):
+    """Property: under FSDP2 with 4 batches on rank 0 and 3 on rank 1, both ranks stop after 3 (no hang) and G is
+    the mean of the 6 batches run: equal to one process over those 6."""
+    batches = lm_batches(BATCHES)
+    _assert_equal_single(*_load(dist_out, "uneven_fsdp"), batches[0:3] + batches[4:7])
+
+
+def test_gamma_auto_same_on_every_rank(dist_out):
+    """Property: with gamma="auto" each rank holds out different batches, but the held-out losses are averaged
+    over ranks, so both choose the same γ from the same losses and build identical adapters."""
+    searches = [json.loads((dist_out / f"gamma.rank{r}.json").read_text())["gamma_search"] for r in range(2)]
+    assert searches[0] == searches[1]
+    states = [torch.load(dist_out / f"gamma.rank{r}.pt") for r in range(2)]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_gamma_auto_short_held_out_fails_on_every_rank(dist_out):
+    """Property: a rank short of held-out batches makes both ranks raise (no rank waits in the loss all-reduce)."""
+    errors = [(dist_out / f"gamma_short.rank{r}.err").read_text() for r in range(2)]
+    assert "rank(s) [1]" in errors[0] and "rank(s) [1]" in errors[1]
+    assert "gamma_batches=2" in errors[1]
+
+
+def test_get_gora_model_refuses_fsdp2_sharded_model(dist_out):
+    """Property: LoRA layers are not put into an already fully_shard-ed model (FSDP would never synchronize their
+    gradients); both ranks get the same error, which spells out the supported flow."""
+    errors = [(dist_out / f"fsdp_inject.rank{r}.err").read_text() for r in range(2)]
+    assert errors[0] == errors[1]
+    assert "sharded with FSDP2" in errors[0] and "build_gora_model(unsharded" in errors[0]
+
+
+def test_fsdp2_flow_trains_and_saves_the_single_process_adapter(dist_out, tmp_path):
+    """Property: the documented FSDP2 flow (estimate on the sharded model, build on an unsharded copy, fully_shard
+    the PeftModel) gives A0/B0 equal on both ranks and to one process; one FSDP2 training step updates LoRA like one
+    process stepping on the mean loss of both ranks' batches; the saved adapter loads in plain PEFT."""
+    from peft import PeftModel
+
+    inits = [torch.load(dist_out / f"fsdp_build.init.rank{r}.pt") for r in range(2)]
+    trained = [torch.load(dist_out / f"fsdp_build.rank{r}.pt") for r in range(2)]
+    batches = lm_batches(BATCHES)
+    single = gora.get_gora_model(make_llama(), config(num_batches=BATCHES), batches, show_progress=False)
+    lora = {k: v for k, v in single.named_parameters() if "lora_" in k}
+    assert inits[0].keys() == inits[1].keys() == lora.keys()
+    for key, value in lora.items():
+        assert torch.equal(inits[0][key], inits[1][key]), key
+        torch.testing.assert_close(inits[0][key], value.detach(), rtol=1e-4, atol=1e-9)
+    optimizer = torch.optim.SGD(lora.values(), lr=TRAIN_LR)
+    single.train()
+    ((single(**batches[0]).loss + single(**batches[BATCHES // 2]).loss) / 2).backward()  # rank 0's and 1's first
+    optimizer.step()
+    assert trained[0].keys() == trained[1].keys() == lora.keys()
+    for key, value in lora.items():
+        assert torch.equal(trained[0][key], trained[1][key]), key
+        torch.testing.assert_close(trained[0][key], value.detach(), rtol=1e-4, atol=1e-7)
+    loaded = PeftModel.from_pretrained(make_llama(), dist_out / "fsdp_adapter")
+    for key, value in loaded.named_parameters():
+        if "lora_" in key:
+            torch.testing.assert_close(value, trained[0][key], rtol=0, atol=0)
 
 
 def test_zero3_parameters_refused(llama):

@@ -109,3 +109,33 @@ def test_sketch_init_checks_seed_and_rank(llama):
         gora.init_gora_weights(stats, too_wide, _config("sketch", max_rank=16, r=16))
     with pytest.raises(ValueError, match="full gradient"):
         gora.compute_importances(llama, stats, "grad_frobenius")
+
+
+def test_samples_split_in_proportion_to_pilot_ranks():
+    """Property: the sample budget (sketch_samples per sketched layer) is split s_i ∝ r̂_i, the ranks that
+    allocate_ranks gives the pilot importances, so a layer whose rank a relative error moves more gets more samples;
+    the allocation uses the pilot of every layer (whole-stored ones too) and is the same as allocate_ranks'."""
+    from gora.sketch import MIN_SAMPLES
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (128, 96), "b": (128, 96), "c": (128, 96), "small": (2, 3)}
+    targets = [Target(name, m, n, transposed=False) for name, (m, n) in shapes.items()]
+    config = gora.GoraConfig(gradient_store="sketch", sketch_samples=400, r=8, min_rank=1, max_rank=32)
+    store = SketchStore(targets, config, torch.device("cpu"))
+    assert set(store.sketches) == {"a", "b", "c"} and set(store.whole) == {"small"}
+    weights = {name: torch.randn(*shape, generator=g) for name, shape in shapes.items()}
+    scale = {"a": 1.0, "b": 3.0, "c": 9.0, "small": 5.0}  # pilot |W ⊙ g_1| grows with the scale
+    for t in targets:
+        store.pilot_fold(t, scale[t.name] * torch.randn(t.m, t.n, generator=g), weights[t.name])
+    pilot = {}
+    for name, (R, _) in store._pilot.items():
+        pilot[name] = float(R.sum()) / (shapes[name][0] * shapes[name][1])
+    pilot["small"] = float(store._pilot_whole["small"]) / 6
+    expected_ranks = gora.allocate_ranks(pilot, shapes, config).ranks
+    store.finish_pilot(lambda name: weights[name], dict.fromkeys(shapes, False))
+    counts = {name: int(store.samplers[name].values.numel()) for name in store.sketches}
+    total = sum(expected_ranks[n] for n in counts)
+    for name, count in counts.items():
+        assert count == max(MIN_SAMPLES, round(3 * 400 * expected_ranks[name] / total))
+    assert counts["a"] < counts["b"] < counts["c"]
+    assert abs(sum(counts.values()) - 3 * 400) <= 3

@@ -75,7 +75,9 @@ class GoraConfig:
             Y = G·A_maxᵀ (m x max_rank) plus G at a fixed sample of entries for the importance (bounded memory;
             not with nuclear-norm importances).
         offload_to_cpu: Keep the gradient statistics on the CPU instead of the model's device.
-        sketch_samples: Entries of G sampled per layer for the importance in sketch mode.
+        sketch_samples: Entries of G sampled per sketched layer, on average, for the importance in sketch mode; the
+            total is split across layers in proportion to their ranks under the pilot batch (more samples where a
+            relative error moves the rank more). More samples: ranks closer to `full`, a little more memory.
         adaptive_batches: Stop estimation early once every layer's importance changes by at most
             `adaptive_threshold` (relative) between consecutive batches, after `adaptive_min_batches` batches.
         adaptive_threshold: τ, the relative change of importance below which estimation stops.
@@ -123,7 +125,8 @@ class GoraConfig:
     )
     offload_to_cpu: bool = field(default=False, metadata={"help": "keep gradient statistics on the CPU"})
     sketch_samples: int = field(
-        default=2048, metadata={"help": "entries of G sampled per layer for the importance in sketch mode"}
+        default=1024,
+        metadata={"help": "entries of G sampled per layer (on average) for the importance in sketch mode"},
     )
     adaptive_batches: bool = field(
         default=False, metadata={"help": "stop estimation once every layer's importance has converged"}

@@ -65,6 +65,24 @@ def is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def check_not_sharded(model: nn.Module, what: str) -> None:
+    """Refuse to put LoRA layers into an FSDP2-sharded model (`what` names the caller in the error).
+
+    PEFT would add lora_A / lora_B as plain tensors that the existing `fully_shard` groups do not manage: their
+    gradients would never be averaged over ranks, so the ranks' adapters drift apart from the first optimizer step.
+    """
+    if any(is_dtensor(p) for p in unwrap_model(model).parameters()):
+        raise ValueError(
+            f"{what} got a model sharded with FSDP2 (fully_shard): LoRA layers added to it now would be plain "
+            "tensors that FSDP never synchronizes, so the ranks would train different adapters. Estimate on the "
+            "sharded model and build the adapter on an unsharded copy, then shard the PeftModel: "
+            "stats = gora.estimate_gradients(sharded, config, loader); allocation = gora.allocate_ranks("
+            "gora.compute_importances(sharded, stats, config.importance), stats.shapes, config); "
+            "peft_model = gora.build_gora_model(unsharded, config, stats, allocation); then fully_shard the "
+            "PeftModel's layers and the PeftModel (README: Distributed)"
+        )
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: all-gathers a DTensor (FSDP2 shard), returns a plain tensor as is."""
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
@@ -98,6 +116,27 @@ def sum_counts(values: list[int]) -> list[int]:
     tensor = torch.tensor(values, dtype=torch.int64, device=_comm_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return [int(v) for v in tensor.tolist()]
+
+
+def ranks_where_false(flag: bool) -> list[int]:
+    """The ranks whose `flag` is False, as the same ascending list on every rank (one collective every rank joins).
+
+    In a single process: [] if `flag` else [0].
+    """
+    if not is_distributed():
+        return [] if flag else [0]
+    values = [0] * world_size()
+    values[rank()] = int(not flag)
+    return [r for r, value in enumerate(sum_counts(values)) if value]
+
+
+def sum_floats(values: list[float]) -> list[float]:
+    """Element-wise sum of float64 values over all ranks."""
+    if not is_distributed() or not values:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
 
 
 def all_true(flag: bool) -> bool:

@@ -28,6 +28,7 @@ from .distributed import (
     full_tensor,
     is_distributed,
     is_dtensor,
+    ranks_where_false,
     sum_counts,
     unwrap_model,
     world_size,
@@ -39,6 +40,7 @@ from .targets import Target, find_targets
 logger = logging.getLogger(__name__)
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+_END = object()  # end of a batch stream (a batch may be anything, even None)
 
 
 @dataclass
@@ -113,6 +115,9 @@ def estimate_gradients(
     accelerate) wrappers are unwrapped: target names are those of `model.module`, and the backward runs on the
     inner module without DDP's gradient sync. FSDP2 (`fully_shard`) models are supported: each sharded gradient
     (already averaged over ranks by FSDP) is gathered layer by layer, folded in and freed. ZeRO-3 is refused.
+    Ranks may see different numbers of batches (a rank with none adds nothing), except under FSDP2 and
+    `adaptive_batches`, where every batch is a collective: there all ranks stop when the first runs out, and a
+    rank without any batch is an error raised on every rank.
 
     Args:
         model: The base model (not a PeftModel), in any dtype, possibly wrapped in DDP or sharded by FSDP2; it is
@@ -127,9 +132,9 @@ def estimate_gradients(
         show_progress: Show a tqdm progress bar (rank 0 only).
 
     Raises:
-        ValueError: empty dataloader, a batch without loss, a non-finite loss or gradient, no gradient reaching any
-            target, ZeRO-3 parameters, or any target problem that `find_targets` reports. The model is left exactly
-            as it was.
+        ValueError: empty dataloader (on every rank; on any rank under FSDP2 or adaptive_batches), a batch
+            without loss, a non-finite loss or gradient, no gradient reaching any target, ZeRO-3 parameters, or any
+            target problem that `find_targets` reports. The model is left exactly as it was.
     """
     model = unwrap_model(model)
     check_not_zero3(model)
@@ -185,18 +190,22 @@ def estimate_gradients(
         ]
         try:
             batches = iter(_first(dataloader, config.num_batches))
-            first = next(batches, None)
-            if first is not None and isinstance(store, SketchStore):
+            first = next(batches, _END)
+            lockstep = is_distributed() and (any(sharded) or adaptive is not None)
+            any_batch = _check_batches_on_ranks(first is not _END, lockstep, config)  # before any other collective
+            if any_batch and isinstance(store, SketchStore):  # every rank joins finish_pilot (no batch: zero sums)
                 sink[:] = [lambda t, g, w: store.pilot_fold(t, g, _layout(t, full_tensor(w.detach())))]
-                with seeded(config.seed + dist_rank(), device):  # pilot pass: forked RNG, the N batches unchanged
-                    step(first, 0, weights, sharded)
+                if first is not _END:
+                    with seeded(config.seed + dist_rank(), device):  # pilot: forked RNG, the N batches unchanged
+                        step(first, 0, weights, sharded)
                 by_name = {t.name: (t, w) for t, w in zip(targets, weights)}
                 store.finish_pilot(
                     lambda name: _layout(by_name[name][0], full_tensor(by_name[name][1].detach())), reduce
                 )
             sink[:] = [count]
+            stream = itertools.chain([] if first is _END else [first], batches)
             progress = tqdm(
-                itertools.chain([] if first is None else [first], batches),
+                _while_every_rank_has_one(stream) if lockstep else stream,
                 total=config.num_batches,
                 desc="GoRA gradients",
                 disable=not show_progress or dist_rank() != 0,
@@ -365,6 +374,45 @@ def _running_importances(
             if bool(values.any()):
                 out[name] = store.estimate(name, values) / (k * world_size() if reduce[name] else k)
     return out
+
+
+def _check_batches_on_ranks(has_batch: bool, lockstep: bool, config: GoraConfig) -> bool:
+    """Whether any rank has a batch, the same answer on every rank; a rank without one is an error in lockstep.
+
+    Without per-batch collectives (plain or DDP models, `adaptive_batches=False`) a rank without batches adds zero
+    sums and no batches to the totals, so G is still the mean over all the batches seen. Under FSDP2 (every forward
+    and backward is a collective) and adaptive stopping (a collective after each batch) the ranks run the same
+    number of batches, so a rank without batches would leave the others waiting: every rank raises the same error.
+    """
+    empty = ranks_where_false(has_batch)
+    if not is_distributed() or not empty or len(empty) == world_size():
+        return len(empty) < world_size()  # no batch anywhere: _finish reports it on every rank
+    problem = f"rank(s) {empty} of {world_size()} got no batch from their dataloader"
+    if lockstep:
+        mode = "adaptive_batches=True" if config.adaptive_batches else "FSDP2 (fully_shard)"
+        raise ValueError(
+            f"{problem}; under {mode} all ranks run each batch together, so the others would wait forever. Give "
+            "every rank at least one batch: a DistributedSampler with drop_last=False pads every rank to the same "
+            "length, an IterableDataset must yield on every rank; or use fewer processes"
+        )
+    logger.warning("%s: they add nothing, and G is the mean over the other ranks' batches", problem)
+    return True
+
+
+def _while_every_rank_has_one(batches: Iterable[Any]) -> Iterator[Any]:
+    """The batches while every rank still has one: ranks that step together stop together (one collective each)."""
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, _END)
+        if not all_true(batch is not _END):
+            if batch is not _END:
+                logger.warning(
+                    "rank %d: another rank's dataloader ran out, so every rank stops here (FSDP2 and adaptive "
+                    "stopping run the same number of batches on every rank); this rank's further batches are unused",
+                    dist_rank(),
+                )
+            return
+        yield batch
 
 
 def _first(dataloader: Iterable[Any], n: int) -> Iterator[Any]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import GoraConfig
+from .distributed import is_distributed, ranks_where_false, sum_floats
 from .estimate import ForwardFn, batch_loss, model_device, seeded
 from .record import GoraRecord
 
@@ -116,11 +117,12 @@ def held_out_batches(
     k = config.gamma_batches
     if eval_dataloader is not None:
         batches = _take(iter(eval_dataloader), k)
-        if len(batches) < k:
-            raise ValueError(
-                f"eval_dataloader yielded {len(batches)} batch(es) but gamma='auto' needs gamma_batches={k}: "
-                "give it more batches or lower gamma_batches"
-            )
+        _check_enough(
+            len(batches),
+            k,
+            f"eval_dataloader yielded {len(batches)} batch(es) but gamma='auto' needs gamma_batches={k}: "
+            "give it more batches or lower gamma_batches",
+        )
         return HeldOutBatches(batches, "eval_dataloader")
     iterator = iter(dataloader)
     if iterator is dataloader:
@@ -134,13 +136,27 @@ def held_out_batches(
         skipped = _skip(iterator, config.num_batches)
         batches = _take(iterator, k) if skipped == config.num_batches else []
         source = f"dataloader (batches {config.num_batches}..{config.num_batches + k - 1})"
-    if len(batches) < k:
-        raise ValueError(
-            f"the dataloader ran out: gamma='auto' takes gamma_batches={k} held-out batch(es) after the "
-            f"num_batches={config.num_batches} gradient batches and found {len(batches)}. Pass "
-            "eval_dataloader=... to get_gora_model, give the dataloader more batches, or lower num_batches/gamma_batches"
-        )
+    _check_enough(
+        len(batches),
+        k,
+        f"the dataloader ran out: gamma='auto' takes gamma_batches={k} held-out batch(es) after the "
+        f"num_batches={config.num_batches} gradient batches and found {len(batches)}. Pass "
+        "eval_dataloader=... to get_gora_model, give the dataloader more batches, or lower num_batches/gamma_batches",
+    )
     return HeldOutBatches(batches, source)
+
+
+def _check_enough(found: int, needed: int, message: str) -> None:
+    """Raise `message` when a rank found fewer than `needed` held-out batches: on every rank under torch.distributed,
+    since the held-out losses are averaged over ranks and a rank left alone would wait for the others forever."""
+    short = ranks_where_false(found >= needed)
+    if not short:
+        return
+    if found >= needed:
+        message = f"rank(s) {short} could not take their gamma_batches={needed} held-out batch(es); see their error"
+    elif is_distributed():
+        message = f"rank(s) {short}: {message}"
+    raise ValueError(message)
 
 
 @torch.no_grad()
@@ -154,6 +170,8 @@ def held_out_loss(
 ) -> float:
     """The mean loss (1/K) Σ_j L_j over `batches`, in eval mode and without gradients.
 
+    Under torch.distributed the mean is over every rank's batches (one all-reduce), so every rank sees the same
+    losses and chooses the same γ; every rank must call it (`held_out_batches` checks they all have K batches).
     Every module's train/eval flag (and any bitsandbytes CPU repacking switch) is restored afterwards, and the
     caller's RNG state is untouched.
 
@@ -169,18 +187,28 @@ def held_out_loss(
     """
     device = model_device(model)
     losses = []
+    bad: tuple[int, float] | None = None  # (index, loss) of the first non-finite batch
     with _eval_mode(model), seeded(seed, device):
         for index, batch in enumerate(batches):
             loss = float(batch_loss(model, batch, forward_fn, device, f"held-out batch {index}").float())
             if not math.isfinite(loss):
-                if strict:
-                    raise ValueError(
-                        f"held-out batch {index} gives a non-finite loss ({loss}) on the pretrained model: "
-                        "check its inputs and labels"
-                    )
-                return math.inf
+                bad = (index, loss)
+                break
             losses.append(loss)
-    return math.fsum(losses) / len(losses)
+    total, count = math.fsum(losses), len(losses)
+    bad_ranks = ranks_where_false(bad is None)  # also the all-reduce below: the same outcome on every rank
+    if bad_ranks:
+        if strict:
+            what = (
+                f"held-out batch {bad[0]} gives a non-finite loss ({bad[1]})"
+                if bad
+                else "a held-out batch gives a non-finite loss"
+            )
+            ranks = f" (non-finite on rank(s) {bad_ranks})" if is_distributed() else ""
+            raise ValueError(f"{what} on the pretrained model{ranks}: check its inputs and labels")
+        return math.inf
+    total, count = sum_floats([total, float(count)])
+    return total / count
 
 
 @torch.no_grad()

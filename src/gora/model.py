@@ -19,6 +19,7 @@ from torch import nn
 
 from .allocate import Allocation, allocate_ranks
 from .config import GoraConfig
+from .distributed import check_not_sharded
 from .estimate import ForwardFn, GradientStats, estimate_gradients
 from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
@@ -78,9 +79,11 @@ def build_gora_model(
     With `config.gamma == "auto"`, γ is chosen on `eval_batches` (held-out batches, run through `forward_fn` if
     given) by rescaling B0 in place (gamma.py); the search is kept in `record.extra["gamma_search"]`.
     Everything that can fail is computed before PEFT touches the model, so a failure leaves it as it was.
+    An FSDP2-sharded `model` is refused: build on an unsharded copy, then `fully_shard` the PeftModel.
     """
     from peft import get_peft_model
 
+    check_not_sharded(model, "build_gora_model")
     start = time.perf_counter()
     auto = config.gamma == "auto"
     if auto and not eval_batches:
@@ -143,7 +146,12 @@ def get_gora_model(
 
     Returns:
         A `peft.PeftModel`. `model.save_pretrained(dir)` writes a plain LoRA adapter plus `gora_record.json`.
+
+    Raises:
+        ValueError: for a model sharded with FSDP2 (before any work): estimate on it with the stage functions and
+            build the adapter on an unsharded copy (`build_gora_model`), then shard the PeftModel.
     """
+    check_not_sharded(model, "get_gora_model")
     stats, allocation, eval_batches, timings = estimate_and_allocate(
         model,
         config,

@@ -15,6 +15,16 @@ where R_i, C_j are the row and column sums of |W ⊙ g_1| from a pilot pass over
 first batch under torch.distributed) and Z normalizes. The pilot pass runs with a forked RNG, so the N batches see
 exactly the dropout masks of `gradient_store="full"`. Layers for which G itself is smaller than Y plus the samples
 are stored whole.
+
+The per-sample spread of |W_t||G_t|/q_t is about the same in every layer (|G| is ~half-normal around the envelope
+R_i C_j: relative std ~1 per sample), so Î has relative error ε_i ∝ 1/√s_i, and a layer's rank r_i = round(b·a_i/f_i)
+moves by about r_i·ε_i ∝ r_i/√s_i. Splitting the samples as s_i ∝ r_i² would give every layer the same rank error
+(the smallest largest error); s_i ∝ r_i^(2/3) would change the fewest ranks (the smallest Σ r_i/√s_i). GoRA splits
+the budget (sketch_samples per sketched layer, on average) between the two,
+
+    s_i ∝ r̂_i,     r̂_i = the rank allocate_ranks gives the pilot importances (1/mn) Σ|W ⊙ g_1|,
+
+(benchmarks/memory.py measures the resulting ranks against "full" for several sketch_samples and seeds).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocate import allocate_ranks
 from .config import GoraConfig
 from .distributed import all_reduce_sum_
 from .initialize import draw_lora_A, gora_init, layer_scaling, module_seed, solve_lora_B
@@ -37,6 +48,7 @@ UNIFORM_MIX = (
     0.1  # λ: share of uniformly drawn samples, so q_ij > 0 everywhere (unbiasedness) and heavy tails stay bounded
 )
 _ROW_BLOCK = 256  # sampled rows whose conditional column distributions are drawn at once
+MIN_SAMPLES = 64  # fewest samples of a sketched layer, whatever its pilot rank
 
 
 @dataclass
@@ -75,14 +87,16 @@ class SketchStore:
             if t.name not in self.whole
         }
         self.samplers: dict[str, _Sampler] = {}
-        self._pilot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pilot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # sketched layers: (R, C)
+        self._pilot_whole: dict[str, torch.Tensor] = {}  # whole layers: Σ|W ⊙ g_1| (for the pilot allocation)
 
     # -- pilot pass: row and column sums of |W ⊙ g_1| --------------------------------------------------------
     def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
-        if target.name not in self.sketches:
-            return
         a = (weight.detach().float() * grad.float()).abs()  # |W ⊙ g_1|
-        self._pilot[target.name] = (a.sum(1, dtype=torch.float64).cpu(), a.sum(0, dtype=torch.float64).cpu())
+        if target.name in self.sketches:
+            self._pilot[target.name] = (a.sum(1, dtype=torch.float64).cpu(), a.sum(0, dtype=torch.float64).cpu())
+        else:
+            self._pilot_whole[target.name] = a.sum(dtype=torch.float64).cpu().reshape(1)
 
     def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None:
         """Draw each layer's fixed sample of entries (identical on every rank: same seed, same reduced R, C, W).
@@ -91,7 +105,8 @@ class SketchStore:
             weight_of: Module name -> W [m, n] (gathered one layer at a time under FSDP2).
             reduce: Module name -> whether to sum the pilot statistics over ranks.
         """
-        for name in self.sketches:
+        pilot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in self.sketches:  # the same order on every rank, so the collectives match
             t = self.by_name[name]
             R, C = self._pilot.get(
                 name, (torch.zeros(t.m, dtype=torch.float64), torch.zeros(t.n, dtype=torch.float64))
@@ -99,11 +114,42 @@ class SketchStore:
             if reduce[name]:
                 all_reduce_sum_(R)
                 all_reduce_sum_(C)
-            self.samplers[name] = self._draw(t, weight_of(name).detach().float().cpu(), R, C)
+            pilot[name] = R, C
+        sums = {name: float(R.sum()) for name, (R, C) in pilot.items()}
+        for name in self.whole:
+            total = self._pilot_whole.get(name, torch.zeros(1, dtype=torch.float64))
+            sums[name] = float(all_reduce_sum_(total) if reduce[name] else total)
+        counts = self.sample_counts(
+            {name: value / (self.by_name[name].m * self.by_name[name].n) for name, value in sums.items()}
+        )
+        for name, (R, C) in pilot.items():
+            self.samplers[name] = self._draw(
+                self.by_name[name], weight_of(name).detach().float().cpu(), R, C, counts[name]
+            )
         self._pilot.clear()
+        self._pilot_whole.clear()
 
-    def _draw(self, t: Target, W: torch.Tensor, R: torch.Tensor, C: torch.Tensor) -> _Sampler:
-        m, n, s = t.m, t.n, min(self.config.sketch_samples, t.m * t.n)
+    def sample_counts(self, pilot_importances: dict[str, float]) -> dict[str, int]:
+        """s_i ∝ r̂_i over the sketched layers, r̂ = the ranks of the pilot importances (every layer's).
+
+        The total is sketch_samples per sketched layer; each layer gets at least MIN_SAMPLES and at most m·n.
+        """
+        if not self.sketches:
+            return {}
+        if all(math.isfinite(v) for v in pilot_importances.values()) and sum(pilot_importances.values()) > 0:
+            shapes = {name: (t.m, t.n) for name, t in self.by_name.items()}
+            pilot_ranks = allocate_ranks(pilot_importances, shapes, self.config).ranks
+        else:  # no pilot signal (no batch reached the targets): equal split
+            pilot_ranks = dict.fromkeys(pilot_importances, 1)
+        weights = {name: max(pilot_ranks[name], 1) for name in self.sketches}  # s_i ∝ r̂_i
+        total, norm = self.config.sketch_samples * len(self.sketches), sum(weights.values())
+        return {
+            name: min(max(MIN_SAMPLES, round(total * w / norm)), self.by_name[name].m * self.by_name[name].n)
+            for name, w in weights.items()
+        }
+
+    def _draw(self, t: Target, W: torch.Tensor, R: torch.Tensor, C: torch.Tensor, s: int) -> _Sampler:
+        m, n = t.m, t.n
         g = torch.Generator().manual_seed(module_seed(self.config.seed, f"sketch:{t.name}"))
         absW = W.abs().double()
         WC = absW @ C  # Σ_j |W_ij| C_j
