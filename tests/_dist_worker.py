@@ -46,12 +46,12 @@ def run(name: str, model, wrapped, cfg: gora.GoraConfig, batches, out: Path, ran
 
 
 def record_error(name: str, fn, out: Path, rank: int) -> None:
-    """Run `fn`; write the ValueError it raised (or "" if none) to <out>/<name>.rank<r>.err."""
+    """Run `fn`; write the ValueError / RuntimeError it raised as "Type: message" (or "") to <out>/<name>.rank<r>.err."""
     try:
         fn()
         message = ""
-    except ValueError as error:
-        message = str(error)
+    except (ValueError, RuntimeError) as error:
+        message = f"{type(error).__name__}: {error}"
     (out / f"{name}.rank{rank}.err").write_text(message)
 
 
@@ -141,6 +141,19 @@ def main() -> None:
         cfg = config(adaptive_batches=True, adaptive_min_batches=2)
         record_error(
             "empty_adaptive", lambda: gora.estimate_gradients(model, cfg, some, show_progress=False), out, rank
+        )
+    # One rank's batch has no labels (so no loss): that rank raises its ValueError, the other a RuntimeError naming it
+    unlabeled = {"input_ids": mine[1]["input_ids"]}
+    if "bad_batch" in scenarios:  # in the N batches (full store)
+        bad = mine if rank == 0 else [mine[0], unlabeled, *mine[2:]]
+        record_error(
+            "bad_batch", lambda: gora.estimate_gradients(make_llama(), config(), bad, show_progress=False), out, rank
+        )
+    if "bad_pilot" in scenarios:  # in the sketch's pilot batch, before the pilot's all-reduce
+        bad = mine if rank == 0 else [unlabeled, *mine[1:]]
+        cfg = config(gradient_store="sketch")
+        record_error(
+            "bad_pilot", lambda: gora.estimate_gradients(make_llama(), cfg, bad, show_progress=False), out, rank
         )
     if "uneven_fsdp" in scenarios:  # 4 batches on rank 0, 3 on rank 1: both stop after 3
         model = fsdp_llama()

@@ -31,6 +31,8 @@ SCENARIOS = (
     "empty_sketch",
     "empty_fsdp",
     "empty_adaptive",
+    "bad_batch",
+    "bad_pilot",
     "uneven_fsdp",
     "gamma",
     "gamma_short",
@@ -182,6 +184,16 @@ def test_rank_without_batches_fails_on_every_rank(dist_out, scenario):
     errors = [(dist_out / f"{scenario}.rank{r}.err").read_text() for r in range(2)]
     assert errors[0] == errors[1]
     assert "rank(s) [1] of 2 got no batch" in errors[0] and "at least one batch" in errors[0]
+
+
+@pytest.mark.parametrize("scenario", ["bad_batch", "bad_pilot"])
+def test_error_on_one_rank_raised_on_every_rank(dist_out, scenario):
+    """Property: a batch that fails on one rank only (here: no labels, so no loss; in the N batches or in the
+    sketch's pilot batch) does not leave the other rank waiting in the next collective: the failing rank raises its
+    own error and the other a RuntimeError naming it."""
+    errors = [(dist_out / f"{scenario}.rank{r}.err").read_text() for r in range(2)]
+    assert errors[1].startswith("ValueError:") and "loss" in errors[1]
+    assert errors[0].startswith("RuntimeError: rank(s) [1] failed during")
 
 
 def test_uneven_fsdp_ranks_stop_together(dist_out):

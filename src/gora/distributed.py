@@ -7,8 +7,10 @@ therefore the same importances, allocation, A0 and B0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -128,6 +130,28 @@ def ranks_where_false(flag: bool) -> list[int]:
     values = [0] * world_size()
     values[rank()] = int(not flag)
     return [r for r, value in enumerate(sum_counts(values)) if value]
+
+
+@contextlib.contextmanager
+def fail_together(active: bool, what: str) -> Iterator[None]:
+    """An exception inside the block is raised on every rank, not only on the rank where it happened.
+
+    Without this, a rank that fails (a bad batch, a non-finite loss) leaves the others waiting forever in the next
+    collective. The block must contain no collective; after it every rank joins one (`ranks_where_false`): the
+    failing rank re-raises its own error, the others a RuntimeError naming it. `active=False` (a single process, or
+    a block whose ranks already meet in collectives) makes this a no-op.
+    """
+    if not active:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        ranks_where_false(False)
+        raise
+    failed = ranks_where_false(True)
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} failed during {what}: see their error; every rank stops here")
 
 
 def sum_floats(values: list[float]) -> list[float]:

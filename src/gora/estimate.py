@@ -25,6 +25,7 @@ from .distributed import (
     all_reduce_sum_,
     all_true,
     check_not_zero3,
+    fail_together,
     full_tensor,
     is_distributed,
     is_dtensor,
@@ -190,14 +191,18 @@ def estimate_gradients(
         ]
         try:
             batches = iter(_first(dataloader, config.num_batches))
-            first = next(batches, _END)
+            with fail_together(is_distributed(), "gradient estimation"):
+                first = next(batches, _END)
             lockstep = is_distributed() and (any(sharded) or adaptive is not None)
             any_batch = _check_batches_on_ranks(first is not _END, lockstep, config)  # before any other collective
+            # without per-batch collectives (lockstep), an error on one rank is raised on every rank after the block
+            together = is_distributed() and not lockstep
             if any_batch and isinstance(store, SketchStore):  # every rank joins finish_pilot (no batch: zero sums)
                 sink[:] = [lambda t, g, w: store.pilot_fold(t, g, _layout(t, full_tensor(w.detach())))]
-                if first is not _END:
-                    with seeded(config.seed + dist_rank(), device):  # pilot: forked RNG, the N batches unchanged
-                        step(first, 0, weights, sharded)
+                with fail_together(together, "the pilot batch of gradient estimation"):
+                    if first is not _END:
+                        with seeded(config.seed + dist_rank(), device):  # pilot: forked RNG, the N batches unchanged
+                            step(first, 0, weights, sharded)
                 by_name = {t.name: (t, w) for t, w in zip(targets, weights)}
                 store.finish_pilot(
                     lambda name: _layout(by_name[name][0], full_tensor(by_name[name][1].detach())), reduce
@@ -210,11 +215,12 @@ def estimate_gradients(
                 desc="GoRA gradients",
                 disable=not show_progress or dist_rank() != 0,
             )
-            for index, batch in enumerate(progress):
-                step(batch, index, weights, sharded)
-                local_batches += 1
-                if adaptive is not None and adaptive.converged(store, targets, weights, reduce, local_batches):
-                    break
+            with fail_together(together, "gradient estimation"):
+                for index, batch in enumerate(progress):
+                    step(batch, index, weights, sharded)
+                    local_batches += 1
+                    if adaptive is not None and adaptive.converged(store, targets, weights, reduce, local_batches):
+                        break
         finally:
             for handle in handles:
                 handle.remove()

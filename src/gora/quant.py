@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GoraConfig
+from .distributed import check_not_sharded
 from .estimate import ForwardFn
 from .model import build_gora_model, estimate_and_allocate
 from .targets import QUANTIZED_CLASS_HINTS, base_lora_config, find_targets
@@ -69,6 +70,7 @@ def get_qgora_model(
         ValueError: bitsandbytes missing, a config that is not 4-bit, GPT-2 style Conv1D targets, targets quantized
             another way, or anything `get_gora_model` rejects. The model is left as it was.
     """
+    check_not_sharded(model, "get_qgora_model")
     bnb = _import_bnb()
     prequantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     if prequantized and quantization_config is not None:
