@@ -7,7 +7,8 @@ each peak resident set size (ru_maxrss) is clean:
 - `model`: load the model and run the same forward/backward passes with target gradients freed at once (floor);
 - `full`, `sketch`: `gora.estimate_gradients` with `gradient_store="full"` / `"sketch"`;
 - `loraga`: `peft.tuners.lora.loraga.preprocess_loraga` (keeps every target gradient, weight dtype, on the device).
-It also compares sketch with full: ranks, trainable parameters, and A0/B0 where the ranks agree.
+It also compares sketch with full: ranks, trainable parameters, and A0/B0 where the ranks agree, and sweeps
+sketch_samples x seeds (statistics bytes against rank agreement).
 Part 2 measures the bytes of the statistics for config-built Llama models of growing width (estimation only).
 """
 
@@ -144,6 +145,48 @@ def compare(full: dict, sketch: dict, out: Path) -> dict:
     }
 
 
+def sample_sweep(n: int, samples: list[int], seeds: list[int]) -> list[dict]:
+    """Sketch against full over sketch_samples x seeds (one process: only statistics bytes and ranks matter here).
+
+    The seed draws A_max and the sampled entries; SmolLM2 has no dropout, so the full ranks do not depend on it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import gora
+
+    torch.set_num_threads(1)
+    path = _smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    batches = _batches(tokenizer, n)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    def allocate(store: str, **kwargs) -> tuple[int, gora.Allocation]:
+        config = gora.GoraConfig(target_modules="all-linear", num_batches=n, gradient_store=store, **kwargs)
+        stats = gora.estimate_gradients(model, config, batches, show_progress=False)
+        importances = gora.compute_importances(model, stats, config.importance)
+        return stats.info["statistics_bytes"], gora.allocate_ranks(importances, stats.shapes, config)
+
+    full_bytes, full = allocate("full")
+    rows = []
+    for s in samples:
+        for seed in seeds:
+            nbytes, sketch = allocate("sketch", sketch_samples=s, seed=seed)
+            diffs = [abs(full.ranks[k] - sketch.ranks[k]) for k in full.ranks]
+            rows.append(
+                {
+                    "sketch_samples": s,
+                    "seed": seed,
+                    "statistics_ratio": nbytes / full_bytes,
+                    "max_rank_difference": max(diffs),
+                    "same_rank_fraction": diffs.count(0) / len(diffs),
+                    "trainable_params_ratio": sketch.trainable_params / full.trainable_params,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def width_table(widths: list[int]) -> list[dict]:
     """Statistics bytes of full and sketch for config-built Llama models (2 layers, intermediate = 8/3 width)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -184,6 +227,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--widths", type=int, nargs="*", default=[256, 512, 1024, 2048])
+    parser.add_argument("--samples", type=int, nargs="*", default=[512, 768, 1024, 2048], help="sweep: sketch_samples")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="sweep: seeds")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -212,6 +257,7 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=env)
         runs = {r["kind"]: r for r in map(json.loads, lines.read_text().splitlines())}
         comparison = compare(runs["full"], runs["sketch"], lines)
+    sweep = sample_sweep(args.batches, args.samples, args.seeds)
     for r in runs.values():
         r.pop("ranks", None)
     result = {
@@ -225,6 +271,7 @@ def main() -> None:
         "defaults": {k: gora.GoraConfig().to_dict()[k] for k in ("r", "min_rank", "max_rank", "sketch_samples")},
         "runs": runs,
         "sketch_vs_full": comparison,
+        "sketch_samples_sweep": sweep,
         "width_table": widths,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

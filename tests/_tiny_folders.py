@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from conftest import VOCAB, bert_config, llama_config
+
 WORDS = ["good", "great", "fun", "fine", "nice", "bad", "awful", "boring", "dull", "poor", "the", "movie", "film", "was", "a", "is", "what", "plus", "equals", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", "?", "####"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
-VOCAB = 96
 
 
 def make_tokenizer():
@@ -33,21 +34,10 @@ def make_tokenizer():
 
 def save_bert(folder: Path, *, num_labels: int | None = None, seed: int = 0) -> Path:
     """A 2-layer BERT encoder (no head: BertModel) or, with `num_labels`, a classifier with that head."""
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from transformers import BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-        num_labels=num_labels or 2,
-    )
+    config = bert_config(num_labels or 2, pad_token_id=0)
     model = BertForSequenceClassification(config) if num_labels else BertModel(config)
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
@@ -56,21 +46,10 @@ def save_bert(folder: Path, *, num_labels: int | None = None, seed: int = 0) -> 
 
 def save_llama(folder: Path, seed: int = 0) -> Path:
     """A 2-layer Llama causal LM whose eos/pad ids match the tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=4,
-        bos_token_id=2,
-    )
+    config = llama_config(max_position_embeddings=128, pad_token_id=0, eos_token_id=4, bos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder

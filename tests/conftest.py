@@ -16,11 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 96
 
 
-def make_llama(seed: int = 0, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(layers: int = 2, **overrides):
+    """The tiny Llama's config (hidden 32, 4 heads, 2 KV heads); `overrides` replace any field."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -29,7 +29,14 @@ def make_llama(seed: int = 0, layers: int = 2):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def make_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(layers)).eval()
 
 
 def make_gpt2(seed: int = 0):
@@ -49,11 +56,11 @@ def make_gpt2(seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
-def make_bert(seed: int = 0, num_labels: int = 2):
-    from transformers import BertConfig, BertForSequenceClassification
+def bert_config(num_labels: int = 2, **overrides):
+    """The tiny dropout-free BERT's config (hidden 32, 2 layers); `overrides` replace any field."""
+    from transformers import BertConfig
 
-    torch.manual_seed(seed)
-    config = BertConfig(
+    fields = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -64,7 +71,14 @@ def make_bert(seed: int = 0, num_labels: int = 2):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(config).eval()
+    return BertConfig(**{**fields, **overrides})
+
+
+def make_bert(seed: int = 0, num_labels: int = 2):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(bert_config(num_labels)).eval()
 
 
 def lm_batches(n: int = 4, batch: int = 2, length: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
