@@ -205,9 +205,21 @@ def test_uneven_fsdp_ranks_stop_together(dist_out):
 
 def test_gamma_auto_same_on_every_rank(dist_out):
     """Property: with gamma="auto" each rank holds out different batches, but the held-out losses are averaged
-    over ranks, so both choose the same γ from the same losses and build identical adapters."""
+    over ranks, so both choose the same γ from the same losses and build identical adapters; the search equals one
+    process's over all 4 held-out batches (K counted over ranks)."""
     searches = [json.loads((dist_out / f"gamma.rank{r}.json").read_text())["gamma_search"] for r in range(2)]
     assert searches[0] == searches[1]
+    single = gora.get_gora_model(
+        make_llama(),
+        config(num_batches=BATCHES, gamma="auto", gamma_batches=4),
+        lm_batches(BATCHES),
+        eval_dataloader=lm_batches(4, seed=1),
+        show_progress=False,
+    ).gora_records["default"].extra["gamma_search"]
+    assert searches[0]["num_batches"] == single["num_batches"] == 4
+    assert searches[0]["gamma"] == single["gamma"]
+    for name in ("losses", "base_loss"):
+        torch.testing.assert_close(torch.tensor(searches[0][name]), torch.tensor(single[name]), rtol=1e-4, atol=0)
     states = [torch.load(dist_out / f"gamma.rank{r}.pt") for r in range(2)]
     assert states[0].keys() == states[1].keys()
     for key in states[0]:

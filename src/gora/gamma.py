@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import GoraConfig
-from .distributed import is_distributed, ranks_where_false, sum_floats
+from .distributed import is_distributed, ranks_where_false, sum_floats, world_size
 from .estimate import ForwardFn, batch_loss, model_device, seeded
 from .record import GoraRecord
 
@@ -52,7 +52,7 @@ class GammaSearch:
         losses: L(γ_k), the mean held-out loss of each candidate (inf where it was not finite).
         base_loss: L(0), the mean held-out loss of the pretrained model (B0 = 0).
         gamma: γ*, the chosen value (0.0 when no candidate lowers the loss).
-        num_batches: K, the number of held-out batches.
+        num_batches: K, the number of held-out batches (over all ranks under torch.distributed).
         source: Where the held-out batches came from.
     """
 
@@ -249,7 +249,7 @@ def search_gamma(
         peft_model.unload()
         raise
     source = getattr(batches, "source", "eval_batches")
-    search = GammaSearch(candidates, losses, base_loss, chosen, len(batches), source)
+    search = GammaSearch(candidates, losses, base_loss, chosen, len(batches) * world_size(), source)
     _log_search(search)
     return search
 
