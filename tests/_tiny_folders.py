@@ -10,7 +10,41 @@ import torch
 
 from conftest import VOCAB, bert_config, llama_config
 
-WORDS = ["good", "great", "fun", "fine", "nice", "bad", "awful", "boring", "dull", "poor", "the", "movie", "film", "was", "a", "is", "what", "plus", "equals", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", "?", "####"]
+WORDS = [
+    "good",
+    "great",
+    "fun",
+    "fine",
+    "nice",
+    "bad",
+    "awful",
+    "boring",
+    "dull",
+    "poor",
+    "the",
+    "movie",
+    "film",
+    "was",
+    "a",
+    "is",
+    "what",
+    "plus",
+    "equals",
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "8",
+    "9",
+    "+",
+    "=",
+    "?",
+    "####",
+]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
 
 

@@ -132,6 +132,62 @@ def test_allocate_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
     assert "attention.self.value" in capsys.readouterr().out
 
 
+def _adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter/adapter_model.safetensors"))
+
+
+def test_finetune_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
+    """Protects `gora finetune --load-stats`: statistics saved by `gora allocate --save-stats` (same batches) give
+    the same ranks, gamma='auto' choice and adapter weights as a fine-tune that estimated them itself, without
+    estimating again."""
+    stats = tmp_path / "stats.safetensors"
+    data = ["--model", str(bert_dir), "--train-file", str(cls_file), *BERT_GORA, "--gamma", "auto"]
+    data += ["--gamma-batches", "2"]
+    assert _run(["allocate", *data, "--output-dir", str(tmp_path / "alloc"), "--save-stats", str(stats)]) == 0
+    runs = {"fresh": [], "reused": ["--load-stats", str(stats)]}
+    for name, extra in runs.items():
+        argv = ["finetune", *data, "--max-steps", "2", "--no-eval-before", "--output-dir", str(tmp_path / name)]
+        assert _run([*argv, *extra]) == 0
+    fresh, reused = (json.loads((tmp_path / f"{n}/report.json").read_text()) for n in runs)
+    assert "gora_estimate_s" in fresh["timings_s"]
+    assert "gora_estimate_s" not in reused["timings_s"] and "load_stats_s" in reused["timings_s"]
+    assert reused["params"]["ranks"] == fresh["params"]["ranks"]
+    assert reused["gora"]["gamma"] == fresh["gora"]["gamma"]
+    weights = {n: _adapter_tensors(tmp_path / n) for n in runs}
+    assert weights["reused"].keys() == weights["fresh"].keys()
+    for key, tensor in weights["fresh"].items():
+        torch.testing.assert_close(weights["reused"][key], tensor, rtol=0, atol=0, msg=key)
+    assert f"reused from {stats}" in capsys.readouterr().out
+
+
+def test_finetune_refuses_statistics_of_another_model(bert_dir, cls_file, tmp_path, capsys):
+    """Protects the fingerprint check on `gora finetune --load-stats`: statistics estimated on another model (same
+    architecture, other weights), for other target modules, or a sketch drawn with another seed are refused with
+    status 2, a message saying what differs, and no output folder."""
+    other = save_bert(tmp_path / "other", seed=1)
+    stats, sketch = tmp_path / "other.safetensors", tmp_path / "sketch.safetensors"
+    base = ["--train-file", str(cls_file), *BERT_GORA]
+    sketched = ["--gradient-store", "sketch", "--sketch-samples", "16", "--seed", "3", "--save-stats", str(sketch)]
+    assert _run(["allocate", "--model", str(other), *base, "--output-dir", str(tmp_path / "s"), *sketched]) == 0
+    saved = ["--output-dir", str(tmp_path / "a"), "--save-stats", str(stats)]
+    assert _run(["allocate", "--model", str(other), *base, *saved]) == 0
+    capsys.readouterr()
+    cases = {  # name: (model, extra options, what the message must say)
+        "another model": (bert_dir, [], "different model"),
+        "other targets": (other, ["--target-modules", "query"], "--target-modules"),
+        "sketch of another seed": (other, ["--gradient-store", "sketch", "--load-stats", str(sketch)], "--seed 3"),
+    }
+    for name, (model, extra, expected) in cases.items():
+        out = tmp_path / name.replace(" ", "-")
+        argv = ["finetune", "--model", str(model), *base, "--output-dir", str(out), "--load-stats", str(stats)]
+        assert _run([*argv, *extra]) == 2, name
+        err = capsys.readouterr().err
+        assert "--load-stats" in err and expected in err, err
+        assert not out.exists() and not list(tmp_path.glob(".*partial*")), name
+
+
 def test_merge_gives_the_same_logits(gora_run, cls_file, tmp_path):
     """Protects `gora merge`: the standalone merged model computes what base + adapter computes."""
     from peft import PeftModel
@@ -176,7 +232,10 @@ BAD = {
     "missing model": (["--model", "{dir}/no_model"], "does not exist"),
     "folder without config.json": (["--model", "{dir}/not_a_model"], "config.json"),
     "encoder for sft": (["--task", "sft", "--prompt-column", "text", "--response-column", "text"], "causal LM"),
-    "bad config value": (["--min-rank", "9", "--max-rank", "4"], "min_rank"),
+    "bad config value": (["--min-rank", "9", "--max-rank", "4"], "--min-rank (9) > --max-rank (4)"),
+    "config error names the option": (["--sketch-samples", "0"], "--sketch-samples must be"),
+    "--load-stats with plain LoRA": (["--method", "lora", "--load-stats", "{dir}/empty.jsonl"], "--method gora"),
+    "missing --load-stats file": (["--load-stats", "{dir}/nope.safetensors"], "--save-stats"),
     "non-empty output folder": (["--output-dir", "{dir}/full"], "--overwrite"),
 }
 

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 
 import gora
-from gora.cliconfig import UnsupportedFieldType, add_dataclass_arguments, dataclass_kwargs
+from gora.cliconfig import UnsupportedFieldType, add_dataclass_arguments, dataclass_kwargs, name_options
 from gora.train import AllocateConfig, DataConfig, MergeConfig, TrainConfig
 
 
@@ -77,3 +77,28 @@ def test_gora_options_build_a_valid_config():
     """Protects the round trip: parsed options construct the library's own GoraConfig."""
     config = gora.GoraConfig(**_parse(gora.GoraConfig, ["--r", "4", "--target-modules", "q_proj", "v_proj"]))
     assert config.r == 4 and config.target_modules == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"sketch_samples": 0}, "--sketch-samples must be a positive integer, got 0"),
+        ({"min_rank": 9, "max_rank": 4}, "--min-rank (9) > --max-rank (4): lower --min-rank or raise --max-rank"),
+        ({"gamma": 0.5, "gamma_candidates": (1.0,)}, "only used with --gamma auto (--gamma is 0.5): set --gamma auto"),
+    ],
+)
+def test_config_errors_name_the_options(kwargs, expected):
+    """Protects CLI error messages: a validation error that names dataclass fields (right for Python callers) is
+    rewritten to name the options the user typed, values included (`gamma='auto'` -> `--gamma auto`)."""
+    with pytest.raises(ValueError) as info:
+        gora.GoraConfig(**kwargs)
+    assert "--" not in str(info.value)  # the library names fields
+    assert expected in name_options(str(info.value), DataConfig, TrainConfig, gora.GoraConfig)
+
+
+def test_name_options_leaves_options_values_and_other_words_alone():
+    """Protects against mangled messages: existing options, quoted values, indexed names, fields of other classes
+    and fields marked cli=False are not rewritten."""
+    message = "pass --num-labels 3; target 'r' in lora_kwargs['r']; lora_kwargs must be a mapping; seedling"
+    assert name_options(message, DataConfig, gora.GoraConfig) == message
+    assert name_options("num_labels and max_rank", DataConfig) == "--num-labels and max_rank"

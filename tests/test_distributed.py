@@ -209,13 +209,17 @@ def test_gamma_auto_same_on_every_rank(dist_out):
     process's over all 4 held-out batches (K counted over ranks)."""
     searches = [json.loads((dist_out / f"gamma.rank{r}.json").read_text())["gamma_search"] for r in range(2)]
     assert searches[0] == searches[1]
-    single = gora.get_gora_model(
-        make_llama(),
-        config(num_batches=BATCHES, gamma="auto", gamma_batches=4),
-        lm_batches(BATCHES),
-        eval_dataloader=lm_batches(4, seed=1),
-        show_progress=False,
-    ).gora_records["default"].extra["gamma_search"]
+    single = (
+        gora.get_gora_model(
+            make_llama(),
+            config(num_batches=BATCHES, gamma="auto", gamma_batches=4),
+            lm_batches(BATCHES),
+            eval_dataloader=lm_batches(4, seed=1),
+            show_progress=False,
+        )
+        .gora_records["default"]
+        .extra["gamma_search"]
+    )
     assert searches[0]["num_batches"] == single["num_batches"] == 4
     assert searches[0]["gamma"] == single["gamma"]
     for name in ("losses", "base_loss"):

@@ -8,15 +8,16 @@ This module is the user interface, so it prints; the library logs. Bad input exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .cliconfig import add_dataclass_arguments, dataclass_kwargs
+from .cliconfig import add_dataclass_arguments, dataclass_kwargs, name_options
 
 EXIT_USAGE = 2
 
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="GoRA (or LoRA) fine-tune, evaluate, save adapter + report",
         description="Load a model and data, run GoRA (gradient estimation -> rank allocation -> initialization), "
         "train with transformers' Trainer, evaluate before and after, and write the adapter, gora_record.json, "
-        "report.json and plots. With no options: " + preset.summary + ".",
+        "report.json and plots (--load-stats: reuse the gradient statistics of `gora allocate --save-stats` instead "
+        "of estimating). With no options: " + preset.summary + ".",
         epilog=epilog,
         parents=[common],
     )
@@ -125,13 +127,14 @@ def _run(command: str, args: argparse.Namespace, started: float) -> int:
 
     gora_cls, data_cls, train_cls, alloc_cls, _ = _configs()
     run_cls = train_cls if command == "finetune" else alloc_cls
-    data, run, gora = resolve_configs(
-        args.preset,
-        dataclass_kwargs(data_cls, args),
-        dataclass_kwargs(run_cls, args),
-        dataclass_kwargs(gora_cls, args),
-        train_cls=run_cls,
-    )
+    with _options_in_errors(data_cls, run_cls, gora_cls):
+        data, run, gora = resolve_configs(
+            args.preset,
+            dataclass_kwargs(data_cls, args),
+            dataclass_kwargs(run_cls, args),
+            dataclass_kwargs(gora_cls, args),
+            train_cls=run_cls,
+        )
     show = not args.quiet
     if command == "finetune":
         report = finetune(data, run, gora, preset=args.preset, show_progress=show)
@@ -142,11 +145,21 @@ def _run(command: str, args: argparse.Namespace, started: float) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _options_in_errors(*classes: type) -> Iterator[None]:
+    """Re-raise a config validation error (which names dataclass fields) naming the options the user typed."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(name_options(str(err), *classes)) from err
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .train import merge_adapter
 
     _, _, _, _, merge_cls = _configs()
-    config = merge_cls(**dataclass_kwargs(merge_cls, args))
+    with _options_in_errors(merge_cls):
+        config = merge_cls(**dataclass_kwargs(merge_cls, args))
     result = merge_adapter(config.adapter, config.output_dir, base=config.base, overwrite=config.overwrite)
     print(f"merged {result['adapter']} into {result['base']}: standalone model in {result['model']}")
     return 0
@@ -191,6 +204,8 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
     print(
         "time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in times.items()) + f"; total {wall_s:.1f}s"
     )
+    if report["config"]["train"].get("load_stats"):
+        print(f"gradient statistics reused from {report['config']['train']['load_stats']} (no estimation)")
     print("outputs: " + ", ".join(f"{k} {v}" for k, v in report["outputs"].items()))
 
 

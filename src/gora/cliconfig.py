@@ -14,7 +14,9 @@
 | `Sequence[str] | str` | one or more names; a single value that is not a plain name (`all-linear`, a regex) stays a string |
 
 The parser records only the options the user gave (`argparse.SUPPRESS` defaults), so callers can layer them over
-presets; `dataclass_kwargs` reads them back and the dataclass validates them on construction.
+presets; `dataclass_kwargs` reads them back and the dataclass validates them on construction. Its error messages
+name fields (`min_rank`, for Python callers); `name_options` rewrites them into the options the user typed
+(`--min-rank`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,33 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of dataclass `cls` that are meant to be options (not `init=False`, not `metadata={"cli": False}`)."""
+    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli", True) is not False]
+
+
+def name_options(message: str, *classes: type) -> str:
+    """`message` with the fields of `classes` written as the options that set them, for a command-line user.
+
+    `min_rank (9) > max_rank (4)` -> `--min-rank (9) > --max-rank (4)`; `gamma='auto'` -> `--gamma auto`. A name is
+    rewritten only as a whole word that is not already part of an option, a quoted value or an index
+    (`--min-rank`, `'query'`, `lora_kwargs[...]` stay as they are).
+    """
+    names = sorted({f.name for cls in classes for f in option_fields(cls)}, key=len, reverse=True)
+    if not names:
+        return message
+    pattern = re.compile(
+        r"(?<![\w\-\['\"./])(" + "|".join(map(re.escape, names)) + r")(?:=('[^']*'|\"[^\"]*\"|[\w.+\-]+))?(?![\w\-\[])"
+    )
+
+    def option(match: re.Match[str]) -> str:
+        value = match.group(2)
+        flag = option_name(match.group(1))
+        return flag if value is None else f"{flag} {value.strip(chr(39) + chr(34))}"
+
+    return pattern.sub(option, message)
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -69,9 +98,7 @@ def add_dataclass_arguments(
     shown = dict(defaults or {})
     hints = typing.get_type_hints(cls)
     names = []
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("cli", True) is False:
-            continue
+    for f in option_fields(cls):
         try:
             kwargs = _argparse_kwargs(hints[f.name], f.name)
         except UnsupportedFieldType:

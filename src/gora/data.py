@@ -2,7 +2,9 @@
 into token batches for sequence classification or causal-LM supervised fine-tuning (loss on the response only).
 
 Rows are plain dicts; no `datasets` needed except to read a `save_to_disk` folder (`pip install gora-peft[datasets]`).
-Every problem with the user's data raises `UsageError` with a message that says what to change.
+`load_task` puts a run's inputs together: the model folder checked and loaded with its tokenizer, the rows read
+(or the preset's) and encoded. Every problem with the user's model or data raises `UsageError` with a message that
+says what to change; torch and transformers are imported only when a task is loaded.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .train import AllocateConfig, DataConfig, Preset, Task, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -305,3 +312,200 @@ def encode_sft(
     if not out:
         raise UsageError(f"every prompt is at least max_length={max_length} tokens long: raise --max-length")
     return out
+
+
+# --- a whole task: model folder + rows -> tokenizer, model, encoded sets -------------------------------------------
+
+
+@dataclass
+class TaskData:
+    """Everything loaded for a run: model, tokenizer, rows and encoded sets."""
+
+    model: nn.Module
+    tokenizer: Any
+    model_path: str
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    train_set: list[dict[str, Any]]
+    eval_set: list[dict[str, Any]]
+    collator: Any
+    label_names: list[str] | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def check_model_folder(path: str, task: Task) -> Any:
+    """The model's `PretrainedConfig`, after checking that `path` is a transformers folder fit for `task`.
+
+    Raises:
+        UsageError: missing folder, no config.json, or a model type the task cannot use.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    folder = Path(path)
+    if not folder.exists():
+        raise UsageError(f"model folder {path!r} does not exist: give --model a local transformers folder")
+    if not (folder / "config.json").is_file():
+        raise UsageError(
+            f"{path!r} has no config.json, so it is not a transformers model folder: save the model with "
+            "save_pretrained() and pass that folder to --model"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:
+        raise UsageError(f"cannot read the model config in {path!r}: {err}") from err
+    kind = config.model_type
+    if task == "classification" and kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise UsageError(
+            f"model type {kind!r} has no sequence-classification head in transformers: use an encoder (BERT, "
+            "RoBERTa, ...) or a decoder with a classification head, or --task sft for prompt/response data"
+        )
+    if task == "sft" and (kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        raise UsageError(
+            f"model type {kind!r} is not a decoder-only causal LM, which --task sft needs: use a causal LM (Llama, "
+            "GPT-2, SmolLM2, ...) or --task classification for labelled texts"
+        )
+    return config
+
+
+def load_rows(
+    data: DataConfig, preset: Preset | None, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+    """(train rows, eval rows, where they came from), checked for the columns the task needs."""
+    if data.train_file is None:
+        if preset is None:
+            raise UsageError("no training data: pass --train-file (a .jsonl/.csv/.parquet file) or a --preset")
+        train, evaluation = preset.rows(data, seed)
+        sources = {"train": f"preset {preset.name}", "eval": f"preset {preset.name}"}
+    else:
+        train = read_rows(data.train_file, "train")
+        sources = {"train": data.train_file}
+        if data.eval_file is not None:
+            evaluation = read_rows(data.eval_file, "test")
+            sources["eval"] = data.eval_file
+        else:
+            train, evaluation = split_rows(train, data.eval_fraction, seed)
+            sources["eval"] = f"{data.eval_fraction:.0%} of {data.train_file} (seed {seed})"
+        train = train[: data.max_train_samples]
+        evaluation = evaluation[: data.max_eval_samples]
+    if data.task == "classification":
+        columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
+        options = ["--text-column", "--label-column", "--text-pair-column"]
+    else:
+        columns = [data.prompt_column, data.response_column] + ([data.answer_column] if data.answer_column else [])
+        options = ["--prompt-column", "--response-column", "--answer-column"]
+    check_columns(train, columns, f"the training data ({sources['train']})", options)
+    check_columns(evaluation, columns, f"the evaluation data ({sources['eval']})", options)
+    return train, evaluation, sources
+
+
+def load_task(data: DataConfig, train: TrainConfig | AllocateConfig, preset: Preset | None) -> TaskData:
+    """Check the inputs (cheap checks first), then load tokenizer, model and the encoded train/eval sets.
+
+    Raises:
+        UsageError: any problem with the model folder or the data, with what to change.
+    """
+    import torch
+    from transformers import set_seed
+
+    if train.threads is not None:
+        torch.set_num_threads(train.threads)
+    model_path = data.model if data.model is not None else (preset.model() if preset else None)
+    if model_path is None:
+        raise UsageError("no model: pass --model (a local transformers folder) or a --preset")
+    model_config = check_model_folder(model_path, data.task)
+    train_rows, eval_rows, sources = load_rows(data, preset, train.train_seed)
+    sources["model"] = model_path
+    labels = None
+    if data.task == "classification":
+        named = {
+            k: v for k, v in (getattr(model_config, "label2id", None) or {}).items() if not k.startswith("LABEL_")
+        }
+        labels = label_space(
+            [r[data.label_column] for r in train_rows + eval_rows], num_labels=data.num_labels, model_label2id=named
+        )
+        _check_head(model_config, labels.num_labels, data.num_labels)
+    set_seed(train.train_seed)
+    tokenizer = _load_tokenizer(model_path, data.task)
+    model = _load_model(model_path, data, model_config, labels)
+    if data.task == "classification":
+        from transformers import DataCollatorWithPadding
+
+        kw = {"text_column": data.text_column, "label_column": data.label_column}
+        kw.update(text_pair_column=data.text_pair_column, max_length=data.max_length)
+        train_set = encode_classification(train_rows, tokenizer, labels, **kw)
+        eval_set = encode_classification(eval_rows, tokenizer, labels, **kw)
+        collator = DataCollatorWithPadding(tokenizer)
+    else:
+        from transformers import DataCollatorForSeq2Seq
+
+        kw = {"prompt_column": data.prompt_column, "response_column": data.response_column}
+        train_set = encode_sft(train_rows, tokenizer, max_length=data.max_length, **kw)
+        eval_set = encode_sft(eval_rows, tokenizer, max_length=data.max_length, **kw)
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    return TaskData(
+        model=model,
+        tokenizer=tokenizer,
+        model_path=model_path,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        train_set=train_set,
+        eval_set=eval_set,
+        collator=collator,
+        label_names=labels.names if labels else None,
+        sources=sources,
+    )
+
+
+def _check_head(model_config: Any, needed: int, requested: int | None) -> None:
+    archs = getattr(model_config, "architectures", None) or []
+    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    if has_head and requested is None and model_config.num_labels != needed:
+        raise UsageError(
+            f"the model's classification head has {model_config.num_labels} classes but the labels need {needed}: "
+            f"fix the label column, or pass --num-labels {needed} to replace the head with a new one"
+        )
+
+
+def _load_tokenizer(path: str, task: Task) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise UsageError(
+            f"no usable tokenizer in {path!r} ({err}): save one there with tokenizer.save_pretrained"
+        ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UsageError(f"the tokenizer in {path!r} has neither a pad nor an eos token: add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == "sft":
+        tokenizer.padding_side = "right"  # training; generation switches to left padding
+    return tokenizer
+
+
+def _load_model(path: str, data: DataConfig, model_config: Any, labels: Any) -> nn.Module:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if data.task == "sft":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.config.use_cache = False
+        return model
+    archs = getattr(model_config, "architectures", None) or []
+    replace = data.num_labels is not None and model_config.num_labels != labels.num_labels
+    kwargs: dict[str, Any] = {"num_labels": labels.num_labels, "dtype": torch.float32}
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or replace:
+        kwargs["id2label"] = dict(enumerate(labels.names))
+        kwargs["label2id"] = labels.label2id
+    model = AutoModelForSequenceClassification.from_pretrained(path, ignore_mismatched_sizes=replace, **kwargs)
+    if model.config.pad_token_id is None:
+        from transformers import AutoTokenizer
+
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id or 0
+    return model

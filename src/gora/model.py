@@ -129,6 +129,7 @@ def get_gora_model(
     offload_to_cpu: bool = False,
     show_progress: bool = True,
     eval_dataloader: Iterable[Any] | None = None,
+    stats: GradientStats | None = None,
 ):
     """Run GoRA on `model` and return a stock `peft.PeftModel`, ready to train.
 
@@ -143,6 +144,8 @@ def get_gora_model(
         show_progress: Show progress bars.
         eval_dataloader: Held-out batches for `gamma="auto"` (its first `config.gamma_batches`); without it they are
             the `gamma_batches` batches of `dataloader` after the first `num_batches`.
+        stats: Gradient statistics estimated earlier on this model (`gora.load_gradient_stats`, which checks the
+            model fingerprint): estimation is skipped and `dataloader` only supplies gamma="auto"'s held-out batches.
 
     Returns:
         A `peft.PeftModel`. `model.save_pretrained(dir)` writes a plain LoRA adapter plus `gora_record.json`.
@@ -160,6 +163,7 @@ def get_gora_model(
         offload_to_cpu=offload_to_cpu,
         show_progress=show_progress,
         eval_dataloader=eval_dataloader,
+        stats=stats,
     )
     return build_gora_model(
         model,
@@ -182,21 +186,33 @@ def estimate_and_allocate(
     offload_to_cpu: bool = False,
     show_progress: bool = True,
     eval_dataloader: Iterable[Any] | None = None,
+    stats: GradientStats | None = None,
 ) -> tuple[GradientStats, Allocation, list[Any] | None, dict[str, float]]:
-    """Stages 1 and 2 with their timings, plus the held-out batches that gamma="auto" needs (else None)."""
+    """Stages 1 and 2 with their timings, plus the held-out batches that gamma="auto" needs (else None).
+
+    With `stats` (estimated earlier, e.g. loaded with `gora.load_gradient_stats`) stage 1 is skipped; the timings
+    then have no "estimate_s".
+    """
     if eval_dataloader is not None and config.gamma != "auto":
         raise ValueError("eval_dataloader is only used with gamma='auto': set GoraConfig(gamma='auto') or drop it")
-    start = time.perf_counter()
-    stats = estimate_gradients(
-        model, config, dataloader, forward_fn=forward_fn, offload_to_cpu=offload_to_cpu, show_progress=show_progress
-    )
-    estimate_s = time.perf_counter() - start
+    timings: dict[str, float] = {}
+    if stats is None:
+        start = time.perf_counter()
+        stats = estimate_gradients(
+            model,
+            config,
+            dataloader,
+            forward_fn=forward_fn,
+            offload_to_cpu=offload_to_cpu,
+            show_progress=show_progress,
+        )
+        timings["estimate_s"] = time.perf_counter() - start
     start = time.perf_counter()
     importances = compute_importances(model, stats, config.importance)
     allocation = allocate_ranks(importances, stats.shapes, config)
-    allocate_s = time.perf_counter() - start
+    timings["allocate_s"] = time.perf_counter() - start
     eval_batches = held_out_batches(config, dataloader, eval_dataloader) if config.gamma == "auto" else None
-    return stats, allocation, eval_batches, {"estimate_s": estimate_s, "allocate_s": allocate_s}
+    return stats, allocation, eval_batches, timings
 
 
 def make_record(

@@ -1,8 +1,8 @@
 """A whole fine-tune: model and data in, GoRA (or LoRA) adapter, evaluation and report out.
 
     DataConfig + TrainConfig + GoraConfig
-        → load_task        (model folder + rows → tokenizer, model, encoded train/eval sets; all input checked first)
-        → evaluate         (before)
+        → load_task        (data.py: model folder + rows → tokenizer, model, encoded train/eval sets; input checked first)
+        → evaluate         (before; evaluate.py: accuracy / exact match of the final answer, eval loss)
         → get_gora_model   (estimate → allocate → init; or a plain LoRA/rsLoRA adapter at the same r)
         → transformers.Trainer (optionally with a LoRA+ optimizer: make_optimizer)
         → evaluate         (after) → adapter + gora_record.json + report.json + plots
@@ -16,30 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from . import assets
 from .config import GoraConfig
-from .data import (
-    UsageError,
-    check_columns,
-    encode_classification,
-    encode_sft,
-    label_space,
-    prompt_and_response_text,
-    read_rows,
-    split_rows,
-)
+from .data import TaskData, UsageError, load_task
+from .evaluate import evaluate
+
+if TYPE_CHECKING:
+    from .estimate import GradientStats
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +134,19 @@ class TrainConfig:
         default=None,
         metadata={"help": "CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)"},
     )
+    load_stats: str | None = field(
+        default=None,
+        metadata={
+            "help": "gradient statistics from `gora allocate --save-stats` (same model and targets): skip estimation"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check(self.method in ("gora", "lora", "rslora"), f"method={self.method!r} is not one of gora, lora, rslora")
+        _check(
+            self.load_stats is None or self.method == "gora",
+            f"load_stats only applies to method='gora' ({self.method} does not estimate gradients): drop it",
+        )
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0 (or unset), got {self.max_steps}")
         _check(self.threads is None or self.threads > 0, f"threads must be a positive integer, got {self.threads}")
@@ -288,201 +292,6 @@ def resolve_configs(
     return data_config, train_config, GoraConfig(**gora_kw, lora_kwargs=lora_kwargs)
 
 
-# --- loading and checking ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TaskData:
-    """Everything loaded for a run: model, tokenizer, rows and encoded sets."""
-
-    model: nn.Module
-    tokenizer: Any
-    model_path: str
-    train_rows: list[dict[str, Any]]
-    eval_rows: list[dict[str, Any]]
-    train_set: list[dict[str, Any]]
-    eval_set: list[dict[str, Any]]
-    collator: Any
-    label_names: list[str] | None = None
-    sources: dict[str, str] = field(default_factory=dict)
-
-
-def check_model_folder(path: str, task: Task) -> Any:
-    """The model's `PretrainedConfig`, after checking that `path` is a transformers folder fit for `task`.
-
-    Raises:
-        UsageError: missing folder, no config.json, or a model type the task cannot use.
-    """
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    folder = Path(path)
-    if not folder.exists():
-        raise UsageError(f"model folder {path!r} does not exist: give --model a local transformers folder")
-    if not (folder / "config.json").is_file():
-        raise UsageError(
-            f"{path!r} has no config.json, so it is not a transformers model folder: save the model with "
-            "save_pretrained() and pass that folder to --model"
-        )
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as err:
-        raise UsageError(f"cannot read the model config in {path!r}: {err}") from err
-    kind = config.model_type
-    if task == "classification" and kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise UsageError(
-            f"model type {kind!r} has no sequence-classification head in transformers: use an encoder (BERT, "
-            "RoBERTa, ...) or a decoder with a classification head, or --task sft for prompt/response data"
-        )
-    if task == "sft" and (kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
-        raise UsageError(
-            f"model type {kind!r} is not a decoder-only causal LM, which --task sft needs: use a causal LM (Llama, "
-            "GPT-2, SmolLM2, ...) or --task classification for labelled texts"
-        )
-    return config
-
-
-def load_rows(
-    data: DataConfig, preset: Preset | None, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
-    """(train rows, eval rows, where they came from), checked for the columns the task needs."""
-    if data.train_file is None:
-        if preset is None:
-            raise UsageError("no training data: pass --train-file (a .jsonl/.csv/.parquet file) or a --preset")
-        train, evaluation = preset.rows(data, seed)
-        sources = {"train": f"preset {preset.name}", "eval": f"preset {preset.name}"}
-    else:
-        train = read_rows(data.train_file, "train")
-        sources = {"train": data.train_file}
-        if data.eval_file is not None:
-            evaluation = read_rows(data.eval_file, "test")
-            sources["eval"] = data.eval_file
-        else:
-            train, evaluation = split_rows(train, data.eval_fraction, seed)
-            sources["eval"] = f"{data.eval_fraction:.0%} of {data.train_file} (seed {seed})"
-        train = train[: data.max_train_samples]
-        evaluation = evaluation[: data.max_eval_samples]
-    if data.task == "classification":
-        columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
-        options = ["--text-column", "--label-column", "--text-pair-column"]
-    else:
-        columns = [data.prompt_column, data.response_column] + ([data.answer_column] if data.answer_column else [])
-        options = ["--prompt-column", "--response-column", "--answer-column"]
-    check_columns(train, columns, f"the training data ({sources['train']})", options)
-    check_columns(evaluation, columns, f"the evaluation data ({sources['eval']})", options)
-    return train, evaluation, sources
-
-
-def load_task(data: DataConfig, train: TrainConfig | AllocateConfig, preset: Preset | None) -> TaskData:
-    """Check the inputs (cheap checks first), then load tokenizer, model and the encoded train/eval sets.
-
-    Raises:
-        UsageError: any problem with the model folder or the data, with what to change.
-    """
-    from transformers import set_seed
-
-    if train.threads is not None:
-        torch.set_num_threads(train.threads)
-    model_path = data.model if data.model is not None else (preset.model() if preset else None)
-    if model_path is None:
-        raise UsageError("no model: pass --model (a local transformers folder) or a --preset")
-    model_config = check_model_folder(model_path, data.task)
-    train_rows, eval_rows, sources = load_rows(data, preset, train.train_seed)
-    sources["model"] = model_path
-    labels = None
-    if data.task == "classification":
-        named = {
-            k: v for k, v in (getattr(model_config, "label2id", None) or {}).items() if not k.startswith("LABEL_")
-        }
-        labels = label_space(
-            [r[data.label_column] for r in train_rows + eval_rows], num_labels=data.num_labels, model_label2id=named
-        )
-        _check_head(model_config, labels.num_labels, data.num_labels)
-    set_seed(train.train_seed)
-    tokenizer = _load_tokenizer(model_path, data.task)
-    model = _load_model(model_path, data, model_config, labels)
-    if data.task == "classification":
-        from transformers import DataCollatorWithPadding
-
-        kw = {"text_column": data.text_column, "label_column": data.label_column}
-        kw.update(text_pair_column=data.text_pair_column, max_length=data.max_length)
-        train_set = encode_classification(train_rows, tokenizer, labels, **kw)
-        eval_set = encode_classification(eval_rows, tokenizer, labels, **kw)
-        collator = DataCollatorWithPadding(tokenizer)
-    else:
-        from transformers import DataCollatorForSeq2Seq
-
-        kw = {"prompt_column": data.prompt_column, "response_column": data.response_column}
-        train_set = encode_sft(train_rows, tokenizer, max_length=data.max_length, **kw)
-        eval_set = encode_sft(eval_rows, tokenizer, max_length=data.max_length, **kw)
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    return TaskData(
-        model=model,
-        tokenizer=tokenizer,
-        model_path=model_path,
-        train_rows=train_rows,
-        eval_rows=eval_rows,
-        train_set=train_set,
-        eval_set=eval_set,
-        collator=collator,
-        label_names=labels.names if labels else None,
-        sources=sources,
-    )
-
-
-def _check_head(model_config: Any, needed: int, requested: int | None) -> None:
-    archs = getattr(model_config, "architectures", None) or []
-    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
-    if has_head and requested is None and model_config.num_labels != needed:
-        raise UsageError(
-            f"the model's classification head has {model_config.num_labels} classes but the labels need {needed}: "
-            f"fix the label column, or pass --num-labels {needed} to replace the head with a new one"
-        )
-
-
-def _load_tokenizer(path: str, task: Task) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as err:
-        raise UsageError(
-            f"no usable tokenizer in {path!r} ({err}): save one there with tokenizer.save_pretrained"
-        ) from err
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UsageError(f"the tokenizer in {path!r} has neither a pad nor an eos token: add a pad token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if task == "sft":
-        tokenizer.padding_side = "right"  # training; generation switches to left padding
-    return tokenizer
-
-
-def _load_model(path: str, data: DataConfig, model_config: Any, labels: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if data.task == "sft":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model.config.use_cache = False
-        return model
-    archs = getattr(model_config, "architectures", None) or []
-    replace = data.num_labels is not None and model_config.num_labels != labels.num_labels
-    kwargs: dict[str, Any] = {"num_labels": labels.num_labels, "dtype": torch.float32}
-    if not any(a.endswith("ForSequenceClassification") for a in archs) or replace:
-        kwargs["id2label"] = dict(enumerate(labels.names))
-        kwargs["label2id"] = labels.label2id
-    model = AutoModelForSequenceClassification.from_pretrained(path, ignore_mismatched_sizes=replace, **kwargs)
-    if model.config.pad_token_id is None:
-        from transformers import AutoTokenizer
-
-        model.config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id or 0
-    return model
-
-
 # --- adapters and the optimizer ------------------------------------------------------------------------------------
 
 
@@ -534,133 +343,6 @@ def lora_model(model: nn.Module, config: GoraConfig, method: Method) -> Any:
     return peft_model
 
 
-# --- evaluation ----------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_classification(model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int) -> dict:
-    """{"accuracy", "loss"} of `model` on an encoded classification set, in eval mode."""
-    correct, loss_sum, count = 0, 0.0, 0
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    dataset = _by_length(dataset)
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = {k: v.to(device) for k, v in collator(list(dataset[start : start + batch_size])).items()}
-            out = model(**batch)
-            n = batch["labels"].shape[0]
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-            loss_sum += float(out.loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return {"accuracy": correct / count, "loss": loss_sum / count}
-
-
-@torch.no_grad()
-def evaluate_sft(
-    model: nn.Module,
-    tokenizer: Any,
-    rows: Sequence[dict[str, Any]],
-    data: DataConfig,
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-) -> dict[str, Any]:
-    """{"exact_match", "examples"}: greedy generation on each prompt; a hit when the final answer (after the last
-    `####`, else the last number) equals the reference answer (numerically where both are numbers)."""
-    device = next(model.parameters()).device
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    hits, examples = 0, []
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            heads = [prompt_and_response_text(tokenizer, str(r[data.prompt_column]))[0] for r in chunk]
-            special = not getattr(tokenizer, "chat_template", None)
-            inputs = tokenizer(heads, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
-            output = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for row, text in zip(chunk, texts):
-                reference = (
-                    str(row[data.answer_column])
-                    if data.answer_column
-                    else assets.final_answer(str(row[data.response_column]))
-                )
-                predicted = assets.final_answer(text)
-                hit = _same_answer(predicted, reference)
-                hits += hit
-                if len(examples) < 3:
-                    examples.append(
-                        {
-                            "prompt": str(row[data.prompt_column])[:200],
-                            "output": text[-300:],
-                            "predicted": predicted,
-                            "answer": reference,
-                            "correct": hit,
-                        }
-                    )
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = side
-    return {"exact_match": hits / len(rows), "examples": examples}
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int) -> float:
-    """Mean loss per batch of `model` on an encoded set, in eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    losses = []
-    dataset = _by_length(dataset)
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = {k: v.to(device) for k, v in collator(list(dataset[start : start + batch_size])).items()}
-            losses.append(float(model(**batch).loss))
-    finally:
-        model.train(was_training)
-    return sum(losses) / len(losses)
-
-
-def _by_length(dataset: Sequence[dict]) -> list[dict]:
-    """The examples shortest first, so evaluation batches carry little padding (per-example results are unchanged)."""
-    return sorted(dataset, key=lambda ex: len(ex["input_ids"]))
-
-
-def _same_answer(predicted: str | None, reference: str | None) -> bool:
-    if predicted is None or reference is None:
-        return False
-    a, b = predicted.strip().rstrip("."), reference.strip().rstrip(".").replace(",", "")
-    try:
-        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
-    except ValueError:
-        return a == b
-
-
-def evaluate(model: nn.Module, task: TaskData, data: DataConfig, train: TrainConfig) -> dict[str, Any]:
-    """The task's metrics: classification {"accuracy", "loss"}; sft {"exact_match", "loss", "examples"}."""
-    if data.task == "classification":
-        return evaluate_classification(model, task.eval_set, task.collator, train.eval_batch_size)
-    loss = evaluate_loss(model, task.eval_set, task.collator, train.eval_batch_size)
-    metrics = evaluate_sft(
-        model,
-        task.tokenizer,
-        task.eval_rows,
-        data,
-        batch_size=train.eval_batch_size,
-        max_new_tokens=train.max_new_tokens,
-    )
-    return {**metrics, "loss": loss}
-
-
 # --- the whole run -------------------------------------------------------------------------------------------------
 
 
@@ -693,15 +375,10 @@ def finetune(
     Raises:
         UsageError / ValueError: bad input, with what to change (nothing is written).
     """
-    from .report import check_output_folder, staged_folder
+    from .report import staged_folder
 
-    p = PRESETS[preset] if preset else None
     output_dir = train.output_dir or default_output_dir(train, data)
-    check_output_folder(output_dir, train.overwrite)  # before any slow step
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    task = load_task(data, train, p)
-    timings["load_s"] = time.perf_counter() - start
+    task, stats, timings = _start_run(data, train, gora, preset, output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task.model.to(device)
     logger.info(
@@ -717,7 +394,7 @@ def finetune(
         metrics["before"] = evaluate(task.model, task, data, train)
         timings["eval_before_s"] = time.perf_counter() - start
     with staged_folder(output_dir, train.overwrite) as tmp:
-        peft_model, params = _adapt(task, gora, train, timings, show_progress)
+        peft_model, params = _adapt(task, gora, train, timings, show_progress, stats)
         if train.method == "gora" and train.eval_before:
             start = time.perf_counter()
             metrics["init"] = evaluate(peft_model, task, data, train)
@@ -737,15 +414,77 @@ def finetune(
     return report
 
 
+def _start_run(
+    data: DataConfig, run: TrainConfig | AllocateConfig, gora: GoraConfig, preset: str | None, output_dir: str
+) -> tuple[TaskData, GradientStats | None, dict[str, float]]:
+    """The first steps of `finetune` and `allocate_only`: the cheap checks (output folder, `run.load_stats` file),
+    then the task and, with `run.load_stats`, the saved gradient statistics, timed ("load_s", "load_stats_s").
+
+    Nothing is written, so a refusal here (a mismatched statistics file included) leaves no output folder.
+    """
+    from .report import check_output_folder
+
+    check_output_folder(output_dir, run.overwrite)  # before any slow step
+    if run.load_stats is not None and not Path(run.load_stats).is_file():
+        raise UsageError(f"--load-stats {run.load_stats!r}: no such file (write one with gora allocate --save-stats)")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    task = load_task(data, run, PRESETS[preset] if preset else None)
+    timings["load_s"] = time.perf_counter() - start
+    if run.load_stats is None:
+        return task, None, timings
+    start = time.perf_counter()
+    stats = load_saved_stats(run.load_stats, task.model, gora)
+    timings["load_stats_s"] = time.perf_counter() - start
+    return task, stats, timings
+
+
+def load_saved_stats(path: str, model: nn.Module, gora: GoraConfig) -> GradientStats:
+    """Gradient statistics written by `gora allocate --save-stats`, for allocating (and initializing) on `model`.
+
+    Raises:
+        UsageError: not a statistics file, statistics of another model (`gora.load_gradient_stats` checks the
+            fingerprint), of other target modules than `gora` selects (allocation would silently follow the file),
+            or a sketch drawn with another seed (found here, before any evaluation or training).
+    """
+    from .stats_io import load_gradient_stats
+    from .targets import find_targets
+
+    try:
+        stats = load_gradient_stats(path, model)
+        wanted = [t.name for t in find_targets(model, gora)]
+    except ValueError as err:
+        raise UsageError(f"--load-stats {path!r} cannot be used: {err}") from err
+    saved = [t.name for t in stats.targets]
+    if saved != wanted:
+        raise UsageError(
+            f"--load-stats {path!r} holds statistics of {len(saved)} target modules but --target-modules selects "
+            f"{len(wanted)} ({', '.join(sorted(set(saved) ^ set(wanted))[:4]) or 'another order'} differ): pass the "
+            "--target-modules the statistics were saved with, or re-estimate without --load-stats"
+        )
+    if stats.sketches and stats.seed != gora.seed:
+        raise UsageError(
+            f"--load-stats {path!r} holds a sketch drawn with --seed {stats.seed}, this run has --seed {gora.seed}: "
+            f"A0 must be the sketch's random matrix, so pass --seed {stats.seed}"
+        )
+    return stats
+
+
 def _adapt(
-    task: TaskData, gora: GoraConfig, train: TrainConfig, timings: dict[str, float], show_progress: bool
+    task: TaskData,
+    gora: GoraConfig,
+    train: TrainConfig,
+    timings: dict[str, float],
+    show_progress: bool,
+    stats: GradientStats | None = None,
 ) -> tuple[Any, dict[str, Any]]:
+    """The adapter and its parameter counts: GoRA (estimating, or from `stats`), or plain LoRA/rsLoRA."""
     from .model import get_gora_model
 
     start = time.perf_counter()
     if train.method == "gora":
         loader = estimation_loader(task, train.batch_size, train.train_seed)
-        peft_model = get_gora_model(task.model, gora, loader, show_progress=show_progress)
+        peft_model = get_gora_model(task.model, gora, loader, show_progress=show_progress, stats=stats)
         record = peft_model.gora_records["default"]
         for key, value in record.timings_s.items():
             timings[f"gora_{key}"] = value
@@ -775,6 +514,9 @@ def _adapt(
 def _train(peft_model: Any, task: TaskData, train: TrainConfig, folder: Path, show_progress: bool) -> list[dict]:
     from transformers import Trainer, TrainingArguments
 
+    # transformers 5 takes the warmup share as a float warmup_steps < 1 (warmup_ratio is gone); 4.x as warmup_ratio
+    v5 = "warmup_ratio" not in {f.name for f in dataclasses.fields(TrainingArguments)}
+    warmup = {"warmup_steps": train.warmup_ratio} if v5 else {"warmup_ratio": train.warmup_ratio}
     args = TrainingArguments(
         output_dir=str(folder),
         num_train_epochs=train.epochs,
@@ -783,7 +525,7 @@ def _train(peft_model: Any, task: TaskData, train: TrainConfig, folder: Path, sh
         per_device_eval_batch_size=train.eval_batch_size,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
-        warmup_steps=train.warmup_ratio,
+        **warmup,
         lr_scheduler_type=train.lr_scheduler,
         logging_steps=train.logging_steps,
         save_strategy=train.save_strategy,
@@ -897,25 +639,13 @@ def allocate_only(
     from .allocate import allocate_ranks
     from .estimate import estimate_gradients
     from .importance import compute_importances
-    from .report import check_output_folder, rank_table, staged_folder
+    from .report import rank_table, staged_folder
 
-    p = PRESETS[preset] if preset else None
     output_dir = alloc.output_dir or os.path.join("outputs", f"allocate-{datetime.now():%Y%m%d-%H%M%S}")
-    check_output_folder(output_dir, alloc.overwrite)
     load_stats, save_stats = alloc.load_stats, alloc.save_stats
-    if load_stats is not None and not Path(load_stats).is_file():
-        raise UsageError(f"--load-stats {load_stats!r}: no such file (write one with --save-stats)")
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    task = load_task(data, alloc, p)
-    timings["load_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    if load_stats is not None:
-        from . import load_gradient_stats
-
-        stats = load_gradient_stats(load_stats, task.model)
-        timings["load_stats_s"] = time.perf_counter() - start
-    else:
+    task, stats, timings = _start_run(data, alloc, gora, preset, output_dir)
+    if stats is None:
+        start = time.perf_counter()
         loader = estimation_loader(task, alloc.batch_size, alloc.train_seed)
         stats = estimate_gradients(task.model, gora, loader, show_progress=show_progress)
         timings["estimate_s"] = time.perf_counter() - start
