@@ -12,7 +12,7 @@ import pytest
 
 import gora
 from gora.cliconfig import UnsupportedFieldType, add_dataclass_arguments, dataclass_kwargs, name_options
-from gora.train import AllocateConfig, DataConfig, MergeConfig, TrainConfig
+from gora.runconfig import AllocateConfig, DataConfig, MergeConfig, TrainConfig
 
 
 @dataclass(frozen=True)

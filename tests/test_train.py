@@ -8,7 +8,8 @@ from _tiny_folders import make_tokenizer
 from conftest import make_bert
 from gora.data import IGNORE_INDEX, UsageError, encode_sft, label_space, read_rows, split_rows
 from gora.report import format_rank_table, rank_table, staged_folder
-from gora.train import make_optimizer, resolve_configs
+from gora.runconfig import resolve_configs
+from gora.train import make_optimizer
 
 
 def _lora_bert():

@@ -24,14 +24,14 @@ EXIT_USAGE = 2
 
 def _configs() -> tuple[Any, ...]:
     from .config import GoraConfig
-    from .train import AllocateConfig, DataConfig, MergeConfig, TrainConfig
+    from .runconfig import AllocateConfig, DataConfig, MergeConfig, TrainConfig
 
     return GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `gora` parser with its three subcommands (each option generated from a dataclass field)."""
-    from .train import DEFAULT_PRESET, PRESETS
+    from .runconfig import DEFAULT_PRESET, PRESETS
 
     gora_cls, data_cls, train_cls, alloc_cls, merge_cls = _configs()
     parser = argparse.ArgumentParser(
@@ -123,7 +123,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _run(command: str, args: argparse.Namespace, started: float) -> int:
-    from .train import allocate_only, finetune, resolve_configs
+    from .runconfig import resolve_configs
+    from .train import allocate_only, finetune
 
     gora_cls, data_cls, train_cls, alloc_cls, _ = _configs()
     run_cls = train_cls if command == "finetune" else alloc_cls

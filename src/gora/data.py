@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from .train import AllocateConfig, DataConfig, Preset, Task, TrainConfig
+    from .runconfig import AllocateConfig, DataConfig, Preset, Task, TrainConfig
 
 logger = logging.getLogger(__name__)
 

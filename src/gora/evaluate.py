@@ -21,7 +21,8 @@ from . import assets
 from .data import prompt_and_response_text
 
 if TYPE_CHECKING:
-    from .train import DataConfig, TaskData, TrainConfig
+    from .data import TaskData
+    from .runconfig import DataConfig, TrainConfig
 
 
 @torch.no_grad()
