@@ -50,6 +50,14 @@ METHODS: dict[str, Method] = {
     ),
     "lora+loraplus": Method("lora", "LoRA trained with LoRA+ (lr_B = 16 lr_A)", loraplus=16.0),
     "gora+loraplus": Method("gora", "GoRA trained with LoRA+ (lr_B = 16 lr_A)", loraplus=16.0),
+    # LoRA+ check (nlu): which part of GoRA + LoRA+ makes it collapse
+    "rslora+loraplus": Method(
+        "lora", "rsLoRA trained with LoRA+ (lr_B = 16 lr_A): rsLoRA's scaling, B0 = 0", {"use_rslora": True}, 16.0
+    ),
+    "gora-gamma0+loraplus": Method(
+        "gora", "GoRA, gamma=0 (B0 = 0), trained with LoRA+ (lr_B = 16 lr_A)", {"gamma": 0.0}, 16.0
+    ),
+    "gora+loraplus4": Method("gora", "GoRA trained with LoRA+ at ratio 4 (lr_B = 4 lr_A)", loraplus=4.0),
     # paper ablations (nlu)
     "gora-rank6-15": Method("gora", "GoRA, rank range 6..15", {"min_rank": 6, "max_rank": 15}),
     "gora-gamma3e-2": Method("gora", "GoRA, gamma 3e-2", {"gamma": 3e-2}),

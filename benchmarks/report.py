@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
-from .suites import ABLATION_METHODS, BASE, GRID_LRS, GRID_METHODS, GRID_SIZES, MAIN_METHODS
+from .suites import ABLATION_METHODS, BASE, GRID_LRS, GRID_METHODS, GRID_SIZES, LORAPLUS_METHODS, MAIN_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "# Benchmarks"
@@ -188,6 +188,7 @@ def ablation_tables(records: list[Record], base: dict[str, Any]) -> list[str]:
         ),
     ]
     out: list[str] = []
+    ref = {r["seed"]: r for r in select(records, "gora", base["lr"], base["train_size"])}
     for title, variants in groups:
         rows = []
         for method, label in variants:
@@ -196,8 +197,10 @@ def ablation_tables(records: list[Record], base: dict[str, Any]) -> list[str]:
                 continue
             ratio = [r["adapter_params"] / r["lora_adapter_params_ref"] for r in rs]
             ranks = rs[0].get("info", {})
+            paired = [(r["metric"] - ref[r["seed"]]["metric"]) * 100 for r in rs if r["seed"] in ref]
             rows.append(
                 f"| {label} | `{method}` | {len(rs)} | {_metric_pct(rs)} | "
+                f"{(f'{statistics.mean(paired):+.1f} [{len(paired)}]') if paired and method != 'gora' else '–'} | "
                 f"{mean_std((r['metrics'].get('eval_loss') for r in rs), 1.0, 3)} | {fmt(median(ratio), 3)} | "
                 f"{ranks.get('ranks_min', '–')}..{ranks.get('ranks_max', '–')} |"
             )
@@ -207,12 +210,36 @@ def ablation_tables(records: list[Record], base: dict[str, Any]) -> list[str]:
             out += [
                 f"**{title}**",
                 "",
-                f"| setting | method | seeds | {name} (%) | eval loss | adapter / LoRA | ranks min..max (first seed) |",
-                "|---|---|---|---|---|---|---|",
+                f"| setting | method | seeds | {name} (%) | − `gora` (points, paired by seed) [seeds] | eval loss | "
+                "adapter / LoRA | ranks min..max (first seed) |",
+                "|---|---|---|---|---|---|---|---|",
                 *rows,
                 "",
             ]
     return out
+
+
+def loraplus_table(records: list[Record], base: dict[str, Any], tail: int = 25) -> tuple[list[str], dict]:
+    """GoRA + LoRA+ against the variants that change one of its parts (at the main lr and size)."""
+    if not any(select(records, m) for m in LORAPLUS_METHODS):
+        return [], {}
+    lines = [
+        f"| method | scaling | B0 | lr_B / lr_A | seeds | accuracy (%) | eval loss | train loss, last {tail} steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    kept: dict[str, list[Record]] = {}
+    for method, scaling, b0, ratio in LORAPLUS_ROWS:
+        rs = select(records, method, base["lr"], base["train_size"])
+        if not rs:
+            continue
+        kept[method] = rs
+        seeds = ", ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        last = [statistics.mean(v for _, v in r["loss_curve"][-tail:]) for r in rs if r.get("loss_curve")]
+        lines.append(
+            f"| `{method}` | {scaling} | {b0} | {ratio} | {seeds} | {_metric_pct(rs)} | "
+            f"{mean_std((r['metrics'].get('eval_loss') for r in rs), 1.0, 3)} | {mean_std(last, 1.0, 3)} |"
+        )
+    return [*lines, ""], kept
 
 
 def grid_table(records: list[Record]) -> list[str]:
@@ -262,7 +289,38 @@ def grid_table(records: list[Record]) -> list[str]:
     return [*lines, *diff, ""]
 
 
-def loss_plot(kept: dict[str, list[Record]], path: Path, title: str, window: int = 10) -> bool:
+MAIN_PANELS = [
+    ("LoRA family", ["full", "lora", "rslora", "pissa", "loraga", "adalora", "eva", "gora"]),
+    (
+        "GoRA variants",
+        ["rslora", "gora", "gora-gamma0", "gora-fixed", "gora-matched", "lora+loraplus", "gora+loraplus"],
+    ),
+]
+LORAPLUS_PANELS = [
+    ("without LoRA+", ["lora", "rslora", "gora", "gora-gamma0"]),
+    ("with LoRA+", ["lora+loraplus", "rslora+loraplus", "gora-gamma0+loraplus", "gora+loraplus4", "gora+loraplus"]),
+]
+# the LoRA+ check: (method, scaling, B0, lr_B / lr_A)
+LORAPLUS_ROWS = [
+    ("lora", "α/r", "0", "1"),
+    ("lora+loraplus", "α/r", "0", "16"),
+    ("rslora", "α/√r", "0", "1"),
+    ("rslora+loraplus", "α/√r", "0", "16"),
+    ("gora-gamma0", "α/√r_i", "0", "1"),
+    ("gora-gamma0+loraplus", "α/√r_i", "0", "16"),
+    ("gora", "α/√r_i", "γ-step", "1"),
+    ("gora+loraplus4", "α/√r_i", "γ-step", "4"),
+    ("gora+loraplus", "α/√r_i", "γ-step", "16"),
+]
+
+
+def loss_plot(
+    kept: dict[str, list[Record]],
+    path: Path,
+    title: str,
+    window: int = 10,
+    panels: list[tuple[str, list[str]]] | None = None,
+) -> bool:
     try:
         import matplotlib
 
@@ -271,15 +329,11 @@ def loss_plot(kept: dict[str, list[Record]], path: Path, title: str, window: int
     except ImportError:
         logger.warning("matplotlib is not installed: no loss curves")
         return False
-    panels = [
-        ("LoRA family", ["full", "lora", "rslora", "pissa", "loraga", "adalora", "eva", "gora"]),
-        (
-            "GoRA variants",
-            ["rslora", "gora", "gora-gamma0", "gora-fixed", "gora-matched", "lora+loraplus", "gora+loraplus"],
-        ),
-    ]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    panels = panels or MAIN_PANELS
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
     drawn = False
+    windows: set[int] = set()
     for ax, (name, methods) in zip(axes, panels):
         for method in methods:
             rows = kept.get(method)
@@ -290,6 +344,7 @@ def loss_plot(kept: dict[str, list[Record]], path: Path, title: str, window: int
                 continue
             mean = [statistics.mean(r["loss_curve"][i][1] for r in rows) for i in range(length)]
             w = max(1, min(window, length // 5 or 1))
+            windows.add(w)
             smooth = [statistics.mean(mean[max(0, i - w + 1) : i + 1]) for i in range(length)]
             ax.plot(range(1, length + 1), smooth, label=f"{method} ({len(rows)})")
             drawn = True
@@ -297,7 +352,8 @@ def loss_plot(kept: dict[str, list[Record]], path: Path, title: str, window: int
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel(f"training loss (mean over seeds, moving average {window})")
+    shown = "/".join(str(w) for w in sorted(windows)) or str(window)
+    axes[0].set_ylabel(f"training loss (mean over seeds, moving average {shown})")
     fig.suptitle(title)
     fig.tight_layout()
     if drawn:
@@ -409,6 +465,22 @@ def suite_section(suite: str, records: list[Record], img_dir: Path, img_rel: str
                     "",
                     *abl,
                 ]
+            lp, lp_kept = loraplus_table(rows, base)
+            if lp:
+                out += [
+                    "#### LoRA+ check (why does GoRA + LoRA+ collapse?)",
+                    "",
+                    f"lr {base['lr']:g} for A (and for B where lr_B / lr_A = 1), {base['train_size']} reviews; each "
+                    "row changes one part of GoRA + LoRA+: the scaling (α/r, rsLoRA's α/√r, GoRA's α/√r_i with its "
+                    "own ranks), B0 (0, or GoRA's γ-scaled gradient step) or B's learning-rate ratio.",
+                    "",
+                    f"Reproduce: {command(suite, ' --groups main loraplus')}",
+                    "",
+                    *lp,
+                ]
+                png = img_dir / f"loss_{task}_loraplus.png"
+                if loss_plot(lp_kept, png, f"{task}: training loss, LoRA+ check", panels=LORAPLUS_PANELS):
+                    out += [f"![training loss, {task}, LoRA+ check]({img_rel}/{png.name})", ""]
             grid = grid_table(rows)
             if grid:
                 out += [

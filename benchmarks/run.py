@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", choices=SUITES)
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (replaces every group's default seeds)")
     parser.add_argument("--methods", nargs="+", help="only these methods (see benchmarks.methods.METHODS)")
-    parser.add_argument("--groups", nargs="+", help="only these groups: main, cost, ablation, grid")
+    parser.add_argument("--groups", nargs="+", help="only these groups: main, cost, ablation, loraplus, grid")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     parser.add_argument("--in-process", action="store_true", help="run here, not one subprocess per run")
     parser.add_argument("--subprocess", action="store_true", help="force one subprocess per run (smoke too)")

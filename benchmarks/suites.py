@@ -31,6 +31,9 @@ ABLATION_METHODS = [
     "gora-imp-grad_nuclear",
     "gora-imp-wg_nuclear",
 ]
+# LoRA+ check: GoRA + LoRA+ collapsed at the main setting while LoRA + LoRA+ did not; these vary one part at a time
+# (B's learning-rate ratio, rsLoRA's scaling without GoRA, GoRA without its non-zero B0)
+LORAPLUS_METHODS = ["gora+loraplus4", "rslora+loraplus", "gora-gamma0+loraplus"]
 GRID_METHODS = ["lora", "rslora", "gora", "gora-matched"]
 GRID_LRS = [1e-4, 5e-4]
 GRID_SIZES = [500, 2000]
@@ -50,13 +53,15 @@ BASE: dict[str, dict[str, Any]] = {
         "scheduler": "linear",
         "threads": 2,
     },
+    # reduced to fit the shared 2-core CPU machine (a fwd+bwd of 8 x 256 tokens took 20-50 s there): first planned
+    # as 240 examples in batches of 8 (30 steps), N = 8 calibration batches, 50 held-out problems
     "nlg": {
         "task": "nlg",
-        "train_size": 240,
-        "test_size": 50,
-        "batch_size": 8,
+        "train_size": 96,
+        "test_size": 25,
+        "batch_size": 4,
         "max_length": 256,
-        "num_batches": 8,
+        "num_batches": 4,
         "r": 8,
         "lr": 2e-4,
         "lr_full": 2e-5,
@@ -129,6 +134,8 @@ def suite_specs(suite: str, seeds: list[int] | None = None) -> list[dict[str, An
                 specs += [_spec(suite, "nlu", m, seed, "main") for m in group]
         for seed in main_seeds:
             specs += [_spec(suite, "nlu", m, seed, "ablation") for m in ABLATION_METHODS]
+        for seed in main_seeds[:1]:
+            specs += [_spec(suite, "nlu", m, seed, "loraplus") for m in LORAPLUS_METHODS]
         for size in GRID_SIZES:  # the cheap column first
             for seed in seeds or [0, 1]:
                 for lr in GRID_LRS:
