@@ -110,16 +110,7 @@ def _assert_ranks_identical(metas: list[dict], tensors: list[dict]) -> None:
 def test_two_ranks_equal_one_process(dist_out, scenario):
     """Property: under DDP and FSDP2, G, ranks, A0 and B0 are bitwise identical on both ranks and equal to one
     process seeing all the global batches (A0 exactly, G and B0 to float32 precision)."""
-    metas, tensors = _load(dist_out, scenario)
-    _assert_ranks_identical(metas, tensors)
-    stats, allocation, weights = _single()
-    assert metas[0]["num_batches"] == stats.num_batches == BATCHES
-    assert metas[0]["ranks"] == allocation.ranks
-    for name, G in stats.gradients.items():
-        torch.testing.assert_close(tensors[0][f"G/{name}"], G, rtol=1e-5, atol=1e-9)
-    for name, (A, B) in weights.items():
-        assert torch.equal(tensors[0][f"A/{name}"], A)
-        torch.testing.assert_close(tensors[0][f"B/{name}"], B, rtol=1e-4, atol=1e-9)
+    _assert_equal_single(*_load(dist_out, scenario), lm_batches(BATCHES))
 
 
 def test_sketch_two_ranks(dist_out):
