@@ -33,13 +33,13 @@ TOKENS, BATCH = 64, 4
 
 
 def _smollm2() -> str:
-    from gora.assets import smollm2_path
+    from gora.app.assets import smollm2_path
 
     return smollm2_path()
 
 
 def _batches(tokenizer, n: int) -> list[dict[str, torch.Tensor]]:
-    from gora.assets import rotten_tomatoes
+    from gora.app.assets import rotten_tomatoes
 
     train, _ = rotten_tomatoes(train_size=n * BATCH, seed=0)
     texts = [row["text"] for row in train]

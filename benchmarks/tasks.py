@@ -1,7 +1,7 @@
 """The tasks: data, model, batches and evaluation for each suite.
 
 - `nlu`: all-MiniLM-L6-v2 (+ a new 2-way head) on Rotten Tomatoes sentiment; accuracy on the fixed 1,000-review
-  held-out split of `gora.assets.rotten_tomatoes`.
+  held-out split of `gora.app.assets.rotten_tomatoes`.
 - `nlg`: SmolLM2-135M-Instruct on reasoning-gym gsm_symbolic; exact match of the final answer (greedy decoding) on
   a fixed held-out set, and the eval loss (response tokens only) on the same set.
 - `smoke-nlu` / `smoke-nlg`: the same code paths on tiny config-built BERT / Llama models with the MiniLM tokenizer,
@@ -51,7 +51,7 @@ class TaskData:
 def _minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from gora.assets import minilm_path
+    from gora.app.assets import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 
@@ -100,7 +100,7 @@ def load_nlu(spec: dict[str, Any]) -> TaskData:
     """MiniLM-L6 (or, for `smoke-nlu`, a tiny BERT) on Rotten Tomatoes."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-    from gora.assets import minilm_path, rotten_tomatoes
+    from gora.app.assets import minilm_path, rotten_tomatoes
 
     tokenizer = _minilm_tokenizer()
     train_rows, test_rows = rotten_tomatoes(spec["train_size"], spec.get("test_size"), seed=spec["seed"])
@@ -167,7 +167,7 @@ def _lm_batches(tokenizer, rows: list[dict], batch_size: int, max_length: int, e
 
 
 def _nlg_evaluator(tokenizer, test_rows: list[dict], test_batches: list[Batch], eos_id: int, max_new_tokens: int):
-    from gora.assets import final_answer
+    from gora.app.assets import final_answer
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
@@ -210,7 +210,7 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
     """SmolLM2-135M (or, for `smoke-nlg`, a tiny Llama) on gsm_symbolic."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from gora.assets import gsm_symbolic, smollm2_path
+    from gora.app.assets import gsm_symbolic, smollm2_path
 
     test_size = spec.get("test_size") or NLG_TEST_SIZE
     test_rows = gsm_symbolic(test_size, seed=NLG_TEST_SEED)

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 import gora
-from gora.assets import minilm_path, rotten_tomatoes
+from gora.app.assets import minilm_path, rotten_tomatoes
 
 logger = logging.getLogger("distributed")
 

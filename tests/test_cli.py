@@ -1,6 +1,6 @@
 """The `gora` command end to end on tiny config-built models saved to folders, with data files written here.
 
-Runs `gora.cli.main(argv)` in-process (seconds). Bad input must exit with status 2, one message that says what to
+Runs `gora.app.cli.main(argv)` in-process (seconds). Bad input must exit with status 2, one message that says what to
 change, and no output folder (nor a half-written temporary one) left behind.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_csv, write_jsonl
-from gora.cli import main
+from gora.app.cli import main
 
 FAST = ["--num-batches", "2", "--batch-size", "8", "--eval-batch-size", "16", "--logging-steps", "1", "-q"]
 BERT_GORA = ["--target-modules", "query", "value", "--r", "4", "--min-rank", "2", "--max-rank", "8"]

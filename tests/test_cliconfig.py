@@ -11,8 +11,8 @@ from typing import Literal
 import pytest
 
 import gora
-from gora.cliconfig import UnsupportedFieldType, add_dataclass_arguments, dataclass_kwargs, name_options
-from gora.runconfig import AllocateConfig, DataConfig, MergeConfig, TrainConfig
+from gora.app.cliconfig import UnsupportedFieldType, add_dataclass_arguments, dataclass_kwargs, name_options
+from gora.app.runconfig import AllocateConfig, DataConfig, MergeConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import pytest
 
 from _tiny_folders import make_tokenizer
 from conftest import make_bert
-from gora.data import IGNORE_INDEX, UsageError, encode_sft, label_space, read_rows, split_rows
-from gora.report import format_rank_table, rank_table, staged_folder
-from gora.runconfig import resolve_configs
-from gora.train import make_optimizer
+from gora.app.data import IGNORE_INDEX, UsageError, encode_sft, label_space, read_rows, split_rows
+from gora.app.report import format_rank_table, rank_table, staged_folder
+from gora.app.runconfig import resolve_configs
+from gora.app.train import make_optimizer
 
 
 def _lora_bert():
@@ -166,7 +166,7 @@ def test_staged_folder_leaves_nothing_on_failure(tmp_path):
 
 def test_gora_config_help_is_generated():
     """Protects the generated help: GoraConfig's own help texts show on `gora finetune --help`."""
-    from gora.cli import build_parser
+    from gora.app.cli import build_parser
 
     text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
     for f in ("--min-rank", "--gamma", "--loraplus-lr-ratio", "--text-column", "--no-eval-before"):

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..config import GoraConfig
 from . import assets
-from .config import GoraConfig
 
 Task = Literal["classification", "sft"]
 Method = Literal["gora", "lora", "rslora"]

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import GoraConfig
+from ..config import GoraConfig
 from .data import TaskData, UsageError, load_task
 from .evaluate import evaluate
 from .runconfig import DEFAULT_PRESET, PRESETS, AllocateConfig, DataConfig, Method, TrainConfig
 
 if TYPE_CHECKING:
-    from .estimate import GradientStats
+    from ..estimate import GradientStats
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def lora_model(model: nn.Module, config: GoraConfig, method: Method) -> Any:
     (`lora`, PEFT's default) or α/√r (`rslora`), PEFT's default init (B = 0)."""
     from peft import LoraConfig, get_peft_model
 
-    from .targets import find_targets
+    from ..targets import find_targets
 
     targets = find_targets(model, config)
     kwargs = dict(config.lora_kwargs)
@@ -190,8 +190,8 @@ def load_saved_stats(path: str, model: nn.Module, gora: GoraConfig) -> GradientS
             fingerprint), of other target modules than `gora` selects (allocation would silently follow the file),
             or a sketch drawn with another seed (found here, before any evaluation or training).
     """
-    from .stats_io import load_gradient_stats
-    from .targets import find_targets
+    from ..stats_io import load_gradient_stats
+    from ..targets import find_targets
 
     try:
         stats = load_gradient_stats(path, model)
@@ -222,7 +222,7 @@ def _adapt(
     stats: GradientStats | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The adapter and its parameter counts: GoRA (estimating, or from `stats`), or plain LoRA/rsLoRA."""
-    from .model import get_gora_model
+    from ..model import get_gora_model
 
     start = time.perf_counter()
     if train.method == "gora":
@@ -379,9 +379,9 @@ def allocate_only(
     Writes the output folder (ranks.png, report.json) and, with `alloc.save_stats`, the gradient statistics
     (safetensors, `gora.save_gradient_stats`). Returns the report.
     """
-    from .allocate import allocate_ranks
-    from .estimate import estimate_gradients
-    from .importance import compute_importances
+    from ..allocate import allocate_ranks
+    from ..estimate import estimate_gradients
+    from ..importance import compute_importances
     from .report import rank_table, staged_folder
 
     output_dir = alloc.output_dir or os.path.join("outputs", f"allocate-{datetime.now():%Y%m%d-%H%M%S}")
@@ -423,7 +423,7 @@ def allocate_only(
         }
         write_json(report, tmp / "report.json")
     if save_stats is not None:
-        from . import save_gradient_stats
+        from .. import save_gradient_stats
 
         save_gradient_stats(stats, save_stats, task.model)
     return report

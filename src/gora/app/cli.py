@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 
 
 def _configs() -> tuple[Any, ...]:
-    from .config import GoraConfig
+    from ..config import GoraConfig
     from .runconfig import AllocateConfig, DataConfig, MergeConfig, TrainConfig
 
     return GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig

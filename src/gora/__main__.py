@@ -1,0 +1,7 @@
+"""`python -m gora ...` (also `torchrun -m gora ...`) runs the `gora` command."""
+
+import sys
+
+from .app.cli import main
+
+sys.exit(main())
