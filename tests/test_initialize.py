@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from gora import GoraConfig, draw_lora_A, gora_init, solve_lora_B
+from gora import GoraConfig, GradientStats, draw_lora_A, init_layer, solve_lora_B
 from gora.initialize import layer_scaling
+from gora.targets import Target
+
+
+def gora_init(name, G, r, config):
+    """(A0, B0) of one layer from its mean gradient G, through the public stage-3 function."""
+    stats = GradientStats(targets=[Target(name, *G.shape, transposed=False)], gradients={name: G}, num_batches=1)
+    return init_layer(stats, name, r, config)
 
 
 def projector(A):
@@ -28,8 +35,11 @@ def test_delta_w0_identity(m, n, r, scaling):
 
 
 def test_rslora_scaling_is_per_layer_rank():
+    """Property: "rslora" is α/√r_i (the paper); "reference" is α/r_ref for every layer, the research code's default
+    (its --gora-dynamic-scaling and --gora-rank-stablize both off)."""
     assert layer_scaling(GoraConfig(lora_alpha=16), 4) == pytest.approx(8.0)
-    assert layer_scaling(GoraConfig(lora_alpha=16, r=16, scaling="reference"), 4) == pytest.approx(4.0)
+    assert layer_scaling(GoraConfig(lora_alpha=16, r=16, scaling="reference"), 4) == pytest.approx(1.0)
+    assert layer_scaling(GoraConfig(lora_alpha=16, r=16, scaling="reference"), 9) == pytest.approx(1.0)
 
 
 def test_delta_w0_norm_is_about_gamma_times_gradient_norm():

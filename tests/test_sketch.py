@@ -122,7 +122,7 @@ def test_samples_split_in_proportion_to_pilot_ranks():
     targets = [Target(name, m, n, transposed=False) for name, (m, n) in shapes.items()]
     config = gora.GoraConfig(gradient_store="sketch", sketch_samples=400, r=8, min_rank=1, max_rank=32)
     store = SketchStore(targets, config, torch.device("cpu"))
-    assert set(store.sketches) == {"a", "b", "c"} and set(store.whole) == {"small"}
+    assert set(store.sketches) == {"a", "b", "c"} and set(store.whole.sums) == {"small"}
     weights = {name: torch.randn(*shape, generator=g) for name, shape in shapes.items()}
     scale = {"a": 1.0, "b": 3.0, "c": 9.0, "small": 5.0}  # pilot |W ⊙ g_1| grows with the scale
     for t in targets:

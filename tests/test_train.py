@@ -7,7 +7,8 @@ import pytest
 from _tiny_folders import make_tokenizer
 from conftest import make_bert
 from gora.app.data import IGNORE_INDEX, UsageError, encode_sft, label_space, read_rows, split_rows
-from gora.app.report import format_rank_table, rank_table, staged_folder
+from gora.app.report import format_rank_table, rank_table
+from gora.fileio import staged_folder
 from gora.app.runconfig import resolve_configs
 from gora.app.train import make_optimizer
 

@@ -1,22 +1,23 @@
 """gora: GoRA (Gradient-driven Adaptive Low Rank Adaptation) for PEFT.
 
 The pipeline, one module per stage:
-    config (GoraConfig) → estimate (estimate_gradients) → importance/allocate (allocate_ranks)
-    → initialize (gora_init) → model (build_gora_model / get_gora_model: a stock peft.PeftModel)
+    config (GoraConfig) → estimate (estimate_gradients → stats.GradientStats) → importance/allocate (allocate_ranks)
+    → initialize (init_gora_weights) → model (build_gora_model / get_gora_model: a stock peft.PeftModel)
+The `gora` command is the application in `gora.app`, built on these.
 """
 
 __version__ = "0.1.0"
 
 from .allocate import Allocation, allocate_ranks
 from .config import GoraConfig
-from .estimate import GradientStats, estimate_gradients
+from .estimate import estimate_gradients
 from .gamma import GammaSearch
 from .importance import compute_importances, layer_importance
-from .initialize import draw_lora_A, gora_init, solve_lora_B
-from .model import build_gora_model, get_gora_model, init_gora_weights, make_lora_config
+from .initialize import draw_lora_A, init_gora_weights, init_layer, solve_lora_B
+from .model import build_gora_model, get_gora_model, make_lora_config
 from .quant import get_qgora_model, quantize_base
 from .record import GoraRecord
-from .stats_io import load_gradient_stats, model_fingerprint, save_gradient_stats
+from .stats import GradientStats, load_gradient_stats, model_fingerprint, save_gradient_stats
 
 __all__ = [
     "Allocation",
@@ -32,8 +33,8 @@ __all__ = [
     "estimate_gradients",
     "get_gora_model",
     "get_qgora_model",
-    "gora_init",
     "init_gora_weights",
+    "init_layer",
     "layer_importance",
     "load_gradient_stats",
     "make_lora_config",

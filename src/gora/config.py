@@ -70,7 +70,9 @@ class GoraConfig:
         importance: Layer importance I(W); `mean_abs_wg` = mean|W ⊙ G| (the paper's choice).
         features: f(m, n) in the budget and rank formulas: `sqrt` = sqrt(m+n) (paper), `linear` = m+n (research code).
         rounding: `round` (paper) or `floor` (research code) when turning real-valued ranks into integers.
-        scaling: `rslora` = α/sqrt(r_i) per layer (paper); `reference` = α/sqrt(r_ref) for every layer (research code).
+        scaling: `rslora` = α/sqrt(r_i) per layer (the paper, and the research code's scripts); `reference` = α/r_ref
+            for every layer (the research code's default, with `--gora-dynamic-scaling` and `--gora-rank-stablize`
+            both off).
         gradient_store: What estimation keeps per layer: `full` = the float32 mean gradient G (m x n); `sketch` =
             Y = G·A_maxᵀ (m x max_rank) plus G at a fixed sample of entries for the importance (bounded memory;
             not with nuclear-norm importances).
@@ -114,7 +116,10 @@ class GoraConfig:
     )
     scaling: Scaling = field(
         default="rslora",
-        metadata={"help": "alpha/sqrt(r_i) per layer, or alpha/sqrt(r_ref) everywhere", "choices": SCALING_CHOICES},
+        metadata={
+            "help": "alpha/sqrt(r_i) per layer (paper), or alpha/r_ref everywhere (research code's default)",
+            "choices": SCALING_CHOICES,
+        },
     )
     gradient_store: GradientStore = field(
         default="full",

@@ -1,8 +1,10 @@
 """Stage 1: gradient estimation.
 
 G = (1/N) Σ_k ∂L_k/∂W over the first N batches, for every target weight W (paper: "gradient pre-computation").
-Each layer's gradient is folded into a float32 accumulator by a post-accumulate-grad hook as soon as backward has
-produced it, then freed, so at most about one layer's gradient exists at a time beyond the accumulators.
+A post-accumulate-grad hook on each target weight folds its gradient into a store as soon as backward has produced
+it, then frees it, so at most about one layer's gradient exists at a time beyond the statistics. Two stores share
+one interface (`GradientStore`): `FullStore` keeps S = Σ_k g_k (m x n float32) per layer; `sketch.SketchStore` keeps
+Y = S·A_maxᵀ and S at sampled entries (bounded memory; it needs a pilot pass over the first batch).
 The model comes back exactly as it was: weights, requires_grad flags, train/eval modes and `.grad` fields.
 """
 
@@ -12,14 +14,14 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import ForwardFn, batch_loss, first_batches, model_device, modes_restored, seeded
 from .config import GoraConfig
 from .distributed import (
     all_reduce_sum_,
@@ -35,69 +37,68 @@ from .distributed import (
     world_size,
 )
 from .distributed import rank as dist_rank
-from .sketch import SketchStore
+from .importance import layer_importance
+from .stats import GradientStats
 from .targets import Target, find_targets
 
 logger = logging.getLogger(__name__)
 
-ForwardFn = Callable[[nn.Module, Any], Any]
 _END = object()  # end of a batch stream (a batch may be anything, even None)
 
 
-@dataclass
-class GradientStats:
-    """What gradient estimation produced.
+class GradientStore(Protocol):
+    """What estimation keeps per target: folded batch by batch, summed over ranks and divided once at the end."""
 
-    Attributes:
-        targets: The adapted modules with their shapes, in model order.
-        gradients: Module name -> G, the float32 mean gradient in the [out, in] layout (every layer with
-            `store="full"`; only the small layers stored whole with `store="sketch"`).
-        num_batches: N, the number of batches averaged (over all ranks under torch.distributed).
-        no_grad: Targets whose weight received no gradient at all (unused in the forward); they get no adapter.
-        store: "full" or "sketch" (`GoraConfig.gradient_store`).
-        sketches: Module name -> Y = G·A_maxᵀ [m, min(max_rank, m, n)] (sketch mode).
-        importances: Module name -> I estimated during estimation (sketched layers), for `importance_metric`.
-        importance_metric: The metric of `importances`.
-        seed: The seed of A_max (sketch mode: A0 must be drawn with it).
-        info: How the statistics were made (world size, batches per rank, adaptive stopping, bytes, ...).
-    """
+    needs_pilot: bool  # whether `pilot_fold` / `finish_pilot` run over the first batch before the N batches
 
-    targets: list[Target]
-    gradients: dict[str, torch.Tensor]
-    num_batches: int
-    no_grad: list[str] = field(default_factory=list)
-    store: str = "full"
-    sketches: dict[str, torch.Tensor] = field(default_factory=dict)
-    importances: dict[str, float] = field(default_factory=dict)
-    importance_metric: str | None = None
-    seed: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
+    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None: ...
 
-    @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return {t.name: (t.m, t.n) for t in self.targets if t.name in self.gradients or t.name in self.sketches}
-
-    def nbytes(self) -> int:
-        """Bytes held by the statistics' tensors."""
-        return sum(x.numel() * x.element_size() for x in [*self.gradients.values(), *self.sketches.values()])
-
-
-class _FullStore:
-    """`gradient_store="full"`: S = Σ_b g_b in float32 per target."""
-
-    def __init__(self, targets: list[Target], device: torch.device) -> None:
-        self.whole = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
-        self.sketches: dict[str, torch.Tensor] = {}
-        self.device = device
+    def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None: ...
 
     def fold(self, target: Target, grad: torch.Tensor) -> None:
-        self.whole[target.name].add_(grad.to(device=self.device, dtype=torch.float32))
+        """Add one batch's gradient g [m, n] (float32 or lower) of `target`."""
+
+    def running_importance(self, target: Target, weight: torch.Tensor, reduce: bool, batches: int) -> float | None:
+        """I of the running mean after `batches` batches (summed over ranks when `reduce`); None before a gradient."""
+
+    def finish(self, name: str, reduce: bool, batches: int) -> tuple[str, torch.Tensor, float | None]:
+        """("gradients" or "sketches", the mean statistic, the estimated importance or None) of one layer."""
+
+    def nbytes(self) -> int: ...
+
+
+class FullStore:
+    """`gradient_store="full"`: S = Σ_k g_k in float32 per target (also the small layers of the sketch store)."""
+
+    needs_pilot = False
+
+    def __init__(self, targets: Iterable[Target], config: GoraConfig, device: torch.device) -> None:
+        self.config = config
+        self.sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
+
+    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        raise RuntimeError("the full store has no pilot pass")
+
+    def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None:
+        raise RuntimeError("the full store has no pilot pass")
+
+    def fold(self, target: Target, grad: torch.Tensor) -> None:
+        S = self.sums[target.name]
+        S.add_(grad if grad.device == S.device else grad.to(S.device))  # S += g_k (promoted to float32 in place)
+
+    def running_importance(self, target: Target, weight: torch.Tensor, reduce: bool, batches: int) -> float | None:
+        S = self.sums[target.name]
+        S = all_reduce_sum_(S.clone()) if reduce else S
+        if not bool(S.any()):
+            return None
+        return layer_importance(weight, S, self.config.importance) / batches  # I(S/k) = I(S)/k: 1-homogeneous
+
+    def finish(self, name: str, reduce: bool, batches: int) -> tuple[str, torch.Tensor, float | None]:
+        S = self.sums.pop(name)
+        return "gradients", (all_reduce_sum_(S) if reduce else S).div_(batches), None
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in self.whole.values())
-
-
-Store = _FullStore | SketchStore
+        return sum(x.numel() * x.element_size() for x in self.sums.values())
 
 
 def estimate_gradients(
@@ -124,8 +125,9 @@ def estimate_gradients(
         model: The base model (not a PeftModel), in any dtype, possibly wrapped in DDP or sharded by FSDP2; it is
             not modified.
         config: GoRA configuration (targets, N, seed, gradient_store, adaptive stopping).
-        dataloader: Any iterable of batches (this rank's batches under torch.distributed). Without `forward_fn`,
-            each batch is a dict of keyword arguments that makes the model return an output with a `.loss`.
+        dataloader: Any iterable of batches (this rank's batches under torch.distributed); exactly the first
+            `num_batches` are taken from it. Without `forward_fn`, each batch is a dict of keyword arguments that
+            makes the model return an output with a `.loss`.
         forward_fn: Optional `forward_fn(model, batch)` returning the scalar loss (or an output with `.loss`), for
             models or batches that do not fit the dict convention.
         offload_to_cpu: Keep the float32 statistics on the CPU instead of the model's device (also
@@ -137,77 +139,30 @@ def estimate_gradients(
             without loss, a non-finite loss or gradient, no gradient reaching any target, ZeRO-3 parameters, or any
             target problem that `find_targets` reports. The model is left exactly as it was.
     """
+    from .sketch import SketchStore
+
     model = unwrap_model(model)
     check_not_zero3(model)
     targets = find_targets(model, config)
     device = model_device(model)
-    acc_device = torch.device("cpu") if (offload_to_cpu or config.offload_to_cpu) else device
-    store: Store = (
-        SketchStore(targets, config, acc_device)
-        if config.gradient_store == "sketch"
-        else _FullStore(targets, acc_device)
-    )
-    counts = dict.fromkeys((t.name for t in targets), 0)
-    non_finite: set[str] = set()
-    sink: list[Callable[[Target, torch.Tensor, torch.Tensor], None]] = []
-
-    def fold(target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
-        grad = grad.T if target.transposed else grad
-        if not bool(torch.isfinite(grad).all()):
-            non_finite.add(target.name)
-        sink[0](target, grad, weight)  # weight: the parameter as stored (an FSDP2 shard is gathered only if needed)
-
-    def make_hook(target: Target) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            fold(target, param.grad.detach(), param)
-            param.grad = None  # free it now: memory stays bounded by the statistics plus ~one gradient
-
-        return hook
-
-    def step(batch: Any, index: int, weights: list[nn.Parameter], sharded: list[bool]) -> None:
-        loss = _loss(model, batch, forward_fn, device, index)
-        loss.backward()
-        for target, weight, is_sharded in zip(targets, weights, sharded):
-            if is_sharded and weight.grad is not None:  # FSDP2: a sharded grad, already averaged over ranks
-                fold(target, full_tensor(weight.grad.detach()), weight)
-                weight.grad = None
-        if non_finite:
-            raise ValueError(
-                f"non-finite gradient in batch {index} for {sorted(non_finite)[:4]}: check the data, lower "
-                "the loss scale, or run estimation in float32"
-            )
-
-    def count(target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
-        counts[target.name] += 1
-        store.fold(target, grad)
-
-    local_batches = 0
+    store_device = torch.device("cpu") if (offload_to_cpu or config.offload_to_cpu) else device
+    store_cls = SketchStore if config.gradient_store == "sketch" else FullStore
+    store: GradientStore = store_cls(targets, config, store_device)
     adaptive = _Adaptive(config) if config.adaptive_batches else None
     with _estimation_state(model, targets) as weights, seeded(config.seed + dist_rank(), device):
-        sharded = [is_dtensor(w) for w in weights]
-        reduce = {t.name: is_distributed() and not s for t, s in zip(targets, sharded)}
-        handles = [
-            w.register_post_accumulate_grad_hook(make_hook(t)) for t, w, s in zip(targets, weights, sharded) if not s
-        ]
-        try:
-            batches = iter(_first(dataloader, config.num_batches))
+        run = _Estimation(model, targets, weights, store, forward_fn, device, seed=config.seed + dist_rank())
+        with run.hooks():
+            batches = first_batches(dataloader, config.num_batches)
             with fail_together(is_distributed(), "gradient estimation"):
                 first = next(batches, _END)
-            lockstep = is_distributed() and (any(sharded) or adaptive is not None)
+            lockstep = is_distributed() and (any(run.sharded) or adaptive is not None)
             any_batch = _check_batches_on_ranks(first is not _END, lockstep, config)  # before any other collective
             # without per-batch collectives (lockstep), an error on one rank is raised on every rank after the block
             together = is_distributed() and not lockstep
-            if any_batch and isinstance(store, SketchStore):  # every rank joins finish_pilot (no batch: zero sums)
-                sink[:] = [lambda t, g, w: store.pilot_fold(t, g, _layout(t, full_tensor(w.detach())))]
+            if any_batch and store.needs_pilot:  # every rank joins finish_pilot (a rank without a batch: zero sums)
                 with fail_together(together, "the pilot batch of gradient estimation"):
-                    if first is not _END:
-                        with seeded(config.seed + dist_rank(), device):  # pilot: forked RNG, the N batches unchanged
-                            step(first, 0, weights, sharded)
-                by_name = {t.name: (t, w) for t, w in zip(targets, weights)}
-                store.finish_pilot(
-                    lambda name: _layout(by_name[name][0], full_tensor(by_name[name][1].detach())), reduce
-                )
-            sink[:] = [count]
+                    run.pilot(None if first is _END else first)
+                store.finish_pilot(run.weight_of, run.reduce)
             stream = itertools.chain([] if first is _END else [first], batches)
             progress = tqdm(
                 _while_every_rank_has_one(stream) if lockstep else stream,
@@ -217,77 +172,156 @@ def estimate_gradients(
             )
             with fail_together(together, "gradient estimation"):
                 for index, batch in enumerate(progress):
-                    step(batch, index, weights, sharded)
-                    local_batches += 1
-                    if adaptive is not None and adaptive.converged(store, targets, weights, reduce, local_batches):
+                    run.step(batch, index)
+                    if adaptive is not None and adaptive.converged(run, index + 1):
                         break
+        return _finish(run, config, adaptive)
+
+
+class _FoldHook:
+    """The post-accumulate-grad hook of one target weight: fold its gradient into the store, then free it."""
+
+    def __init__(self, run: _Estimation, target: Target) -> None:
+        self.run, self.target = run, target
+
+    def __call__(self, param: torch.Tensor) -> None:
+        self.run.fold(self.target, param.grad.detach(), param)
+        param.grad = None  # memory stays bounded by the statistics plus ~one gradient
+
+
+class _Estimation:
+    """One estimation: the targets' weights, the store, the hooks and the per-target gradient counts."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        weights: list[nn.Parameter],
+        store: GradientStore,
+        forward_fn: ForwardFn | None,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.model, self.targets, self.weights, self.store = model, targets, weights, store
+        self.forward_fn, self.device, self.seed = forward_fn, device, seed
+        self.sharded = [is_dtensor(w) for w in weights]  # FSDP2: no hook; gathered after each backward
+        # statistics of plain weights are summed over ranks at the end; FSDP2 gradients arrive averaged over ranks
+        self.reduce = {t.name: is_distributed() and not s for t, s in zip(targets, self.sharded)}
+        self.counts = dict.fromkeys((t.name for t in targets), 0)
+        self.batches = 0
+        self.in_pilot = False
+        self._by_name = {t.name: (t, w) for t, w in zip(targets, weights)}
+
+    def weight_of(self, name: str) -> torch.Tensor:
+        """W of a target in the [m, n] layout (an FSDP2 shard gathered)."""
+        target, weight = self._by_name[name]
+        return _layout(target, full_tensor(weight.detach()))
+
+    def fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        grad = _layout(target, grad)
+        if self.in_pilot:
+            self.store.pilot_fold(target, grad, self.weight_of(target.name))
+        else:
+            self.counts[target.name] += 1
+            self.store.fold(target, grad)
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = [
+            w.register_post_accumulate_grad_hook(_FoldHook(self, t))
+            for t, w, sharded in zip(self.targets, self.weights, self.sharded)
+            if not sharded
+        ]
+        try:
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        return _finish(store, targets, weights, config, counts, local_batches, reduce, adaptive)
+
+    def step(self, batch: Any, index: int) -> None:
+        """Forward and backward of one batch; the hooks fold every target's gradient."""
+        loss = batch_loss(self.model, batch, self.forward_fn, self.device, f"batch {index}")
+        if not loss.requires_grad:
+            raise ValueError(f"the loss of batch {index} does not depend on any target weight; check target_modules")
+        if not math.isfinite(loss.item()):
+            raise ValueError(f"batch {index} gave a non-finite loss ({loss.item()}): check its inputs and labels")
+        loss.reshape(()).backward()
+        for target, weight, sharded in zip(self.targets, self.weights, self.sharded):
+            if sharded and weight.grad is not None:  # FSDP2: a sharded grad, already averaged over ranks
+                self.fold(target, full_tensor(weight.grad.detach()), weight)
+                weight.grad = None
+        if not self.in_pilot:
+            self.batches += 1
+
+    def pilot(self, batch: Any) -> None:
+        """The sketch store's pilot pass over the first batch, with a forked RNG (the N batches see the dropout of
+        `gradient_store="full"`); a rank without a batch adds nothing."""
+        if batch is None:
+            return
+        self.in_pilot = True
+        try:
+            with seeded(self.seed, self.device):
+                self.step(batch, 0)
+        finally:
+            self.in_pilot = False
 
 
-def _finish(
-    store: Store,
-    targets: list[Target],
-    weights: list[nn.Parameter],
-    config: GoraConfig,
-    counts: dict[str, int],
-    local_batches: int,
-    reduce: dict[str, bool],
-    adaptive: _Adaptive | None,
-) -> GradientStats:
-    """Sum the statistics over ranks (once), divide by the number of batches, estimate sketched importances."""
-    names = [t.name for t in targets]
-    global_batches, *reduced_counts = sum_counts([local_batches] + [counts[n] for n in names])
+def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) -> GradientStats:
+    """Sum the statistics over ranks (once), divide by the number of batches, check they are finite."""
+    names = [t.name for t in run.targets]
+    local_batches = run.batches
+    global_batches, *reduced_counts = sum_counts([local_batches] + [run.counts[n] for n in names])
     if global_batches == 0:
         raise ValueError("the dataloader yielded no batch: GoRA needs at least one batch to estimate gradients")
     if local_batches < config.num_batches and (adaptive is None or not adaptive.stopped):
         logger.warning("the dataloader ran out after %d of num_batches=%d batches", local_batches, config.num_batches)
-    for name, reduced in zip(names, reduced_counts):
-        if reduce[name]:
-            counts[name] = reduced
+    counts = {n: reduced if run.reduce[n] else run.counts[n] for n, reduced in zip(names, reduced_counts)}
     no_grad = [n for n in names if counts[n] == 0]
-    if len(no_grad) == len(targets):
+    if len(no_grad) == len(names):
         raise ValueError(
             "no target layer received a gradient: the loss does not depend on the targeted modules. "
             "Check target_modules and that the batches run through them"
         )
     if no_grad:
         logger.warning("%d target(s) got no gradient and get no adapter: %s", len(no_grad), ", ".join(no_grad))
-    stats_bytes = store.nbytes()
-    gradients: dict[str, torch.Tensor] = {}
-    sketches: dict[str, torch.Tensor] = {}
+    stats_bytes = run.store.nbytes()
+    tables: dict[str, dict[str, torch.Tensor]] = {"gradients": {}, "sketches": {}}
     importances: dict[str, float] = {}
+    non_finite = []
     for name in names:
-        total = global_batches if reduce[name] else local_batches  # FSDP2 grads arrive averaged over ranks
         if name in no_grad:
             continue
-        if name in store.whole:
-            gradients[name] = _reduced(store.whole.pop(name), reduce[name]).div_(total)
-        else:
-            assert isinstance(store, SketchStore)
-            sketches[name] = _reduced(store.sketches.pop(name), reduce[name]).div_(total)
-            values = _reduced(store.samplers[name].values, reduce[name]).div_(total)
-            importances[name] = store.estimate(name, values)
+        total = global_batches if run.reduce[name] else local_batches  # FSDP2 grads arrive averaged over ranks
+        kind, tensor, importance = run.store.finish(name, run.reduce[name], total)
+        tables[kind][name] = tensor
+        if importance is not None:
+            importances[name] = importance
+        # a NaN or inf in any batch's gradient stays in the sum: one check of the statistics covers every batch
+        if not bool(torch.isfinite(tensor).all()) or (importance is not None and not math.isfinite(importance)):
+            non_finite.append(name)
+    if non_finite:  # the statistics are identical on every rank, so every rank raises this
+        raise ValueError(
+            f"non-finite gradient for {non_finite[:4]} in at least one of the {global_batches} batches: check the "
+            "data, lower the loss scale, or run estimation in float32"
+        )
     info: dict[str, Any] = {
         "store": config.gradient_store,
         "world_size": world_size(),
         "batches_per_rank": local_batches,
         "statistics_bytes": stats_bytes,
     }
-    if isinstance(store, SketchStore):
+    if run.store.needs_pilot:
         info["pilot_batches"] = 1
         info["sketch_samples"] = config.sketch_samples
     if adaptive is not None:
         info["adaptive"] = adaptive.report(local_batches, global_batches)
     return GradientStats(
-        targets=targets,
-        gradients=gradients,
+        targets=run.targets,
+        gradients=tables["gradients"],
         num_batches=global_batches,
         no_grad=no_grad,
         store=config.gradient_store,
-        sketches=sketches,
+        sketches=tables["sketches"],
         importances=importances,
         importance_metric=config.importance if importances else None,
         seed=config.seed,
@@ -295,13 +329,9 @@ def _finish(
     )
 
 
-def _layout(target: Target, weight: torch.Tensor) -> torch.Tensor:
-    """W in the [m, n] layout (Conv1D stores [n, m])."""
-    return weight.T if target.transposed else weight
-
-
-def _reduced(tensor: torch.Tensor, reduce: bool) -> torch.Tensor:
-    return all_reduce_sum_(tensor) if reduce else tensor
+def _layout(target: Target, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight or gradient in the [m, n] layout (Conv1D stores [n, m])."""
+    return tensor.T if target.transposed else tensor
 
 
 class _Adaptive:
@@ -319,13 +349,18 @@ class _Adaptive:
         self.history: list[float] = []  # the largest relative change after each checked batch
         self.stopped = False
 
-    def converged(
-        self, store: Store, targets: list[Target], weights: list[nn.Parameter], reduce: dict[str, bool], k: int
-    ) -> bool:
+    @torch.no_grad()
+    def converged(self, run: _Estimation, k: int) -> bool:
         config = self.config
         if k < config.adaptive_min_batches - 1:
             return False
-        current = _running_importances(store, targets, weights, reduce, config, k)
+        current = {}
+        for target in run.targets:
+            reduce = run.reduce[target.name]
+            total = k * world_size() if reduce else k
+            value = run.store.running_importance(target, run.weight_of(target.name), reduce, total)
+            if value is not None:
+                current[target.name] = value
         previous, self.previous = self.previous, current
         if previous is None or k < config.adaptive_min_batches:
             return False
@@ -348,38 +383,6 @@ class _Adaptive:
             "min_batches": self.config.adaptive_min_batches,
             "max_relative_change": self.history,
         }
-
-
-@torch.no_grad()
-def _running_importances(
-    store: Store,
-    targets: list[Target],
-    weights: list[nn.Parameter],
-    reduce: dict[str, bool],
-    config: GoraConfig,
-    k: int,
-) -> dict[str, float]:
-    """I(S/k) = I(S)/k of every layer (every metric is 1-homogeneous), from all-reduced copies of the sums S."""
-    from .importance import layer_importance
-
-    out: dict[str, float] = {}
-    for target, weight in zip(targets, weights):
-        name = target.name
-        if name in store.whole:
-            S = store.whole[name]
-            S = all_reduce_sum_(S.clone()) if reduce[name] else S
-            if not bool(S.any()):
-                continue
-            W = full_tensor(weight.detach())
-            total = k * world_size() if reduce[name] else k
-            out[name] = layer_importance(W.T if target.transposed else W, S, config.importance) / total
-        else:
-            assert isinstance(store, SketchStore)
-            values = store.samplers[name].values
-            values = all_reduce_sum_(values.clone()) if reduce[name] else values
-            if bool(values.any()):
-                out[name] = store.estimate(name, values) / (k * world_size() if reduce[name] else k)
-    return out
 
 
 def _check_batches_on_ranks(has_batch: bool, lockstep: bool, config: GoraConfig) -> bool:
@@ -421,86 +424,23 @@ def _while_every_rank_has_one(batches: Iterable[Any]) -> Iterator[Any]:
         yield batch
 
 
-def _first(dataloader: Iterable[Any], n: int) -> Iterator[Any]:
-    for index, batch in enumerate(dataloader):
-        if index >= n:
-            return
-        yield batch
-
-
-def batch_loss(
-    model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, what: str
-) -> torch.Tensor:
-    """The scalar loss of one batch: `forward_fn(model, batch)`, else `model(**batch)`; `what` names the batch in
-    errors (e.g. "batch 3", "held-out batch 0")."""
-    if forward_fn is not None:
-        out = forward_fn(model, batch)
-    elif isinstance(batch, Mapping):
-        out = model(**_to_device(batch, device))
-    else:
-        raise ValueError(
-            f"{what} is a {type(batch).__name__}, not a dict of model keyword arguments: "
-            "pass forward_fn=lambda model, batch: <scalar loss> to get_gora_model / estimate_gradients"
-        )
-    loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(
-            f"{what} gave no scalar loss: include labels in the batches so the model returns .loss, "
-            "or pass forward_fn=lambda model, batch: <scalar loss>"
-        )
-    return loss
-
-
-def _loss(
-    model: nn.Module, batch: Any, forward_fn: ForwardFn | None, device: torch.device, index: int
-) -> torch.Tensor:
-    loss = batch_loss(model, batch, forward_fn, device, f"batch {index}")
-    if not loss.requires_grad:
-        raise ValueError(f"the loss of batch {index} does not depend on any target weight; check target_modules")
-    if not math.isfinite(loss.item()):
-        raise ValueError(f"batch {index} gave a non-finite loss ({loss.item()}): check its inputs and labels")
-    return loss.reshape(())
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @contextlib.contextmanager
 def _estimation_state(model: nn.Module, targets: list[Target]) -> Iterator[list[nn.Parameter]]:
     """Only target weights require grad, train mode; afterwards flags, modes and `.grad` are as they were."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    modes = [(m, m.training) for m in model.modules()]
     weights = [model.get_submodule(t.name).weight for t in targets]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for w in weights:
-            w.requires_grad_(True)
-        model.train()
-        yield weights
-    finally:
-        for p, flag, grad in zip(params, flags, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
-        for module, mode in modes:
-            module.training = mode
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Dropout during estimation is drawn from `seed`; the caller's RNG state is restored afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+    with modes_restored(model):
+        try:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+            for w in weights:
+                w.requires_grad_(True)
+            model.train()
+            yield weights
+        finally:
+            for p, flag, grad in zip(params, flags, grads):
+                p.requires_grad_(flag)
+                p.grad = grad

@@ -16,25 +16,22 @@ Cost: K forwards for L(0) plus K per candidate.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .batches import ForwardFn, batch_loss, eval_mode, first_batches, model_device, seeded, take
 from .config import GoraConfig
 from .distributed import is_distributed, ranks_where_false, sum_floats, world_size
-from .estimate import ForwardFn, batch_loss, model_device, seeded
 from .record import GoraRecord
 
 logger = logging.getLogger(__name__)
-
-_END = object()
 
 # γ_k = 5e-2 · 2^k, k = −6..2: 7.8e-4 … 0.2, factor 2 apart. The grid holds the paper's recommended γ = 5e-2 exactly,
 # reaches ~1.5 decades below it (where ΔW0 is too small to change the loss beyond noise, so γ = 0 is the honest
@@ -116,7 +113,7 @@ def held_out_batches(
     """
     k = config.gamma_batches
     if eval_dataloader is not None:
-        batches = _take(iter(eval_dataloader), k)
+        batches = take(iter(eval_dataloader), k)
         _check_enough(
             len(batches),
             k,
@@ -125,16 +122,16 @@ def held_out_batches(
         )
         return HeldOutBatches(batches, "eval_dataloader")
     iterator = iter(dataloader)
-    if iterator is dataloader:
-        batches, source = _take(iterator, k), "dataloader (next batches after estimation)"
+    if iterator is dataloader:  # estimation took exactly the first num_batches (first_batches): no batch is lost
+        batches, source = take(iterator, k), "dataloader (next batches after estimation)"
     else:
         if isinstance(getattr(dataloader, "sampler", None), torch.utils.data.RandomSampler):
             logger.warning(
                 "gamma='auto': the dataloader shuffles, so the batches after the first num_batches on a new pass "
                 "may repeat gradient samples; pass eval_dataloader=... for truly held-out batches"
             )
-        skipped = _skip(iterator, config.num_batches)
-        batches = _take(iterator, k) if skipped == config.num_batches else []
+        skipped = sum(1 for _ in first_batches(iterator, config.num_batches))
+        batches = take(iterator, k) if skipped == config.num_batches else []
         source = f"dataloader (batches {config.num_batches}..{config.num_batches + k - 1})"
     _check_enough(
         len(batches),
@@ -188,7 +185,7 @@ def held_out_loss(
     device = model_device(model)
     losses = []
     bad: tuple[int, float] | None = None  # (index, loss) of the first non-finite batch
-    with _eval_mode(model), seeded(seed, device):
+    with eval_mode(model), seeded(seed, device):
         for index, batch in enumerate(batches):
             loss = float(batch_loss(model, batch, forward_fn, device, f"held-out batch {index}").float())
             if not math.isfinite(loss):
@@ -298,43 +295,3 @@ def _log_search(search: GammaSearch) -> None:
             logger.info(
                 "GoRA gamma='auto': the largest candidate won; a larger gamma may do better (gamma_candidates)"
             )
-
-
-def _take(iterator: Iterator[Any], n: int) -> list[Any]:
-    out: list[Any] = []
-    if n <= 0:
-        return out
-    for batch in iterator:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
-def _skip(iterator: Iterator[Any], n: int) -> int:
-    """Advance `iterator` by up to n batches without keeping them; the number skipped."""
-    skipped = 0
-    while skipped < n and next(iterator, _END) is not _END:
-        skipped += 1
-    return skipped
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout); afterwards every module's flag is as it was.
-
-    bitsandbytes repacks a `Linear4bit` weight in place on its first eval-mode CPU forward (an inference-only layout);
-    that switch is turned off here so the search leaves quantized bases exactly as they were.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    repack = [(m, m.support_avx512bf16_for_cpu) for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-    try:
-        model.eval()
-        for module, _ in repack:
-            module.support_avx512bf16_for_cpu = False
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for module, flag in repack:
-            module.support_avx512bf16_for_cpu = flag

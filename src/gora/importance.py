@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import Importance
 from .distributed import full_tensor, sync_importances, unwrap_model
-from .estimate import GradientStats
+from .stats import GradientStats
 
 _ROW_CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of ~16M elements so huge layers need no fp32 copy of W
 

@@ -6,6 +6,10 @@
 
 The minus sign makes the first forward take one gradient-descent step of size γ (the research code's HEAD lost it);
 √(n/r_i) undoes the shrinking of ‖G·P_A‖ ≈ √(r_i/n)·‖G‖ by a random projection, so ‖ΔW0‖ ≈ γ·‖G‖.
+
+B0 needs G only through Y = G·A0ᵀ, so the same solve serves both stores: with `gradient_store="full"` Y is computed
+from G; with `"sketch"` Y is the first r_i columns of the sketch G·A_maxᵀ (A0 = A_max[:r_i], the prefix property of
+`draw_lora_A`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import GoraConfig
+
+if TYPE_CHECKING:
+    from .allocate import Allocation
+    from .stats import GradientStats
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +47,9 @@ def draw_lora_A(name: str, rank: int, in_features: int, seed: int) -> torch.Tens
 
 
 def layer_scaling(config: GoraConfig, rank: int) -> float:
-    """s_i: α/√r_i (rsLoRA with the layer's own rank) or α/√r_ref (the research code's default)."""
-    return config.lora_alpha / math.sqrt(rank if config.scaling == "rslora" else config.r)
+    """s_i: α/√r_i (`scaling="rslora"`: the paper, and the research code's scripts) or α/r_ref for every layer
+    (`scaling="reference"`: the research code's default, `--gora-dynamic-scaling` and `--gora-rank-stablize` off)."""
+    return config.lora_alpha / (math.sqrt(rank) if config.scaling == "rslora" else config.r)
 
 
 def solve_lora_B(Y: torch.Tensor, A: torch.Tensor, coefficient: float) -> torch.Tensor:
@@ -67,16 +77,41 @@ def solve_lora_B(Y: torch.Tensor, A: torch.Tensor, coefficient: float) -> torch.
     return (coefficient * Bt.T).to(torch.float32).contiguous()
 
 
-def gora_init(
-    name: str, grad: torch.Tensor, rank: int, config: GoraConfig, gamma: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0 [r, n], B0 [m, r]) of one layer from its mean gradient G [m, n], both float32 on G's device."""
-    m, n = grad.shape
-    gamma = config.gamma if gamma is None else gamma
-    A = draw_lora_A(name, rank, n, config.seed).to(grad.device)
-    if gamma == 0:
-        return A, torch.zeros(m, rank, dtype=torch.float32, device=grad.device)
-    s = layer_scaling(config, rank)
-    coefficient = -gamma * math.sqrt(n / rank) / s  # −γ·√(n/r_i)/s_i
-    Y = grad.to(torch.float32) @ A.T  # G A0ᵀ
+def init_layer(stats: GradientStats, name: str, rank: int, config: GoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0 [r, n], B0 [m, r]) of one layer, float32, from its mean gradient G or its sketch Y = G·A_maxᵀ.
+
+    Raises:
+        ValueError: no statistics for `name`; a sketch narrower than `rank` or drawn with another seed.
+    """
+    if name in stats.gradients:
+        G = stats.gradients[name]
+        m, n = G.shape
+        device = G.device
+    elif name in stats.sketches:
+        Y_max = stats.sketches[name]
+        (m, k), n, device = Y_max.shape, stats.shapes[name][1], Y_max.device
+        if rank > k:
+            raise ValueError(
+                f"{name} got rank {rank} but its sketch has only {k} columns (max_rank at estimation): "
+                f"re-estimate with max_rank >= {rank} or lower max_rank"
+            )
+        if config.seed != stats.seed:
+            raise ValueError(
+                f"the sketch was drawn with seed {stats.seed} but config.seed is {config.seed}: A0 must be the "
+                f"sketch's random matrix, so use GoraConfig(seed={stats.seed})"
+            )
+    else:
+        raise ValueError(f"no gradient statistics for {name!r}: estimate gradients for this layer first")
+    A = draw_lora_A(name, rank, n, config.seed).to(device)  # a sketch: = A_max[:rank]
+    if config.gamma == 0:
+        return A, torch.zeros(m, rank, dtype=torch.float32, device=device)
+    Y = G.to(torch.float32) @ A.T if name in stats.gradients else Y_max[:, :rank].contiguous()  # G·A0ᵀ
+    coefficient = -config.gamma * math.sqrt(n / rank) / layer_scaling(config, rank)  # −γ·√(n/r_i)/s_i
     return A, solve_lora_B(Y, A, coefficient)
+
+
+def init_gora_weights(
+    stats: GradientStats, allocation: Allocation, config: GoraConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Stage 3 for every layer with r_i > 0: module name -> (A0 [r_i, n], B0 [m, r_i]), float32."""
+    return {name: init_layer(stats, name, rank, config) for name, rank in allocation.adapted.items()}

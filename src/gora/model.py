@@ -12,29 +12,24 @@ import math
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .allocate import Allocation, allocate_ranks
+from .batches import ForwardFn
 from .config import GoraConfig
 from .distributed import check_not_sharded
-from .estimate import ForwardFn, GradientStats, estimate_gradients
+from .estimate import estimate_gradients
 from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
-from .initialize import layer_scaling
+from .initialize import init_gora_weights, layer_scaling
 from .record import GoraRecord
-from .sketch import init_layer
+from .stats import GradientStats
 
 logger = logging.getLogger(__name__)
-
-
-def init_gora_weights(
-    stats: GradientStats, allocation: Allocation, config: GoraConfig
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Stage 3 as tensors: module name -> (A0 [r_i, n], B0 [m, r_i]) in float32, for every layer with r_i > 0."""
-    return {name: init_layer(stats, name, rank, config) for name, rank in allocation.adapted.items()}  # G or sketch
 
 
 def make_lora_config(config: GoraConfig, allocation: Allocation, stats: GradientStats):
@@ -46,8 +41,8 @@ def make_lora_config(config: GoraConfig, allocation: Allocation, stats: Gradient
         raise ValueError("every layer was allocated rank 0: raise min_rank or r")
     names = [t.name for t in stats.targets if t.name in ranks]  # model order
     alpha_pattern = {}
-    if config.scaling == "reference":  # s_i = α/√r_ref  ⇔  alpha_i = α·√r_i/√r_ref under rsLoRA
-        alpha_pattern = {n: config.lora_alpha * math.sqrt(ranks[n] / config.r) for n in names}
+    if config.scaling == "reference":  # s_i = α/r_ref  ⇔  alpha_i = s_i·√r_i = α·√r_i/r_ref under rsLoRA
+        alpha_pattern = {n: config.lora_alpha * math.sqrt(ranks[n]) / config.r for n in names}
     kwargs = dict(config.lora_kwargs)
     kwargs.setdefault("fan_in_fan_out", all(t.transposed for t in stats.targets if t.name in ranks))
     return LoraConfig(
@@ -119,6 +114,29 @@ def build_gora_model(
     return peft_model
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How the stages run (what GoRA computes is `GoraConfig`): the arguments that `get_gora_model` and
+    `get_qgora_model` take besides the model, the config and the dataloader."""
+
+    forward_fn: ForwardFn | None = None
+    adapter_name: str = "default"
+    offload_to_cpu: bool = False
+    show_progress: bool = True
+    eval_dataloader: Iterable[Any] | None = None
+    stats: GradientStats | None = None
+
+
+@dataclass
+class Estimated:
+    """Stages 1 and 2 done: the statistics, the allocation, gamma="auto"'s held-out batches, the stage times."""
+
+    stats: GradientStats
+    allocation: Allocation
+    eval_batches: list[Any] | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def get_gora_model(
     model: nn.Module,
     config: GoraConfig,
@@ -155,64 +173,62 @@ def get_gora_model(
             build the adapter on an unsharded copy (`build_gora_model`), then shard the PeftModel.
     """
     check_not_sharded(model, "get_gora_model")
-    stats, allocation, eval_batches, timings = estimate_and_allocate(
-        model,
-        config,
-        dataloader,
+    options = RunOptions(
         forward_fn=forward_fn,
+        adapter_name=adapter_name,
         offload_to_cpu=offload_to_cpu,
         show_progress=show_progress,
         eval_dataloader=eval_dataloader,
         stats=stats,
     )
-    return build_gora_model(
-        model,
-        config,
-        stats,
-        allocation,
-        adapter_name=adapter_name,
-        timings=timings,
-        eval_batches=eval_batches,
-        forward_fn=forward_fn,
-    )
+    return build_estimated(model, config, estimate_and_allocate(model, config, dataloader, options), options)
 
 
 def estimate_and_allocate(
-    model: nn.Module,
-    config: GoraConfig,
-    dataloader: Iterable[Any],
-    *,
-    forward_fn: ForwardFn | None = None,
-    offload_to_cpu: bool = False,
-    show_progress: bool = True,
-    eval_dataloader: Iterable[Any] | None = None,
-    stats: GradientStats | None = None,
-) -> tuple[GradientStats, Allocation, list[Any] | None, dict[str, float]]:
+    model: nn.Module, config: GoraConfig, dataloader: Iterable[Any], options: RunOptions | None = None
+) -> Estimated:
     """Stages 1 and 2 with their timings, plus the held-out batches that gamma="auto" needs (else None).
 
-    With `stats` (estimated earlier, e.g. loaded with `gora.load_gradient_stats`) stage 1 is skipped; the timings
-    then have no "estimate_s".
+    With `options.stats` (estimated earlier, e.g. loaded with `gora.load_gradient_stats`) stage 1 is skipped; the
+    timings then have no "estimate_s".
     """
-    if eval_dataloader is not None and config.gamma != "auto":
+    options = options or RunOptions()
+    if options.eval_dataloader is not None and config.gamma != "auto":
         raise ValueError("eval_dataloader is only used with gamma='auto': set GoraConfig(gamma='auto') or drop it")
     timings: dict[str, float] = {}
+    stats = options.stats
     if stats is None:
         start = time.perf_counter()
         stats = estimate_gradients(
             model,
             config,
             dataloader,
-            forward_fn=forward_fn,
-            offload_to_cpu=offload_to_cpu,
-            show_progress=show_progress,
+            forward_fn=options.forward_fn,
+            offload_to_cpu=options.offload_to_cpu,
+            show_progress=options.show_progress,
         )
         timings["estimate_s"] = time.perf_counter() - start
     start = time.perf_counter()
     importances = compute_importances(model, stats, config.importance)
     allocation = allocate_ranks(importances, stats.shapes, config)
     timings["allocate_s"] = time.perf_counter() - start
-    eval_batches = held_out_batches(config, dataloader, eval_dataloader) if config.gamma == "auto" else None
-    return stats, allocation, eval_batches, timings
+    auto = config.gamma == "auto"
+    eval_batches = held_out_batches(config, dataloader, options.eval_dataloader) if auto else None
+    return Estimated(stats, allocation, eval_batches, timings)
+
+
+def build_estimated(model: nn.Module, config: GoraConfig, estimated: Estimated, options: RunOptions):
+    """Stage 3 and the PEFT wrap (`build_gora_model`) from what `estimate_and_allocate` returned."""
+    return build_gora_model(
+        model,
+        config,
+        estimated.stats,
+        estimated.allocation,
+        adapter_name=options.adapter_name,
+        timings=estimated.timings,
+        eval_batches=estimated.eval_batches,
+        forward_fn=options.forward_fn,
+    )
 
 
 def make_record(

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import ForwardFn
 from .config import GoraConfig
 from .distributed import check_not_sharded
-from .estimate import ForwardFn
-from .model import build_gora_model, estimate_and_allocate
+from .model import RunOptions, build_estimated, estimate_and_allocate
 from .targets import QUANTIZED_CLASS_HINTS, base_lora_config, find_targets
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,13 @@ def get_qgora_model(
             another way, or anything `get_gora_model` rejects. The model is left as it was.
     """
     check_not_sharded(model, "get_qgora_model")
+    options = RunOptions(
+        forward_fn=forward_fn,
+        adapter_name=adapter_name,
+        offload_to_cpu=offload_to_cpu,
+        show_progress=show_progress,
+        eval_dataloader=eval_dataloader,
+    )
     bnb = _import_bnb()
     prequantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     if prequantized and quantization_config is not None:
@@ -81,21 +88,13 @@ def get_qgora_model(
     if not prequantized:
         _check_linear_targets(model, config)
     with dequantized_targets(model, config) if prequantized else contextlib.nullcontext():
-        stats, allocation, eval_batches, timings = estimate_and_allocate(
-            model,
-            config,
-            dataloader,
-            forward_fn=forward_fn,
-            offload_to_cpu=offload_to_cpu,
-            show_progress=show_progress,
-            eval_dataloader=eval_dataloader,
-        )
+        estimated = estimate_and_allocate(model, config, dataloader, options)
     if prequantized:
         info: dict[str, Any] = {"estimated_on": "dequantized 4-bit weights", "prequantized": True}
         set_flag = not getattr(model, "is_loaded_in_4bit", False)
         model.is_loaded_in_4bit = True  # PEFT dispatches Linear4bit bases to its bnb LoRA layer only with this flag
         try:
-            peft_model = _build(model, config, stats, allocation, adapter_name, timings, eval_batches, forward_fn)
+            peft_model = build_estimated(model, config, estimated, options)
         except BaseException:
             if set_flag:
                 del model.is_loaded_in_4bit
@@ -103,7 +102,7 @@ def get_qgora_model(
     else:
         start = time.perf_counter()
         originals = _quantize(model, qconfig, _skip_modules(model, qconfig, config))
-        timings["quantize_s"] = time.perf_counter() - start
+        estimated.timings["quantize_s"] = time.perf_counter() - start
         info = {
             "estimated_on": "full precision",
             "prequantized": False,
@@ -113,7 +112,7 @@ def get_qgora_model(
             "double_quant": bool(qconfig.bnb_4bit_use_double_quant),
         }
         try:
-            peft_model = _build(model, config, stats, allocation, adapter_name, timings, eval_batches, forward_fn)
+            peft_model = build_estimated(model, config, estimated, options)
         except BaseException:
             _restore(model, originals)
             raise
@@ -199,19 +198,6 @@ def _dequantize(layer: nn.Module) -> torch.Tensor:
     dtype = layer.compute_dtype or state.dtype
     weight = bnb.functional.dequantize_4bit(layer.weight.data, state)
     return weight.to(dtype).reshape(layer.out_features, layer.in_features)
-
-
-def _build(model, config, stats, allocation, adapter_name, timings, eval_batches, forward_fn):
-    return build_gora_model(
-        model,
-        config,
-        stats,
-        allocation,
-        adapter_name=adapter_name,
-        timings=timings,
-        eval_batches=eval_batches,
-        forward_fn=forward_fn,
-    )
 
 
 def _quantize(model: nn.Module, qconfig: Any, skip: list[str]) -> dict[str, nn.Module]:

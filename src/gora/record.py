@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .fileio import atomic_write_text
 
 RECORD_NAME = "gora_record.json"
 
@@ -68,26 +68,3 @@ class GoraRecord:
         if not path.is_file():
             raise FileNotFoundError(f"no {RECORD_NAME} in {directory}: was this adapter made with gora?")
         return cls(**json.loads(path.read_text()))
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Let `write` fill a temporary file in the same folder, fsync it and rename it over `path`, so no truncated
-    file is ever left, whatever happens in between."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` atomically (see `atomic_write`)."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))

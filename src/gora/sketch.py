@@ -1,4 +1,4 @@
-"""Bounded-memory gradient statistics (`GoraConfig(gradient_store="sketch")`) and initialization from them.
+"""Bounded-memory gradient statistics (`GoraConfig(gradient_store="sketch")`): a `GradientStore` (estimate.py).
 
 A0 is random and known before estimation, so B0 needs G only through Y = G·A0ᵀ. Sketch mode draws
 A_max = draw_lora_A(name, k, n, seed) with k = min(max_rank, m, n) rows (regenerated in each hook, never stored)
@@ -39,7 +39,8 @@ import torch
 from .allocate import allocate_ranks
 from .config import GoraConfig
 from .distributed import all_reduce_sum_
-from .initialize import draw_lora_A, gora_init, layer_scaling, module_seed, solve_lora_B
+from .estimate import FullStore
+from .initialize import draw_lora_A, module_seed
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -72,19 +73,17 @@ def store_whole(target: Target, config: GoraConfig) -> bool:
 class SketchStore:
     """Accumulators of sketch mode: Y per sketched layer, sampled entries, and whole G for small layers."""
 
+    needs_pilot = True
+
     def __init__(self, targets: list[Target], config: GoraConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
         self.by_name = {t.name: t for t in targets}
-        self.whole = {
-            t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device)
-            for t in targets
-            if store_whole(t, config)
-        }
+        self.whole = FullStore([t for t in targets if store_whole(t, config)], config, device)
         self.sketches = {
             t.name: torch.zeros(t.m, sketch_rank(t, config), dtype=torch.float32, device=device)
             for t in targets
-            if t.name not in self.whole
+            if t.name not in self.whole.sums
         }
         self.samplers: dict[str, _Sampler] = {}
         self._pilot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # sketched layers: (R, C)
@@ -116,7 +115,7 @@ class SketchStore:
                 all_reduce_sum_(C)
             pilot[name] = R, C
         sums = {name: float(R.sum()) for name, (R, C) in pilot.items()}
-        for name in self.whole:
+        for name in self.whole.sums:
             total = self._pilot_whole.get(name, torch.zeros(1, dtype=torch.float64))
             sums[name] = float(all_reduce_sum_(total) if reduce[name] else total)
         counts = self.sample_counts(
@@ -185,14 +184,29 @@ class SketchStore:
     # -- the N batches --------------------------------------------------------------------------------------
     def fold(self, target: Target, grad: torch.Tensor) -> None:
         name = target.name
-        if name in self.whole:
-            self.whole[name].add_(grad.to(device=self.device, dtype=torch.float32))
+        if name in self.whole.sums:
+            self.whole.fold(target, grad)
             return
         A = draw_lora_A(name, self.sketches[name].shape[1], target.n, self.config.seed).to(grad.device)
         self.sketches[name].add_((grad.float() @ A.T).to(self.device))  # Y += g_b · A_maxᵀ
         sampler = self.samplers[name]
         flat = grad.reshape(-1)
         sampler.values.add_(flat[sampler.index.to(flat.device, torch.int64)].to(self.device, torch.float32))
+
+    def running_importance(self, target: Target, weight: torch.Tensor, reduce: bool, batches: int) -> float | None:
+        if target.name in self.whole.sums:
+            return self.whole.running_importance(target, weight, reduce, batches)
+        values = self.samplers[target.name].values
+        values = all_reduce_sum_(values.clone()) if reduce else values
+        return self.estimate(target.name, values) / batches if bool(values.any()) else None
+
+    def finish(self, name: str, reduce: bool, batches: int) -> tuple[str, torch.Tensor, float | None]:
+        if name in self.whole.sums:
+            return self.whole.finish(name, reduce, batches)
+        Y = self.sketches.pop(name)
+        values = self.samplers[name].values
+        values = (all_reduce_sum_(values) if reduce else values).div_(batches)
+        return "sketches", (all_reduce_sum_(Y) if reduce else Y).div_(batches), self.estimate(name, values)
 
     def estimate(self, name: str, values: torch.Tensor) -> float:
         """Î of a sketched layer from the mean gradient at its samples."""
@@ -202,39 +216,5 @@ class SketchStore:
         return float((sampler.coef.double() * values.double().square()).mean().sqrt())  # Frobenius: √((1/s)Σ x²/q)
 
     def nbytes(self) -> int:
-        tensors = [*self.whole.values(), *self.sketches.values()]
-        tensors += [x for s in self.samplers.values() for x in (s.index, s.coef, s.values)]
-        return sum(x.numel() * x.element_size() for x in tensors)
-
-
-def init_layer(
-    stats, name: str, rank: int, config: GoraConfig, gamma: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0 [r, n], B0 [m, r]) of one layer from either store: its mean gradient G, or its sketch Y = G·A_maxᵀ.
-
-    With a sketch, A0 = A_max[:r] (the draw has the prefix property) and Y·A... = Y[:, :r] = G·A0ᵀ, so B0 is the
-    same Cholesky solve as with G: s·B0·A0 = −γ·√(n/r)·G·P_A.
-    """
-    if name in stats.gradients:
-        return gora_init(name, stats.gradients[name], rank, config, gamma)
-    if name not in stats.sketches:
-        raise ValueError(f"no gradient statistics for {name!r}: estimate gradients for this layer first")
-    Y = stats.sketches[name]
-    m, k = Y.shape
-    n = stats.shapes[name][1]
-    if rank > k:
-        raise ValueError(
-            f"{name} got rank {rank} but its sketch has only {k} columns (max_rank at estimation): "
-            f"re-estimate with max_rank >= {rank} or lower max_rank"
-        )
-    if config.seed != stats.seed:
-        raise ValueError(
-            f"the sketch was drawn with seed {stats.seed} but config.seed is {config.seed}: A0 must be the sketch's "
-            f"random matrix, so use GoraConfig(seed={stats.seed})"
-        )
-    gamma = config.gamma if gamma is None else gamma
-    A = draw_lora_A(name, rank, n, config.seed).to(Y.device)  # = A_max[:rank]
-    if gamma == 0:
-        return A, torch.zeros(m, rank, dtype=torch.float32, device=Y.device)
-    coefficient = -gamma * math.sqrt(n / rank) / layer_scaling(config, rank)  # −γ·√(n/r_i)/s_i
-    return A, solve_lora_B(Y[:, :rank].contiguous(), A, coefficient)
+        tensors = [*self.sketches.values()] + [x for s in self.samplers.values() for x in (s.index, s.coef, s.values)]
+        return self.whole.nbytes() + sum(x.numel() * x.element_size() for x in tensors)

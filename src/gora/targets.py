@@ -94,7 +94,7 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
             f"GoRA adapts nn.Linear and Conv1D layers only; these targets are neither: {_short(unsupported)}. "
             "Narrow target_modules (or use exclude_modules in lora_kwargs)"
         )
-    _warn_tied(model, targets)
+    _check_shared_weights(model, targets)
     if not targets:
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no nn.Linear/Conv1D module of this "
@@ -103,17 +103,22 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
     return targets
 
 
-def _warn_tied(model: nn.Module, targets: list[Target]) -> None:
-    """A weight shared with another module gets the sum of the gradients of all its uses: say so."""
+def _check_shared_weights(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse two targets that share one weight Parameter; warn about a target tied to a module that is not one.
+
+    A shared weight has one gradient, the sum over all its uses, so two targets on it could not get gradients,
+    importances or initializations of their own (and each would start with the whole step).
+    """
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor):
             owners.setdefault(id(weight), []).append(name)
+    target_names = {t.name for t in targets}
+    shared = [names for names in owners.values() if sum(n in target_names for n in names) > 1]
     for t in targets:
-        names = owners.get(id(model.get_submodule(t.name).weight), [])
-        others = [n for n in names if n != t.name]
-        if others:
+        others = [n for n in owners.get(id(model.get_submodule(t.name).weight), []) if n != t.name]
+        if others and not any(n in target_names for n in others):
             logger.warning(
                 "target %s shares its weight with %s: its gradient G is the sum over all uses, and the adapter "
                 "applies to %s only",
@@ -121,6 +126,12 @@ def _warn_tied(model: nn.Module, targets: list[Target]) -> None:
                 ", ".join(others),
                 t.name,
             )
+    if shared:
+        raise ValueError(
+            f"target modules that share one weight Parameter: {'; '.join(' = '.join(g) for g in shared[:4])}. "
+            "A shared weight has one gradient (the sum over its uses), so GoRA cannot give each of them its own importance, rank and "
+            "initialization: target only one module of each group (narrow target_modules or use exclude_modules)"
+        )
 
 
 def get_weight(model: nn.Module, target: Target) -> torch.Tensor:

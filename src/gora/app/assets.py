@@ -15,9 +15,9 @@ import importlib.util
 import logging
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
+
+from ..fileio import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +86,11 @@ def smollm2_path() -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except (OSError, ValueError):  # another process converted it meanwhile: use theirs
         if not (target / "config.json").is_file():
             raise
     return str(target)

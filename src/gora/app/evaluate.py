@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..batches import eval_mode, model_device, to_device
 from . import assets
 from .data import prompt_and_response_text
 
@@ -29,20 +30,16 @@ if TYPE_CHECKING:
 def evaluate_classification(model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int) -> dict:
     """{"accuracy", "loss"} of `model` on an encoded classification set, in eval mode."""
     correct, loss_sum, count = 0, 0.0, 0
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = model_device(model)
     dataset = _by_length(dataset)
-    try:
+    with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
-            batch = {k: v.to(device) for k, v in collator(list(dataset[start : start + batch_size])).items()}
+            batch = to_device(collator(list(dataset[start : start + batch_size])), device)
             out = model(**batch)
             n = batch["labels"].shape[0]
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
             loss_sum += float(out.loss) * n
             count += n
-    finally:
-        model.train(was_training)
     return {"accuracy": correct / count, "loss": loss_sum / count}
 
 
@@ -58,63 +55,58 @@ def evaluate_sft(
 ) -> dict[str, Any]:
     """{"exact_match", "examples"}: greedy generation on each prompt; a hit when the final answer (after the last
     `####`, else the last number) equals the reference answer (numerically where both are numbers)."""
-    device = next(model.parameters()).device
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
+    device = model_device(model)
+    side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     hits, examples = 0, []
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            heads = [prompt_and_response_text(tokenizer, str(r[data.prompt_column]))[0] for r in chunk]
-            special = not getattr(tokenizer, "chat_template", None)
-            inputs = tokenizer(heads, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
-            output = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for row, text in zip(chunk, texts):
-                reference = (
-                    str(row[data.answer_column])
-                    if data.answer_column
-                    else assets.final_answer(str(row[data.response_column]))
+    with eval_mode(model):
+        try:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                heads = [prompt_and_response_text(tokenizer, str(r[data.prompt_column]))[0] for r in chunk]
+                special = not getattr(tokenizer, "chat_template", None)
+                inputs = tokenizer(heads, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
                 )
-                predicted = assets.final_answer(text)
-                hit = _same_answer(predicted, reference)
-                hits += hit
-                if len(examples) < 3:
-                    examples.append(
-                        {
-                            "prompt": str(row[data.prompt_column])[:200],
-                            "output": text[-300:],
-                            "predicted": predicted,
-                            "answer": reference,
-                            "correct": hit,
-                        }
+                texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                for row, text in zip(chunk, texts):
+                    reference = (
+                        str(row[data.answer_column])
+                        if data.answer_column
+                        else assets.final_answer(str(row[data.response_column]))
                     )
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = side
+                    predicted = assets.final_answer(text)
+                    hit = _same_answer(predicted, reference)
+                    hits += hit
+                    if len(examples) < 3:
+                        examples.append(
+                            {
+                                "prompt": str(row[data.prompt_column])[:200],
+                                "output": text[-300:],
+                                "predicted": predicted,
+                                "answer": reference,
+                                "correct": hit,
+                            }
+                        )
+        finally:
+            tokenizer.padding_side = side
     return {"exact_match": hits / len(rows), "examples": examples}
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int) -> float:
     """Mean loss per batch of `model` on an encoded set, in eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = model_device(model)
     losses = []
     dataset = _by_length(dataset)
-    try:
+    with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
-            batch = {k: v.to(device) for k, v in collator(list(dataset[start : start + batch_size])).items()}
+            batch = to_device(collator(list(dataset[start : start + batch_size])), device)
             losses.append(float(model(**batch).loss))
-    finally:
-        model.train(was_training)
     return sum(losses) / len(losses)
 
 

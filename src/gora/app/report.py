@@ -1,17 +1,14 @@
-"""What a run shows and leaves behind: the rank table (layer x module type), the rank heatmap, the loss curve,
-`report.json`, and output folders that appear whole or not at all."""
+"""What a run shows and leaves behind: the rank table (layer x module type), the rank heatmap, the loss curve and
+`report.json` (output folders appear whole or not at all: `gora.fileio.staged_folder`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,37 +126,3 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
-
-
-def check_output_folder(target: str | os.PathLike[str], overwrite: bool) -> Path:
-    """The output folder, after checking it may be written: it must not be a file, nor a non-empty folder unless
-    `overwrite`.
-
-    Raises:
-        ValueError: what to change.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"output path {str(target)!r} is a file: choose a folder with --output-dir")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(
-            f"output folder {str(target)!r} is not empty: choose another --output-dir or pass --overwrite"
-        )
-    return target
-
-
-@contextlib.contextmanager
-def staged_folder(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `target`; on success it replaces `target`, on any failure it is deleted,
-    so a run leaves either a complete output folder or none."""
-    target = check_output_folder(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .runconfig import DEFAULT_PRESET, PRESETS, AllocateConfig, DataConfig, Method, TrainConfig
 
 if TYPE_CHECKING:
-    from ..estimate import GradientStats
+    from ..stats import GradientStats
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def finetune(
     Raises:
         UsageError / ValueError: bad input, with what to change (nothing is written).
     """
-    from .report import staged_folder
+    from ..fileio import staged_folder
 
     output_dir = train.output_dir or default_output_dir(train, data)
     task, stats, timings = _start_run(data, train, gora, preset, output_dir)
@@ -165,7 +165,7 @@ def _start_run(
 
     Nothing is written, so a refusal here (a mismatched statistics file included) leaves no output folder.
     """
-    from .report import check_output_folder
+    from ..fileio import check_output_folder
 
     check_output_folder(output_dir, run.overwrite)  # before any slow step
     if run.load_stats is not None and not Path(run.load_stats).is_file():
@@ -190,7 +190,7 @@ def load_saved_stats(path: str, model: nn.Module, gora: GoraConfig) -> GradientS
             fingerprint), of other target modules than `gora` selects (allocation would silently follow the file),
             or a sketch drawn with another seed (found here, before any evaluation or training).
     """
-    from ..stats_io import load_gradient_stats
+    from ..stats import load_gradient_stats
     from ..targets import find_targets
 
     try:
@@ -381,8 +381,9 @@ def allocate_only(
     """
     from ..allocate import allocate_ranks
     from ..estimate import estimate_gradients
+    from ..fileio import staged_folder
     from ..importance import compute_importances
-    from .report import rank_table, staged_folder
+    from .report import rank_table
 
     output_dir = alloc.output_dir or os.path.join("outputs", f"allocate-{datetime.now():%Y%m%d-%H%M%S}")
     load_stats, save_stats = alloc.load_stats, alloc.save_stats
@@ -445,7 +446,7 @@ def merge_adapter(
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .report import check_output_folder, staged_folder
+    from ..fileio import check_output_folder, staged_folder
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UsageError(f"{adapter!r} has no adapter_config.json: give the adapter folder (e.g. <run>/adapter)")

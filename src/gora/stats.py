@@ -1,4 +1,5 @@
-"""Gradient statistics as an artifact: save once, allocate and initialize again without a forward pass.
+"""What stage 1 produces (`GradientStats`) and its artifact: save once, allocate and initialize again without a
+forward pass.
 
 One `.safetensors` file: the tensors (`gradients/<module>` = G, `sketches/<module>` = Y = G·A_maxᵀ) and, in its
 metadata under the key "gora", a JSON header with the model fingerprint, targets, N, seed, store mode,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,51 @@ import torch
 from torch import nn
 
 from .distributed import full_tensor, unwrap_model
-from .estimate import GradientStats
+from .fileio import atomic_write
 from .targets import Target
 
 FORMAT = "gora-gradient-stats"
 FORMAT_VERSION = 1
 _CHECKSUM_LAYERS = 4  # weights whose leading values enter the fingerprint
 _CHECKSUM_ROWS, _CHECKSUM_COLS = 2, 16
+
+
+@dataclass
+class GradientStats:
+    """What gradient estimation produced.
+
+    Attributes:
+        targets: The adapted modules with their shapes, in model order.
+        gradients: Module name -> G, the float32 mean gradient in the [out, in] layout (every layer with
+            `store="full"`; only the small layers stored whole with `store="sketch"`).
+        num_batches: N, the number of batches averaged (over all ranks under torch.distributed).
+        no_grad: Targets whose weight received no gradient at all (unused in the forward); they get no adapter.
+        store: "full" or "sketch" (`GoraConfig.gradient_store`).
+        sketches: Module name -> Y = G·A_maxᵀ [m, min(max_rank, m, n)] (sketch mode).
+        importances: Module name -> I estimated during estimation (sketched layers), for `importance_metric`.
+        importance_metric: The metric of `importances`.
+        seed: The seed of A_max (sketch mode: A0 must be drawn with it).
+        info: How the statistics were made (world size, batches per rank, adaptive stopping, bytes, ...).
+    """
+
+    targets: list[Target]
+    gradients: dict[str, torch.Tensor]
+    num_batches: int
+    no_grad: list[str] = field(default_factory=list)
+    store: str = "full"
+    sketches: dict[str, torch.Tensor] = field(default_factory=dict)
+    importances: dict[str, float] = field(default_factory=dict)
+    importance_metric: str | None = None
+    seed: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {t.name: (t.m, t.n) for t in self.targets if t.name in self.gradients or t.name in self.sketches}
+
+    def nbytes(self) -> int:
+        """Bytes held by the statistics' tensors."""
+        return sum(x.numel() * x.element_size() for x in [*self.gradients.values(), *self.sketches.values()])
 
 
 def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
@@ -71,7 +111,7 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
     """
     from safetensors.torch import save_file
 
-    from .record import atomic_write, versions
+    from .record import versions
 
     tensors: dict[str, torch.Tensor] = {}
     for kind, table in (("gradients", stats.gradients), ("sketches", stats.sketches)):
