@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gora
-from conftest import lm_batches, make_llama
+from helpers import lm_batches, make_llama
 
 BATCHES = 8
 TRAIN_LR = 0.1

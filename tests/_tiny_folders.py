@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import VOCAB, bert_config, llama_config
+from helpers import VOCAB, bert_config, llama_config
 
 WORDS = [
     "good",

@@ -18,7 +18,7 @@ import torch
 
 import gora
 from _dist_worker import BATCHES, TRAIN_LR, config
-from conftest import lm_batches, make_llama
+from helpers import assert_close, lm_batches, make_llama
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 SCENARIOS = (
@@ -99,6 +99,8 @@ def _single(batches: list | None = None, **kwargs):
 
 
 def _assert_ranks_identical(metas: list[dict], tensors: list[dict]) -> None:
+    """Bit for bit: both ranks run the same code on the same all-reduced sums (an all-reduce returns one result to
+    every rank) on one machine, so nothing may differ at all."""
     assert metas[0]["ranks"] == metas[1]["ranks"]
     assert metas[0]["importances"] == metas[1]["importances"]
     assert tensors[0].keys() == tensors[1].keys()
@@ -121,7 +123,7 @@ def test_sketch_two_ranks(dist_out):
     stats, _, _ = _single(gradient_store="sketch")
     assert stats.sketches
     for name, Y in stats.sketches.items():
-        torch.testing.assert_close(tensors[0][f"Y/{name}"], Y, rtol=1e-5, atol=1e-9)
+        assert_close(tensors[0][f"Y/{name}"], Y, rtol=1e-5, msg=name)
 
 
 def test_adaptive_decision_same_on_every_rank(dist_out):
@@ -140,8 +142,8 @@ def test_get_gora_model_adapters_identical(dist_out):
     single = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert states[0].keys() == states[1].keys() == single.keys()
     for key in single:
-        assert torch.equal(states[0][key], states[1][key]), key
-        torch.testing.assert_close(states[0][key], single[key], rtol=1e-4, atol=1e-9)
+        assert torch.equal(states[0][key], states[1][key]), key  # same code, same reduced sums: bit for bit
+        assert_close(states[0][key], single[key], rtol=1e-4, msg=key)  # other summation order: float rounding
 
 
 def _assert_equal_single(metas: list[dict], tensors: list[dict], batches: list) -> None:
@@ -151,10 +153,10 @@ def _assert_equal_single(metas: list[dict], tensors: list[dict], batches: list) 
     assert metas[0]["num_batches"] == stats.num_batches == len(batches)
     assert metas[0]["ranks"] == allocation.ranks
     for name, G in stats.gradients.items():
-        torch.testing.assert_close(tensors[0][f"G/{name}"], G, rtol=1e-5, atol=1e-9)
+        assert_close(tensors[0][f"G/{name}"], G, rtol=1e-5, msg=name)
     for name, (A, B) in weights.items():
-        assert torch.equal(tensors[0][f"A/{name}"], A)
-        torch.testing.assert_close(tensors[0][f"B/{name}"], B, rtol=1e-4, atol=1e-9)
+        assert torch.equal(tensors[0][f"A/{name}"], A)  # drawn from (seed, name) by the same generator: exact
+        assert_close(tensors[0][f"B/{name}"], B, rtol=1e-4, msg=name)
 
 
 def test_rank_without_batches_adds_nothing(dist_out):
@@ -214,11 +216,11 @@ def test_gamma_auto_same_on_every_rank(dist_out):
     assert searches[0]["num_batches"] == single["num_batches"] == 4
     assert searches[0]["gamma"] == single["gamma"]
     for name in ("losses", "base_loss"):
-        torch.testing.assert_close(torch.tensor(searches[0][name]), torch.tensor(single[name]), rtol=1e-4, atol=0)
+        assert_close(torch.tensor(searches[0][name]), torch.tensor(single[name]), rtol=1e-4, msg=name)
     states = [torch.load(dist_out / f"gamma.rank{r}.pt") for r in range(2)]
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
-        assert torch.equal(states[0][key], states[1][key]), key
+        assert torch.equal(states[0][key], states[1][key]), key  # same code, same reduced losses: bit for bit
 
 
 def test_gamma_auto_short_held_out_fails_on_every_rank(dist_out):
@@ -249,20 +251,20 @@ def test_fsdp2_flow_trains_and_saves_the_single_process_adapter(dist_out, tmp_pa
     lora = {k: v for k, v in single.named_parameters() if "lora_" in k}
     assert inits[0].keys() == inits[1].keys() == lora.keys()
     for key, value in lora.items():
-        assert torch.equal(inits[0][key], inits[1][key]), key
-        torch.testing.assert_close(inits[0][key], value.detach(), rtol=1e-4, atol=1e-9)
+        assert torch.equal(inits[0][key], inits[1][key]), key  # same code, same reduced sums: bit for bit
+        assert_close(inits[0][key], value.detach(), rtol=1e-4, msg=key)
     optimizer = torch.optim.SGD(lora.values(), lr=TRAIN_LR)
     single.train()
     ((single(**batches[0]).loss + single(**batches[BATCHES // 2]).loss) / 2).backward()  # rank 0's and 1's first
     optimizer.step()
     assert trained[0].keys() == trained[1].keys() == lora.keys()
     for key, value in lora.items():
-        assert torch.equal(trained[0][key], trained[1][key]), key
-        torch.testing.assert_close(trained[0][key], value.detach(), rtol=1e-4, atol=1e-7)
+        assert torch.equal(trained[0][key], trained[1][key]), key  # FSDP2 gives every rank the same reduced grads
+        assert_close(trained[0][key], value.detach(), rtol=1e-4, msg=key)
     loaded = PeftModel.from_pretrained(make_llama(), dist_out / "fsdp_adapter")
     for key, value in loaded.named_parameters():
         if "lora_" in key:
-            torch.testing.assert_close(value, trained[0][key], rtol=0, atol=0)
+            assert torch.equal(value, trained[0][key]), key  # saved and loaded, not computed: exact
 
 
 def test_zero3_parameters_refused(llama):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gora
-from conftest import VOCAB, lm_batches
+from helpers import VOCAB, assert_close, lm_batches
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -73,7 +73,7 @@ def test_qgora_from_full_precision_trains_and_reloads_in_plain_peft(base_dir, tm
     initial = lora_params(peft_model)
     assert initial.keys() == lora_params(fp_reference).keys()
     for name, value in lora_params(fp_reference).items():
-        assert torch.equal(initial[name], value), name
+        assert torch.equal(initial[name], value), name  # the same computation on the same weights, in one process
     layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoraLinear4bit) and isinstance(layer.base_layer, bnb.nn.Linear4bit)
     assert layer.base_layer.weight.quant_type == "nf4"
@@ -99,6 +99,8 @@ def test_qgora_from_full_precision_trains_and_reloads_in_plain_peft(base_dir, tm
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     peft_model.eval()
     with torch.no_grad():
+        # identical 4-bit tensors (test_quantize_base_matches_transformers) and the same adapter through the same
+        # kernels in one process: bit for bit
         assert torch.equal(peft_model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     assert (tmp_path / "adapter" / "gora_record.json").is_file()
 
@@ -138,7 +140,7 @@ def test_prequantized_model_estimates_on_dequantized_weights_and_is_restored(bas
             fp.get_submodule(name).weight.copy_(weight if weight is not None else gora.quant._dequantize(module[0]))
     fp_stats = gora.estimate_gradients(fp, config, batches, show_progress=False)
     for name, grad in stats.gradients.items():
-        torch.testing.assert_close(grad, fp_stats.gradients[name], rtol=1e-4, atol=1e-6)
+        assert_close(grad, fp_stats.gradients[name], rtol=1e-4, msg=name)
 
     peft_model = gora.get_qgora_model(model, config, batches, show_progress=False)
     layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import gora
-from conftest import lm_batches, make_gpt2, make_llama
 from gora.initialize import draw_lora_A
 from gora.sketch import SketchStore, sketch_rank
 from gora.targets import Target
+from helpers import assert_close, lm_batches, make_gpt2, make_llama
 
 
 def _config(store: str, **kwargs) -> gora.GoraConfig:
@@ -43,9 +43,9 @@ def test_sketch_is_G_times_A_max(make):
     for name, Y in sketch.sketches.items():
         k = Y.shape[1]
         A_max = draw_lora_A(name, k, full.gradients[name].shape[1], 0)
-        torch.testing.assert_close(Y, full.gradients[name] @ A_max.T, rtol=1e-4, atol=1e-9)
+        assert_close(Y, full.gradients[name] @ A_max.T, rtol=1e-4, msg=name)
     for name, G in sketch.gradients.items():  # small layers stored whole
-        torch.testing.assert_close(G, full.gradients[name], rtol=1e-5, atol=1e-10)
+        assert_close(G, full.gradients[name], rtol=1e-5, msg=name)
 
 
 def test_same_adapters_where_ranks_agree(llama):
@@ -59,7 +59,7 @@ def test_same_adapters_where_ranks_agree(llama):
     assert abs(sketch_alloc.trainable_params / full_alloc.trainable_params - 1) < 0.1
     for name in same:
         assert torch.equal(full_w[name][0], sketch_w[name][0])
-        torch.testing.assert_close(sketch_w[name][1], full_w[name][1], rtol=1e-4, atol=1e-10)
+        assert_close(sketch_w[name][1], full_w[name][1], rtol=1e-4, msg=name)
 
 
 def test_sampled_importance_is_unbiased():

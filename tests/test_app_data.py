@@ -1,43 +1,11 @@
-"""Library pieces behind `gora finetune`: LoRA+, SFT label masking, label spaces, presets, report, output folders."""
+"""gora.app.data: SFT label masking, label spaces, data files, seeded splits."""
 
 from __future__ import annotations
 
 import pytest
 
 from _tiny_folders import make_tokenizer
-from conftest import make_bert
 from gora.app.data import IGNORE_INDEX, UsageError, encode_sft, label_space, read_rows, split_rows
-from gora.app.report import format_rank_table, rank_table
-from gora.fileio import staged_folder
-from gora.app.runconfig import resolve_configs
-from gora.app.train import make_optimizer
-
-
-def _lora_bert():
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return get_peft_model(make_bert(), config)
-
-
-@pytest.mark.parametrize("ratio", [2.0, 16.0])
-def test_loraplus_groups_give_B_ratio_times_As_lr(ratio):
-    """Protects LoRA+: every lora_B weight sits in a group at ratio x lr, every lora_A weight at lr, and every
-    trainable parameter is in exactly one group."""
-    model = _lora_bert()
-    optimizer = make_optimizer(model, learning_rate=1e-3, loraplus_lr_ratio=ratio)
-    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert len(lr_of) == len(named) == sum(len(g["params"]) for g in optimizer.param_groups)
-    a = [lr_of[id(p)] for n, p in named.items() if "lora_A" in n]
-    b = [lr_of[id(p)] for n, p in named.items() if "lora_B" in n]
-    assert a and b
-    assert a == [pytest.approx(1e-3)] * len(a) and b == [pytest.approx(1e-3 * ratio)] * len(b)
-
-
-def test_no_loraplus_ratio_means_trainer_default():
-    """Protects "off by default": without a ratio no optimizer is built and the Trainer makes its own."""
-    assert make_optimizer(_lora_bert(), learning_rate=1e-3) is None
 
 
 def test_sft_labels_cover_only_the_response():
@@ -125,51 +93,3 @@ def test_split_rows_is_seeded_and_disjoint():
     train, held = split_rows(rows, 0.1, seed=3)
     assert split_rows(rows, 0.1, seed=3) == (train, held)
     assert len(held) == 2 and {r["i"] for r in train}.isdisjoint(r["i"] for r in held)
-
-
-def test_presets_layer_under_user_options():
-    """Protects option layering: user options beat the preset; the preset's targets apply only to its own model;
-    the task decides the PEFT task type."""
-    data, train, config = resolve_configs("minilm-rt", {}, {"batch_size": 4}, {"r": 4})
-    assert data.task == "classification" and data.max_train_samples == 2000 and train.batch_size == 4
-    assert config.r == 4 and config.num_batches == 16 and config.target_modules == ("query", "key", "value", "dense")
-    assert config.lora_kwargs == {"task_type": "SEQ_CLS"}
-    data, _, config = resolve_configs("minilm-rt", {"model": "/m", "task": "sft", "train_file": "f.jsonl"}, {}, {})
-    assert config.target_modules is None and config.lora_kwargs == {"task_type": "CAUSAL_LM"}
-    assert data.max_train_samples is None  # the preset's row limit is for its own data
-    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
-        resolve_configs("minilm-rt", {}, {"loraplus_lr_ratio": 0.5}, {})
-
-
-def test_rank_table_layers_by_module_type():
-    """Protects the report's table: rows are layers in numeric order, columns module types, '-' where absent."""
-    ranks = {"m.layers.10.q": 3, "m.layers.2.q": 5, "m.layers.2.v": 9, "m.pooler.dense": 7}
-    table = rank_table(ranks)
-    assert table.layers == ["2", "10", "m.pooler"] and table.types == ["q", "v", "dense"]
-    assert table.cells == [[5, 9, None], [3, None, None], [None, None, 7]]
-    text = format_rank_table(table)
-    assert text.splitlines()[-1].split() == ["mean", "4.0", "9.0", "7.0"]
-
-
-def test_staged_folder_leaves_nothing_on_failure(tmp_path):
-    """Protects "no half-written output": a failure inside removes the temporary folder and keeps the old one."""
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), staged_folder(target, overwrite=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-        raise RuntimeError("boom")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "old.txt").is_file()
-    with staged_folder(target, overwrite=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
-
-
-def test_gora_config_help_is_generated():
-    """Protects the generated help: GoraConfig's own help texts show on `gora finetune --help`."""
-    from gora.app.cli import build_parser
-
-    text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
-    for f in ("--min-rank", "--gamma", "--loraplus-lr-ratio", "--text-column", "--no-eval-before"):
-        assert f in text
-    assert "smallest rank of a layer" in text

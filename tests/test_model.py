@@ -1,5 +1,5 @@
-"""End to end: exact mean gradients, the ΔW0 identity inside PEFT, the descent sign, determinism, plain-PEFT round trips,
-merging, pass-through options, and that the user's model is never changed (on success or failure)."""
+"""The PEFT glue end to end (model.py): the ΔW0 identity inside PEFT's layers, the descent sign, determinism, plain-PEFT
+round trips, merging, pass-through options, and that the user's model is never changed (on success or failure)."""
 
 from __future__ import annotations
 
@@ -14,90 +14,21 @@ import torch
 from torch import nn
 
 import gora
-from conftest import cls_batches, lm_batches, make_bert, make_gpt2, make_llama
 from gora import GoraConfig
 from gora.initialize import layer_scaling
-from gora.targets import find_targets, get_weight
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def manual_mean_gradient(model, batches, targets):
-    """G by plain autograd, one batch at a time, with dropout off — the definition, written independently."""
-    model.train()
-    sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float64) for t in targets}
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        for t in targets:
-            g = model.get_submodule(t.name).weight.grad
-            sums[t.name] += (g.T if t.transposed else g).double()
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    return {k: v / len(batches) for k, v in sums.items()}
-
-
-def snapshot(model):
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "flags": {k: p.requires_grad for k, p in model.named_parameters()},
-        "modes": {k: m.training for k, m in model.named_modules()},
-        "grads": {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
-        "types": {k: type(m) for k, m in model.named_modules()},
-    }
-
-
-def assert_same(before, after):
-    assert before["flags"] == after["flags"]
-    assert before["modes"] == after["modes"]
-    assert before["types"] == after["types"]
-    assert before["state"].keys() == after["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), k
-    for k, g in before["grads"].items():
-        h = after["grads"][k]
-        assert (g is None and h is None) or torch.equal(g, h), k
-
-
-@pytest.mark.parametrize(("make", "targets"), [(make_llama, LLAMA_TARGETS), (make_gpt2, ["c_attn", "c_proj", "c_fc"])])
-def test_estimated_gradient_is_the_exact_mean_over_all_batches(make, targets):
-    model = make()
-    batches = lm_batches(n=5)
-    config = GoraConfig(target_modules=targets, num_batches=5)
-    stats = gora.estimate_gradients(model, config, batches, show_progress=False)
-    expected = manual_mean_gradient(make(), batches, stats.targets)
-    assert stats.num_batches == 5 and not stats.no_grad
-    for name, g in stats.gradients.items():
-        assert g.dtype == torch.float32
-        assert torch.allclose(g.double(), expected[name], rtol=1e-4, atol=1e-7), name
-
-
-def test_only_the_first_num_batches_are_used():
-    batches = lm_batches(n=6)
-    config = GoraConfig(target_modules=["q_proj"], num_batches=2)
-    stats = gora.estimate_gradients(make_llama(), config, iter(batches), show_progress=False)
-    expected = manual_mean_gradient(make_llama(), batches[:2], stats.targets)
-    assert stats.num_batches == 2
-    for name, g in stats.gradients.items():
-        assert torch.allclose(g.double(), expected[name], rtol=1e-4, atol=1e-7)
-
-
-def test_estimation_leaves_flags_modes_grads_and_weights_as_they_were():
-    model = make_llama()
-    model.model.layers[0].train()  # mixed modes must come back mixed
-    model.lm_head.weight.requires_grad_(False)
-    model.model.layers[1].self_attn.q_proj.weight.grad = torch.full_like(
-        model.model.layers[1].self_attn.q_proj.weight, 3.0
-    )
-    before = snapshot(model)
-    gora.estimate_gradients(model, GoraConfig(target_modules=LLAMA_TARGETS, num_batches=3), lm_batches(3))
-    assert_same(before, snapshot(model))
-
-
-def test_user_rng_state_is_untouched_by_estimation():
-    state = torch.random.get_rng_state()
-    gora.estimate_gradients(make_llama(), GoraConfig(target_modules=["q_proj"], num_batches=2), lm_batches(2))
-    assert torch.equal(state, torch.random.get_rng_state())
+from gora.targets import find_targets
+from helpers import (
+    LLAMA_TARGETS,
+    assert_close,
+    assert_same,
+    cls_batches,
+    lm_batches,
+    make_bert,
+    make_gpt2,
+    make_llama,
+    manual_mean_gradient,
+    snapshot,
+)
 
 
 @pytest.mark.parametrize(("make", "targets"), [(make_llama, LLAMA_TARGETS), (make_gpt2, ["c_attn", "c_proj", "c_fc"])])
@@ -120,9 +51,9 @@ def test_peft_layers_carry_delta_w0_equal_to_minus_gamma_scaled_projected_gradie
         delta = layer.scaling["default"] * B @ A
         assert torch.allclose(delta, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()), name
         if layer.fan_in_fan_out:  # PEFT's own delta weight agrees (Conv1D layout)
-            assert torch.allclose(layer.get_delta_weight("default").double().T, delta, atol=1e-6)
+            assert_close(layer.get_delta_weight("default").T, delta, rtol=1e-5, msg=name)
         else:
-            assert torch.allclose(layer.get_delta_weight("default").double(), delta, atol=1e-6)
+            assert_close(layer.get_delta_weight("default"), delta, rtol=1e-5, msg=name)
 
 
 def test_initialization_takes_a_descent_step_on_a_toy_regression():
@@ -226,7 +157,9 @@ def test_saved_adapter_reloads_in_plain_peft_without_gora_with_identical_logits(
         check=True,
     )
     reloaded = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert torch.equal(reloaded, expected.float())
+    # another process, same weights and kernels: equal up to float rounding (BLAS may pick other kernels for other
+    # memory alignments), to 1e-6 of the largest logit
+    assert_close(reloaded, expected.float(), rtol=1e-6)
 
 
 def test_merge_and_unload_gives_the_same_outputs_and_leaves_no_adapter():
@@ -238,7 +171,7 @@ def test_merge_and_unload_gives_the_same_outputs_and_leaves_no_adapter():
         merged = peft_model.merge_and_unload()
         got = merged(input_ids=ids).logits
     assert not any("lora" in k for k in merged.state_dict())
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert_close(got, expected, rtol=1e-5)
     assert not torch.equal(
         merged.model.layers[0].self_attn.q_proj.weight, make_llama().model.layers[0].self_attn.q_proj.weight
     )
@@ -375,51 +308,6 @@ def test_bad_input_raises_clearly_and_leaves_the_model_untouched(case):
     with pytest.raises(ValueError, match=match):
         gora.get_gora_model(model, config, batches(), forward_fn=forward_fn, show_progress=False)
     assert_same(before, snapshot(model))
-
-
-def test_a_peft_model_is_refused():
-    peft_model = gora.get_gora_model(make_llama(), GoraConfig(target_modules=["q_proj"], num_batches=1), lm_batches(1))
-    with pytest.raises(ValueError, match="already carries PEFT adapter"):
-        gora.get_gora_model(peft_model, GoraConfig(target_modules=["v_proj"], num_batches=1), lm_batches(1))
-
-
-def test_default_targets_come_from_peft_for_known_architectures():
-    stats = gora.estimate_gradients(make_llama(), GoraConfig(num_batches=1), lm_batches(1), show_progress=False)
-    assert {t.name.rsplit(".", 1)[-1] for t in stats.targets} == {"q_proj", "v_proj"}
-
-
-def test_all_linear_targets_every_linear_but_the_output_layer():
-    model = make_llama()
-    stats = gora.estimate_gradients(model, GoraConfig(target_modules="all-linear", num_batches=1), lm_batches(1))
-    names = {t.name for t in stats.targets}
-    assert "lm_head" not in names and len(names) == 2 * 7
-
-
-def test_weight_view_matches_layout():
-    model = make_gpt2()
-    config = GoraConfig(target_modules=["c_fc"], num_batches=1)
-    target = find_targets(model, config)[0]
-    assert target.transposed and get_weight(model, target).shape == (target.m, target.n) == (128, 32)
-
-
-def test_tied_target_weight_is_warned_about(caplog):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    with caplog.at_level("WARNING"):
-        find_targets(model, GoraConfig(target_modules=["lm_head"]))
-    assert "shares its weight with model.embed_tokens" in caplog.text
 
 
 def test_bfloat16_model_gets_float32_statistics_and_adapters():

@@ -14,6 +14,7 @@ import torch
 
 from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_csv, write_jsonl
 from gora.app.cli import main
+from helpers import assert_close
 
 FAST = ["--num-batches", "2", "--batch-size", "8", "--eval-batch-size", "16", "--logging-steps", "1", "-q"]
 BERT_GORA = ["--target-modules", "query", "value", "--r", "4", "--min-rank", "2", "--max-rank", "8"]
@@ -158,7 +159,9 @@ def test_finetune_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
     weights = {n: _adapter_tensors(tmp_path / n) for n in runs}
     assert weights["reused"].keys() == weights["fresh"].keys()
     for key, tensor in weights["fresh"].items():
-        torch.testing.assert_close(weights["reused"][key], tensor, rtol=0, atol=0, msg=key)
+        # the same statistics (bit for bit through safetensors) and the same code; the solve may take other BLAS kernels
+        # for tensors at other memory addresses, so equal up to float rounding
+        assert_close(weights["reused"][key], tensor, rtol=1e-5, msg=key)
     assert f"reused from {stats}" in capsys.readouterr().out
 
 
@@ -202,7 +205,7 @@ def test_merge_gives_the_same_logits(gora_run, cls_file, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
     adapted = PeftModel.from_pretrained(base, gora_run / "adapter").eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+        assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-5)
 
 
 # --- bad input: exit 2, one message, nothing written ------------------------------------------------------------------

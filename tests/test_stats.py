@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gora
-from conftest import lm_batches, make_llama
+from helpers import assert_close, lm_batches, make_llama
 
 
 def _config(store: str = "full") -> gora.GoraConfig:
@@ -42,7 +42,7 @@ def test_round_trip_gives_the_same_adapter(tmp_path, store):
     original, again = _lora_state(make_llama(), config, stats), _lora_state(make_llama(), config, loaded)
     assert original.keys() == again.keys()
     for key in original:
-        torch.testing.assert_close(again[key], original[key], rtol=1e-5, atol=1e-9)
+        assert_close(again[key], original[key], rtol=1e-5, msg=key)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

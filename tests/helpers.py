@@ -1,0 +1,149 @@
+"""What the tests share: tiny config-built models and batches (no downloads; CPU; seconds), the check that a
+model was left untouched, the mean gradient by plain autograd, and a magnitude-scaled float comparison.
+
+All models are dropout-free, so train-mode gradients are deterministic and comparable across runs/processes.
+Tests import this module (`from helpers import ...`); `conftest.py` only turns some of it into fixtures.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 96
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_config(layers: int = 2, **overrides):
+    """The tiny Llama's config (hidden 32, 4 heads, 2 KV heads); `overrides` replace any field."""
+    from transformers import LlamaConfig
+
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def make_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(layers)).eval()
+
+
+def make_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def bert_config(num_labels: int = 2, **overrides):
+    """The tiny dropout-free BERT's config (hidden 32, 2 layers); `overrides` replace any field."""
+    from transformers import BertConfig
+
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertConfig(**{**fields, **overrides})
+
+
+def make_bert(seed: int = 0, num_labels: int = 2):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(bert_config(num_labels)).eval()
+
+
+def lm_batches(n: int = 4, batch: int = 2, length: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM batches with labels, so model(**b).loss exists."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def cls_batches(n: int = 4, batch: int = 4, length: int = 10, seed: int = 0, num_labels: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+        labels = torch.randint(0, num_labels, (batch,), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, msg: str | None = None) -> None:
+    """actual equals expected up to float rounding: |a − e| <= rtol·|e| + rtol·max|e| elementwise.
+
+    The absolute part scales with the magnitude of what is compared: a fixed tiny atol fails on elements near zero,
+    whose last bits depend on the float32 summation order of the CPU's SIMD kernels (Intel vs AMD).
+    """
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=rtol * scale, check_dtype=False, check_device=False, msg=msg
+    )
+
+
+def snapshot(model):
+    """Everything of a model that GoRA must leave as it was: weights, requires_grad flags, modes, grads, types."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "flags": {k: p.requires_grad for k, p in model.named_parameters()},
+        "modes": {k: m.training for k, m in model.named_modules()},
+        "grads": {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
+        "types": {k: type(m) for k, m in model.named_modules()},
+    }
+
+
+def assert_same(before, after):
+    """Bit-equality of two snapshots: nothing was computed, only restored, so nothing may differ at all."""
+    assert before["flags"] == after["flags"]
+    assert before["modes"] == after["modes"]
+    assert before["types"] == after["types"]
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+    for k, g in before["grads"].items():
+        h = after["grads"][k]
+        assert (g is None and h is None) or torch.equal(g, h), k
+
+
+def manual_mean_gradient(model, batches, targets):
+    """G by plain autograd, one batch at a time, with dropout off — the definition, written independently (float64)."""
+    model.train()
+    sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float64) for t in targets}
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for t in targets:
+            g = model.get_submodule(t.name).weight.grad
+            sums[t.name] += (g.T if t.transposed else g).double()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return {k: v / len(batches) for k, v in sums.items()}
