@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import gora
-from helpers import VOCAB, assert_close, lm_batches
+from helpers import VOCAB, assert_close, llama_config, lm_batches
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 from gora.quant import dequantized_targets  # noqa: E402
 
@@ -24,16 +24,7 @@ NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_
 def make_qllama(seed: int = 0) -> LlamaForCausalLM:
     """A tiny Llama whose linear layers have in_features divisible by bitsandbytes' 4-bit block size (64)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(llama_config(hidden_size=64, intermediate_size=128)).eval()
 
 
 @pytest.fixture(autouse=True, scope="module")
