@@ -11,7 +11,8 @@ tokens, targets query/key/value/dense as the embedded default):
 - loraga: PEFT's `preprocess_loraga` (the same N passes) + `get_peft_model(init_lora_weights="lora_ga")`.
 
 Each method runs on its own deep copy of the model, in alternating order, `repeats` times; the table gives the
-median seconds and each median's ratio to the floor's. The result (with machine, versions, date, commit and the
+median seconds and each median's ratio to the floor's, for wall time and for this process's CPU time (with one
+thread, CPU time is the work done; on a shared machine it is far less disturbed by other processes than wall time). The result (with machine, versions, date, commit and the
 load average, since the machine is shared) is appended to benchmarks/results/init_overhead.jsonl.
 """
 
@@ -131,18 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     base(**data[0]).loss.backward()  # warm up kernels and allocator once, outside the timings
     base.zero_grad(set_to_none=True)
     times: dict[str, list[float]] = {name: [] for name in METHODS}
+    cpu: dict[str, list[float]] = {name: [] for name in METHODS}
     loads = []
     order = list(METHODS)
     for repeat in range(args.repeats):
         for name in order if repeat % 2 == 0 else order[::-1]:  # alternate the order: drift hits every method
             model = copy.deepcopy(base)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             METHODS[name](model, data)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
             loads.append(os.getloadavg()[0])
             del model
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {name: medians[name] / medians["floor"] for name in METHODS}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+    cpu_ratios = {name: cpu_medians[name] / cpu_medians["floor"] for name in METHODS}
+    # each repeat runs every method back to back: the median of the per-repeat ratios cancels slow drifts of the load
+    paired = {name: statistics.median(c / f for c, f in zip(cpu[name], cpu["floor"], strict=True)) for name in METHODS}
     record = {
         "benchmark": "init_overhead",
         "setting": {
@@ -157,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         "times_s": times,
         "median_s": medians,
         "ratio_to_floor": ratios,
+        "cpu_s": cpu,
+        "cpu_median_s": cpu_medians,
+        "cpu_ratio_to_floor": cpu_ratios,
+        "cpu_paired_ratio_median": paired,
         "load_avg_1m": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "note": args.note,
         "git": git_commit(),
@@ -167,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as handle:
         handle.write(json.dumps(record) + "\n")
-    print(f"{'method':8} {'median s':>9} {'x floor':>8}   runs")
+    print(f"{'method':8} {'wall s':>8} {'x floor':>8} {'cpu s':>8} {'x floor':>8} {'paired':>8}   cpu runs")
     for name in METHODS:
-        runs = " ".join(f"{t:.2f}" for t in times[name])
-        print(f"{name:8} {medians[name]:9.2f} {ratios[name]:8.3f}   {runs}")
+        runs = " ".join(f"{t:.2f}" for t in cpu[name])
+        print(
+            f"{name:8} {medians[name]:8.2f} {ratios[name]:8.3f} {cpu_medians[name]:8.2f} {cpu_ratios[name]:8.3f}"
+            f" {paired[name]:8.3f}   {runs}"
+        )
     print(f"load average during the runs: {record['load_avg_1m']}")
     return 0
 
