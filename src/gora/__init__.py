@@ -18,6 +18,7 @@ from .model import build_gora_model, get_gora_model, make_lora_config
 from .quant import get_qgora_model, quantize_base
 from .record import GoraRecord
 from .stats import GradientStats, load_gradient_stats, model_fingerprint, save_gradient_stats
+from .trainer import prepare_trainer
 
 __all__ = [
     "Allocation",
@@ -39,6 +40,7 @@ __all__ = [
     "load_gradient_stats",
     "make_lora_config",
     "model_fingerprint",
+    "prepare_trainer",
     "quantize_base",
     "save_gradient_stats",
     "solve_lora_B",
