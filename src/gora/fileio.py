@@ -17,10 +17,13 @@ from pathlib import Path
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Let `write` fill a temporary file in the same folder, fsync it and rename it over `path`, so no truncated
-    file is ever left, whatever happens in between."""
+    file is ever left, whatever happens in between.
+
+    The temporary file ends in the target's own suffix (`.ranks.x1y2.tmp.png`), for writers that choose the format
+    from the file name (matplotlib's `savefig`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(Path(tmp))

@@ -3,7 +3,9 @@
     runconfig  what a run is configured by (DataConfig, TrainConfig, ..., presets)
     cliconfig  command-line options generated from those dataclasses
     data       data files → rows → token batches; `load_task`
-    train      a whole fine-tune, allocate-only, merge
+    train      a whole fine-tune (and its resume), allocate-only, merge
+    runfolder  a fine-tune's output folder: status.json, saved configuration, checkpoints, resume rules
+    callbacks  Trainer callbacks: stopping on SIGINT/SIGTERM after a checkpoint, status updates
     evaluate   accuracy / exact match / eval loss
     report     rank table, heatmap, loss curve, report.json
     assets     the offline models and data of the presets

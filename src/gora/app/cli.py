@@ -1,8 +1,10 @@
-"""The `gora` command: `gora finetune`, `gora allocate`, `gora merge`.
+"""The `gora` command: `gora finetune` (and `gora finetune --resume <run>`), `gora allocate`, `gora merge`.
 
 Options come from the typed config dataclasses (GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig)
-through one generic builder (cliconfig.py); only the options the user gives are layered over the preset's values.
-This module is the user interface, so it prints; the library logs. Bad input exits with status 2 and one message.
+through one generic builder (cliconfig.py); only the options the user gives are layered over the preset's values
+(or, with --resume, over the run's saved configuration). This module is the user interface, so it prints; the
+library logs. Bad input exits with status 2 and one message; a run that stops once training has started exits
+with 1 (a failure) or 128 + the signal number, and one message saying what is safe and how to resume.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .cliconfig import add_dataclass_arguments, dataclass_kwargs, name_options
+from .runfolder import RunStopped
 
 EXIT_USAGE = 2
 
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--preset",
             choices=sorted(PRESETS),
-            default=DEFAULT_PRESET,
+            default=None,  # None = DEFAULT_PRESET; kept apart so that --resume sees whether it was given
             help=f"built-in model, data and settings that the other options override (default: {DEFAULT_PRESET}). "
             + presets.replace("%", "%%"),
         )
@@ -64,9 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a model and data, run GoRA (gradient estimation -> rank allocation -> initialization), "
         "train with transformers' Trainer, evaluate before and after, and write the adapter, gora_record.json, "
         "report.json and plots (--load-stats: reuse the gradient statistics of `gora allocate --save-stats` instead "
-        "of estimating). With no options: " + preset.summary + ".",
+        "of estimating). Training writes checkpoints; Ctrl-C (or SIGTERM) finishes the step, writes one and stops, a "
+        "second Ctrl-C stops at once; --resume continues. With no options: " + preset.summary + ".",
         epilog=epilog,
         parents=[common],
+    )
+    finetune.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (its output folder) from its last checkpoint, with its saved configuration; "
+        "options that would change the result are refused (threads, progress, logging and checkpointing may differ)",
     )
     add_common(finetune, train_cls)
     allocate = subparsers.add_parser(
@@ -100,11 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "merge":
             return _merge(args)
         return _run(command, args, started)
+    except RunStopped as err:  # after training started: what is safe and the resume command, on one line
+        print(f"gora {command}: {err}", file=sys.stderr)
+        return err.exit_status
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"gora {command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"gora {command}: interrupted; no output folder was left behind", file=sys.stderr)
+        print(
+            f"gora {command}: interrupted before training started; no output folder was left behind", file=sys.stderr
+        )
         return 130
 
 
@@ -123,25 +138,37 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _run(command: str, args: argparse.Namespace, started: float) -> int:
-    from .runconfig import resolve_configs
-    from .train import allocate_only, finetune
+    from .runconfig import DEFAULT_PRESET, resolve_configs
+    from .train import allocate_only, finetune, resume_finetune
 
     gora_cls, data_cls, train_cls, alloc_cls, _ = _configs()
     run_cls = train_cls if command == "finetune" else alloc_cls
+    show = not args.quiet
+    if command == "finetune" and args.resume is not None:
+        report = resume_finetune(
+            args.resume,
+            preset=args.preset,
+            data=dataclass_kwargs(data_cls, args),
+            train=dataclass_kwargs(train_cls, args),
+            gora=dataclass_kwargs(gora_cls, args),
+            show_progress=show,
+        )
+        print_finetune(report, time.perf_counter() - started)
+        return 0
+    preset = args.preset or DEFAULT_PRESET
     with _options_in_errors(data_cls, run_cls, gora_cls):
         data, run, gora = resolve_configs(
-            args.preset,
+            preset,
             dataclass_kwargs(data_cls, args),
             dataclass_kwargs(run_cls, args),
             dataclass_kwargs(gora_cls, args),
             train_cls=run_cls,
         )
-    show = not args.quiet
     if command == "finetune":
-        report = finetune(data, run, gora, preset=args.preset, show_progress=show)
+        report = finetune(data, run, gora, preset=preset, show_progress=show)
         print_finetune(report, time.perf_counter() - started)
     else:
-        report = allocate_only(data, run, gora, preset=args.preset, show_progress=show)
+        report = allocate_only(data, run, gora, preset=preset, show_progress=show)
         print_allocation(report, time.perf_counter() - started)
     return 0
 
@@ -205,6 +232,8 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
     print(
         "time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in times.items()) + f"; total {wall_s:.1f}s"
     )
+    if report.get("sessions", 1) > 1:
+        print(f"resumed: {report['sessions']} sessions (the figures above cover the whole run)")
     if report["config"]["train"].get("load_stats"):
         print(f"gradient statistics reused from {report['config']['train']['load_stats']} (no estimation)")
     print("outputs: " + ", ".join(f"{k} {v}" for k, v in report["outputs"].items()))

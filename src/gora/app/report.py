@@ -1,5 +1,5 @@
 """What a run shows and leaves behind: the rank table (layer x module type), the rank heatmap, the loss curve and
-`report.json` (output folders appear whole or not at all: `gora.fileio.staged_folder`)."""
+`report.json` (the fine-tune writes each of them whole into its run folder with `gora.fileio.atomic_write`)."""
 
 from __future__ import annotations
 

@@ -107,9 +107,17 @@ class TrainConfig:
     )
     logging_steps: int = field(default=10, metadata={"help": "log the training loss every N steps"})
     save_strategy: Literal["no", "steps", "epoch"] = field(
-        default="epoch", metadata={"help": "when to write Trainer checkpoints (under checkpoints/)"}
+        default="epoch",
+        metadata={"help": "when to write Trainer checkpoints (under checkpoints/; Ctrl-C writes one in any case)"},
     )
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps with --save-strategy steps"})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "keep the last N checkpoints (none: all); each holds the adapter with its AdamW state, "
+            "~12 bytes per adapter parameter (README: resuming)"
+        },
+    )
     train_seed: int = field(default=0, metadata={"help": "seed of the data order, new heads and dropout"})
     eval_before: bool = field(default=True, metadata={"help": "also evaluate before training"})
     max_new_tokens: int = field(default=256, metadata={"help": "sft: tokens generated per evaluation problem"})
@@ -123,6 +131,13 @@ class TrainConfig:
             "help": "gradient statistics from `gora allocate --save-stats` (same model and targets): skip estimation"
         },
     )
+    keep_stats: bool = field(
+        default=True,
+        metadata={
+            "help": "keep GoRA's gradient statistics in <output>/init/ for --load-stats (with --gradient-store full "
+            "as large as the adapted weights in float32; a resume does not need them)"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check(self.method in ("gora", "lora", "rslora"), f"method={self.method!r} is not one of gora, lora, rslora")
@@ -133,6 +148,10 @@ class TrainConfig:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0 (or unset), got {self.max_steps}")
         _check(self.threads is None or self.threads > 0, f"threads must be a positive integer, got {self.threads}")
+        _check(
+            self.save_total_limit is None or self.save_total_limit > 0,
+            f"save_total_limit must be a positive integer (or none: keep every checkpoint), got {self.save_total_limit}",
+        )
         for name in ("batch_size", "eval_batch_size", "logging_steps", "save_steps", "max_new_tokens"):
             _check(getattr(self, name) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")

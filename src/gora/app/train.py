@@ -3,21 +3,28 @@
     DataConfig + TrainConfig + GoraConfig
         → load_task        (data.py: model folder + rows → tokenizer, model, encoded train/eval sets; input checked first)
         → evaluate         (before; evaluate.py: accuracy / exact match of the final answer, eval loss)
-        → get_gora_model   (estimate → allocate → init; or a plain LoRA/rsLoRA adapter at the same r)
-        → transformers.Trainer (optionally with a LoRA+ optimizer: make_optimizer)
-        → evaluate         (after) → adapter + gora_record.json + report.json + plots
+        → GoRA             (estimate → allocate → init; or a plain LoRA/rsLoRA adapter at the same r)
+        ── the run folder appears (runfolder.py): status.json, run_config.json, init/ (step-0 adapter + statistics)
+        → transformers.Trainer (checkpoints/; optionally a LoRA+ optimizer: make_optimizer; SIGINT/SIGTERM:
+                           callbacks.py) → adapter/ (written as soon as training ends)
+        → evaluate         (after) → report.json + plots; status.json says "finished"
 
-The `gora` command (cli.py) builds these dataclasses from its options; the same functions serve Python callers.
-Tasks: sequence classification (accuracy) and causal-LM supervised fine-tuning on prompt/response pairs (loss on the
-response only; exact match of the final answer under greedy generation).
+`resume_finetune` (`gora finetune --resume`) continues a run that stopped, from its saved configuration, step-0
+adapter and last checkpoint. The `gora` command (cli.py) builds the dataclasses from its options; the same functions
+serve Python callers. Tasks: sequence classification (accuracy) and causal-LM supervised fine-tuning on
+prompt/response pairs (loss on the response only; exact match of the final answer under greedy generation).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
+import signal
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,9 +33,33 @@ import torch
 from torch import nn
 
 from ..config import GoraConfig
+from ..fileio import staged_folder
+from ..model import attach_record
+from ..record import RECORD_NAME, GoraRecord
+from .callbacks import GracefulStop, SignalStop, StatusCallback, signal_name
 from .data import TaskData, UsageError, load_task
 from .evaluate import evaluate
+from .report import loss_curve
 from .runconfig import DEFAULT_PRESET, PRESETS, AllocateConfig, DataConfig, Method, TrainConfig
+from .runfolder import (
+    ADAPTER,
+    CONFIG,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    PROGRESS,
+    RUNNING,
+    STATS,
+    STATUS,
+    TRAINER_STATE,
+    RunFolder,
+    RunStopped,
+    check_resumable,
+    config_dict,
+    first_line,
+    now,
+    resume_configs,
+)
 
 if TYPE_CHECKING:
     from ..stats import GradientStats
@@ -112,16 +143,28 @@ def finetune(
 ) -> dict[str, Any]:
     """Run a whole fine-tune and write its output folder; returns the report (also written as report.json).
 
-    The output folder is written under a temporary name beside the target and renamed at the end, so a failed run
-    leaves nothing behind.
+    Nothing is written before training starts, so bad input (found while loading, estimating, initializing or
+    evaluating before training) leaves no folder. From then on the folder exists and says where the run stands
+    (status.json, runfolder.py): the configuration, the gradient statistics, the step-0 adapter and the checkpoints
+    survive any failure, and `resume_finetune` (`gora finetune --resume`) continues the run. The trained adapter is
+    written as soon as training ends, before the evaluation and the report.
 
     Raises:
         UsageError / ValueError: bad input, with what to change (nothing is written).
+        RunStopped: the run stopped after training started (a signal, a failure); the message says what is safe
+            and how to resume.
     """
-    from ..fileio import staged_folder
-
     output_dir = train.output_dir or default_output_dir(train, data)
+    train = dataclasses.replace(train, output_dir=output_dir)
+    existing = RunFolder(output_dir)
+    if existing.is_run() and not train.overwrite:
+        state = existing.status().get("state", "unknown state")
+        raise UsageError(
+            f"output folder {output_dir!r} holds a gora finetune run ({state}): continue it with "
+            f"`{existing.resume_command()}`, choose another --output-dir, or pass --overwrite to replace it"
+        )
     task, stats, timings = _start_run(data, train, gora, preset, output_dir)
+    fingerprints = _fingerprints(task, gora)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task.model.to(device)
     logger.info(
@@ -131,30 +174,318 @@ def finetune(
         len(task.eval_set),
         task.sources["train"],
     )
+    _training_arguments(train, existing.checkpoints, show_progress)  # refused settings found before any writing
     metrics: dict[str, Any] = {}
     if train.eval_before:
         start = time.perf_counter()
         metrics["before"] = evaluate(task.model, task, data, train)
         timings["eval_before_s"] = time.perf_counter() - start
-    with staged_folder(output_dir, train.overwrite) as tmp:
-        peft_model, params = _adapt(task, gora, train, timings, show_progress, stats)
-        if train.method == "gora" and train.eval_before:
-            start = time.perf_counter()
-            metrics["init"] = evaluate(peft_model, task, data, train)
-            timings["eval_init_s"] = time.perf_counter() - start
+    peft_model, params, stats = _adapt(task, gora, train, timings, show_progress, stats)
+    if train.method == "gora" and train.eval_before:
         start = time.perf_counter()
-        log_history = _train(peft_model, task, train, tmp / "checkpoints", show_progress)
-        timings["train_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        metrics["after"] = evaluate(peft_model, task, data, train)
-        timings["eval_after_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        peft_model.save_pretrained(tmp / "adapter")
-        task.tokenizer.save_pretrained(tmp / "adapter")
-        timings["save_s"] = time.perf_counter() - start
-        report = _finetune_report(data, train, gora, preset, task, metrics, params, timings, log_history, peft_model)
-        report["outputs"] = _write_report(report, tmp, output_dir, log_history)
+        metrics["init"] = evaluate(peft_model, task, data, train)
+        timings["eval_init_s"] = time.perf_counter() - start
+    progress = {
+        "trained": False,
+        "metrics": metrics,
+        "params": params,
+        "timings_s": timings,
+        "fingerprints": fingerprints,
+        "log_history": [],
+        "sessions": 1,
+    }
+    config = config_dict(preset, data, train, gora)
+    kept = stats if train.keep_stats else None
+    run = _create_run_folder(output_dir, train.overwrite, config, progress, peft_model, kept)
+    return _run_session(run, task, peft_model, data, train, gora, preset, show_progress)
+
+
+def resume_finetune(
+    run_dir: str | os.PathLike[str],
+    *,
+    preset: str | None = None,
+    data: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    gora: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Continue a fine-tune that stopped (`gora finetune --resume <run_dir>`); returns the report.
+
+    The run's saved configuration is used; `preset`, `data`, `train`, `gora` are settings given for this resume
+    (field -> value), refused when they would change the result (runfolder.RESUME_FIXED). The adapter is rebuilt from
+    the saved step-0 adapter (never re-estimated) and the Trainer continues from the last complete checkpoint
+    (optimizer, scheduler, RNG and data order restored), so the result equals that of an uninterrupted run. A run
+    whose training had finished is evaluated and reported from its saved adapter.
+
+    Raises:
+        UsageError: not a resumable run, a refused option, or a model/data that differ from the run's (nothing in
+            the run folder is changed).
+        RunStopped: as `finetune`.
+    """
+    from peft import PeftModel
+
+    run = RunFolder(run_dir)
+    check_resumable(run)
+    preset, data_config, train_config, gora_config = resume_configs(
+        run, preset=preset, data=data, train=train, gora=gora
+    )
+    progress = run.progress()
+    task = load_task(data_config, train_config, PRESETS[preset] if preset else None)
+    _check_fingerprints(run, progress.get("fingerprints", {}), _fingerprints(task, gora_config))
+    _training_arguments(train_config, run.checkpoints, show_progress)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task.model.to(device)
+    # the trained adapter when training had finished; else the step-0 adapter, which the checkpoint then updates
+    source = run.adapter if progress["trained"] else run.init
+    peft_model = PeftModel.from_pretrained(task.model, str(source), is_trainable=not progress["trained"])
+    if (source / RECORD_NAME).is_file():
+        attach_record(peft_model, GoraRecord.load(source))
+    for folder in run.incomplete_checkpoints():
+        logger.warning("removing %s: a checkpoint whose writing was cut off (no %s)", folder, TRAINER_STATE)
+        shutil.rmtree(folder)
+    run.update_progress(sessions=progress.get("sessions", 1) + 1)
+    return _run_session(run, task, peft_model, data_config, train_config, gora_config, preset, show_progress)
+
+
+def _fingerprints(task: TaskData, gora: GoraConfig) -> dict[str, str]:
+    """sha256 of the base model's targets and leading weights (`gora.stats.model_fingerprint`) and of the encoded
+    training and evaluation data, so a resume refuses a model or data that changed since the run started."""
+    import hashlib
+
+    from ..stats import model_fingerprint
+    from ..targets import find_targets
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {
+        "model": model_fingerprint(task.model, find_targets(task.model, gora)),
+        "train": digest(task.train_set),
+        "eval": digest([task.eval_set, task.eval_rows]),
+    }
+
+
+def _check_fingerprints(run: RunFolder, saved: dict[str, str], now: dict[str, str]) -> None:
+    changed = [name for name in ("model", "train", "eval") if name in saved and saved[name] != now[name]]
+    if changed:
+        what = {"model": "the base model's weights", "train": "the training data", "eval": "the evaluation data"}
+        raise UsageError(
+            f"--resume {run.path}: {' and '.join(what[c] for c in changed)} differ from those the run started with "
+            "(sha256 in progress.json): restore them, or start a new run with another --output-dir"
+        )
+
+
+def _create_run_folder(
+    output_dir: str,
+    overwrite: bool,
+    config: dict[str, Any],
+    progress: dict[str, Any],
+    peft_model: Any,
+    stats: GradientStats | None,
+) -> RunFolder:
+    """The run folder, made whole under a temporary name and renamed into place just before training: the
+    configuration, the progress so far, init/ (the step-0 adapter: PEFT's own save plus gora_record.json; for GoRA
+    the gradient statistics `stats`, if given, for --load-stats), an empty checkpoints/ and status.json (running).
+    A resume rebuilds the adapter from init/, so it never estimates."""
+    from ..stats import save_gradient_stats
+
+    run = RunFolder(output_dir)
+    with staged_folder(output_dir, overwrite) as tmp:
+        staged = RunFolder(tmp)
+        staged.write(CONFIG, config)
+        staged.write(PROGRESS, progress)
+        peft_model.save_pretrained(staged.init)
+        if stats is not None:
+            save_gradient_stats(stats, staged.init / STATS, peft_model.get_base_model())
+        staged.checkpoints.mkdir()
+        staged.write(STATUS, run.status_fields(state=RUNNING, stage="train", started=now(), step=0))
+    return run
+
+
+def _final_folders(peft_model: Any, task: TaskData) -> dict[str, Callable[[Path], None]]:
+    """The final artifact folders, written as soon as training has finished (before evaluation), each whole:
+    name in the run folder -> a function filling a fresh folder. Another artifact is one more entry."""
+
+    def adapter(folder: Path) -> None:
+        peft_model.save_pretrained(folder)
+        task.tokenizer.save_pretrained(folder)
+
+    return {ADAPTER: adapter}
+
+
+def _run_session(
+    run: RunFolder,
+    task: TaskData,
+    peft_model: Any,
+    data: DataConfig,
+    train: TrainConfig,
+    gora: GoraConfig,
+    preset: str | None,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Train (from the last complete checkpoint, if any), write the final folders, evaluate, report; status.json
+    says at every point where the run stands, and any stop raises `RunStopped` with what is safe."""
+    progress = run.progress()
+    timings = dict(progress["timings_s"])
+    run.update_status(state=RUNNING, error=None, traceback=None, sessions=progress.get("sessions", 1))
+    with GracefulStop() as stop:
+        if not progress["trained"]:
+            log_history = _train_stage(run, task, peft_model, train, show_progress, stop, timings)
+            progress = run.progress()
+        else:
+            log_history = progress["log_history"]
+        metrics = dict(progress["metrics"])
+        try:
+            if "after" not in metrics:
+                run.update_status(stage="evaluate", message=f"evaluating; the adapter is in {run.adapter}")
+                start = time.perf_counter()
+                metrics["after"] = evaluate(peft_model, task, data, train)
+                timings["eval_after_s"] = time.perf_counter() - start
+                run.update_progress(metrics=metrics, timings_s=timings)
+            run.update_status(stage="report", message=f"writing the report; the adapter is in {run.adapter}")
+            record = getattr(peft_model, "gora_records", {}).get("default")
+            report = _finetune_report(data, train, gora, preset, task, metrics, progress, timings, log_history, record)
+            report["outputs"] = _write_report(report, run, log_history)
+        except BaseException as err:
+            what = "the evaluation" if "after" not in metrics else "writing the report"
+            raise _stopped_after_training(run, what, err) from err
+    run.update_status(
+        state=FINISHED, stage="done", message=f"finished; the adapter is in {run.adapter}, the report in {run.path}"
+    )
     return report
+
+
+def _train_stage(
+    run: RunFolder,
+    task: TaskData,
+    peft_model: Any,
+    train: TrainConfig,
+    show_progress: bool,
+    stop: GracefulStop,
+    timings: dict[str, float],
+) -> list[dict]:
+    """Train from step 0 or the last complete checkpoint, then write the final folders; returns the training log.
+
+    Raises:
+        RunStopped: a signal (a checkpoint of the step is written first; a second signal stops at once) or a
+            failure; status.json says which, at what step, and which checkpoint a resume continues from.
+    """
+    checkpoint = run.last_checkpoint()
+    start_step = _checkpoint_step(checkpoint)
+    run.update_status(
+        state=RUNNING,
+        stage="train",
+        step=start_step,
+        last_checkpoint=run.relative(checkpoint),
+        message="training (Ctrl-C: finish the step, write a checkpoint and stop)",
+    )
+    start = time.perf_counter()
+    trainer = None
+    try:
+        if checkpoint is not None and _finished_in(checkpoint):  # the Trainer would take one more step
+            logger.info("%s holds the end of training: loading it", checkpoint)
+            peft_model.load_adapter(str(checkpoint), adapter_name="default", is_trainable=True)
+            log_history = json.loads((checkpoint / TRAINER_STATE).read_text())["log_history"]
+            step = total = start_step
+        else:
+            trainer = _trainer(peft_model, task, train, run, show_progress, callbacks=[stop, StatusCallback(run)])
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            log_history = list(trainer.state.log_history)
+            step, total = trainer.state.global_step, trainer.state.max_steps
+    except BaseException as err:
+        step = trainer.state.global_step if trainer is not None else start_step
+        total = trainer.state.max_steps if trainer is not None else None
+        raise _stopped_in_training(run, "training", err, step, total, stop) from err
+    timings["train_s"] = timings.get("train_s", 0.0) + time.perf_counter() - start
+    if stop.signum is not None and step < total:
+        message = (
+            f"interrupted by {signal_name(stop.signum)} at step {step} of {total}; checkpoint {run.last_checkpoint()} "
+            f"written; resume with: {run.resume_command()}"
+        )
+        run.update_progress(timings_s=timings)
+        run.update_status(state=INTERRUPTED, stage="train", step=step, message=message)
+        raise RunStopped(message, 128 + stop.signum)
+    run.update_status(stage="save", message="training finished; writing the adapter")
+    try:
+        start = time.perf_counter()
+        for name, write in _final_folders(peft_model, task).items():
+            with staged_folder(run.path / name, overwrite=True) as tmp:
+                write(tmp)
+        timings["save_s"] = time.perf_counter() - start
+        run.update_progress(trained=True, log_history=log_history, timings_s=timings)
+    except BaseException as err:
+        raise _stopped_in_training(run, "writing the trained adapter", err, step, total, stop) from err
+    if stop.signum is not None:  # the signal came with the last step: training is complete, the adapter written
+        message = (
+            f"interrupted by {signal_name(stop.signum)} after training finished; the trained adapter is safe in "
+            f"{run.adapter}; resume with: {run.resume_command()} (to evaluate and write the report)"
+        )
+        run.update_status(state=INTERRUPTED, stage="evaluate", adapter_safe=True, message=message)
+        raise RunStopped(message, 128 + stop.signum)
+    run.update_status(adapter_safe=True)
+    return log_history
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int:
+    return 0 if checkpoint is None else int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _finished_in(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def _stopped_in_training(
+    run: RunFolder, what: str, err: BaseException, step: int, total: int | None, stop: GracefulStop
+) -> RunStopped:
+    """Mark the run interrupted (a signal: stopped at once) or failed (an error) during `what` (training, or
+    writing the trained adapter), and say which checkpoint a resume continues from."""
+    import traceback
+
+    at = f"step {step} of {total}" if total else f"step {step}"
+    last = run.last_checkpoint()
+    resume_from = f"checkpoint {last}" if last is not None else "step 0 (no checkpoint was written yet)"
+    if isinstance(err, KeyboardInterrupt):
+        signum = err.signum if isinstance(err, SignalStop) else signal.SIGINT
+        again = "a second " if stop.signum is not None else ""
+        message = (
+            f"stopped at once by {again}{signal_name(signum)} at {at}; nothing was deleted; a resume continues from "
+            f"{resume_from}: {run.resume_command()}"
+        )
+        run.update_status(state=INTERRUPTED, step=step, message=message)
+        return RunStopped(message, 128 + signum)
+    message = (
+        f"{what} failed at {at} ({first_line(err)}); the step-0 adapter and the checkpoints in {run.path} are kept; "
+        f"once the cause is fixed, resume from {resume_from} with: {run.resume_command()} (traceback in "
+        f"{run.path / STATUS})"
+    )
+    run.update_status(
+        state=FAILED, step=step, message=message, error=first_line(err), traceback=traceback.format_exc()
+    )
+    return RunStopped(message, 1)
+
+
+def _stopped_after_training(run: RunFolder, what: str, err: BaseException) -> RunStopped:
+    """Mark a run whose training finished (the adapter is written) interrupted or failed during `what`."""
+    import traceback
+
+    again = "to evaluate and write the report"
+    if isinstance(err, KeyboardInterrupt):
+        signum = err.signum if isinstance(err, SignalStop) else signal.SIGINT
+        message = (
+            f"stopped by {signal_name(signum)} during {what}, after training finished; the trained adapter is safe in "
+            f"{run.adapter}; resume with: {run.resume_command()} ({again})"
+        )
+        run.update_status(state=INTERRUPTED, adapter_safe=True, message=message)
+        return RunStopped(message, 128 + signum)
+    message = (
+        f"training finished but {what} failed ({first_line(err)}); the trained adapter is safe in {run.adapter}; "
+        f"once the cause is fixed, resume with: {run.resume_command()} ({again}; traceback in {run.path / STATUS})"
+    )
+    run.update_status(
+        state=FAILED, adapter_safe=True, message=message, error=first_line(err), traceback=traceback.format_exc()
+    )
+    return RunStopped(message, 1)
 
 
 def _start_run(
@@ -220,14 +551,18 @@ def _adapt(
     timings: dict[str, float],
     show_progress: bool,
     stats: GradientStats | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """The adapter and its parameter counts: GoRA (estimating, or from `stats`), or plain LoRA/rsLoRA."""
-    from ..model import get_gora_model
+) -> tuple[Any, dict[str, Any], GradientStats | None]:
+    """The adapter, its parameter counts and (GoRA) the gradient statistics it was built from: GoRA (estimating,
+    or from `stats`), or plain LoRA/rsLoRA (no statistics)."""
+    from ..model import RunOptions, build_estimated, estimate_and_allocate
 
     start = time.perf_counter()
     if train.method == "gora":
         loader = estimation_loader(task, train.batch_size, train.train_seed)
-        peft_model = get_gora_model(task.model, gora, loader, show_progress=show_progress, stats=stats)
+        options = RunOptions(show_progress=show_progress, stats=stats)
+        estimated = estimate_and_allocate(task.model, gora, loader, options)
+        peft_model = build_estimated(task.model, gora, estimated, options)
+        stats = estimated.stats
         record = peft_model.gora_records["default"]
         for key, value in record.timings_s.items():
             timings[f"gora_{key}"] = value
@@ -251,16 +586,18 @@ def _adapt(
         "ranks": ranks,
         "shapes": {k: list(v) for k, v in shapes.items()},
     }
-    return peft_model, params
+    return peft_model, params, stats
 
 
-def _train(peft_model: Any, task: TaskData, train: TrainConfig, folder: Path, show_progress: bool) -> list[dict]:
-    from transformers import Trainer, TrainingArguments
+def _training_arguments(train: TrainConfig, folder: Path, show_progress: bool) -> Any:
+    """The Trainer's settings (checkpoints in `folder`); built before the run folder is written, so settings the
+    Trainer refuses are bad input like any other."""
+    from transformers import TrainingArguments
 
     # transformers 5 takes the warmup share as a float warmup_steps < 1 (warmup_ratio is gone); 4.x as warmup_ratio
     v5 = "warmup_ratio" not in {f.name for f in dataclasses.fields(TrainingArguments)}
     warmup = {"warmup_steps": train.warmup_ratio} if v5 else {"warmup_ratio": train.warmup_ratio}
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(folder),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
@@ -273,7 +610,7 @@ def _train(peft_model: Any, task: TaskData, train: TrainConfig, folder: Path, sh
         logging_steps=train.logging_steps,
         save_strategy=train.save_strategy,
         save_steps=train.save_steps,
-        save_total_limit=1,
+        save_total_limit=train.save_total_limit,
         seed=train.train_seed,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
@@ -281,21 +618,28 @@ def _train(peft_model: Any, task: TaskData, train: TrainConfig, folder: Path, sh
         disable_tqdm=not show_progress,
         dataloader_num_workers=0,
     )
+
+
+def _trainer(
+    peft_model: Any, task: TaskData, train: TrainConfig, run: RunFolder, show_progress: bool, callbacks: list[Any]
+) -> Any:
+    """transformers' Trainer for the run: checkpoints under <run>/checkpoints/, the LoRA+ optimizer if asked."""
+    from transformers import Trainer
+
     optimizer = make_optimizer(
         peft_model,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         loraplus_lr_ratio=train.loraplus_lr_ratio,
     )
-    trainer = Trainer(
+    return Trainer(
         model=peft_model,
-        args=args,
+        args=_training_arguments(train, run.checkpoints, show_progress),
         train_dataset=task.train_set,
         data_collator=task.collator,
         optimizers=(optimizer, None),
+        callbacks=callbacks,
     )
-    trainer.train()
-    return list(trainer.state.log_history)
 
 
 def _finetune_report(
@@ -305,15 +649,15 @@ def _finetune_report(
     preset: str | None,
     task: TaskData,
     metrics: dict[str, Any],
-    params: dict[str, Any],
+    progress: dict[str, Any],
     timings: dict[str, float],
     log_history: list[dict],
-    peft_model: Any,
+    record: GoraRecord | None,
 ) -> dict[str, Any]:
     from .report import rank_table
 
     metric = "accuracy" if data.task == "classification" else "exact_match"
-    record = getattr(peft_model, "gora_records", {}).get("default")
+    params = progress["params"]
     return {
         "task": data.task,
         "method": train.method,
@@ -326,17 +670,16 @@ def _finetune_report(
         "sources": task.sources,
         "sizes": {"train": len(task.train_set), "eval": len(task.eval_set)},
         "labels": task.label_names,
-        "config": {
-            "data": dataclasses.asdict(data),
-            "train": dataclasses.asdict(train),
-            "gora": gora.to_dict(),
-        },
+        "config": config_dict(preset, data, train, gora),
         "gora": {"num_batches": record.num_batches, "gamma": record.gamma, "extra": record.extra} if record else None,
+        "sessions": progress.get("sessions", 1),
         "log_history": log_history,
     }
 
 
-def _write_report(report: dict[str, Any], tmp: Path, final: str, log_history: list[dict]) -> dict[str, str]:
+def _write_report(report: dict[str, Any], run: RunFolder, log_history: list[dict]) -> dict[str, str]:
+    """ranks.png, loss.png, then report.json, each written whole (`atomic_write`) into the run folder."""
+    from ..fileio import atomic_write
     from .report import RankTable, plot_loss_curve, plot_rank_heatmap, write_json
 
     table = RankTable(
@@ -347,19 +690,24 @@ def _write_report(report: dict[str, Any], tmp: Path, final: str, log_history: li
         }
     )
     title = f"{report['method']} ranks (r={report['config']['gora']['r']})"
+    final = str(run.path)
     outputs = {
         "folder": final,
-        "adapter": os.path.join(final, "adapter"),
+        "adapter": str(run.adapter),
         "report": os.path.join(final, "report.json"),
+        "status": os.path.join(final, STATUS),
+        "init": str(run.init),
     }
-    plot_rank_heatmap(table, tmp / "ranks.png", title=title)
+    atomic_write(run.path / "ranks.png", lambda tmp: plot_rank_heatmap(table, tmp, title=title))
     outputs["rank_heatmap"] = os.path.join(final, "ranks.png")
-    if plot_loss_curve(log_history, tmp / "loss.png", title=f"{report['method']} training loss") is not None:
+    if loss_curve(log_history)[0]:
+        loss_title = f"{report['method']} training loss"
+        atomic_write(run.path / "loss.png", lambda tmp: plot_loss_curve(log_history, tmp, title=loss_title))
         outputs["loss_curve"] = os.path.join(final, "loss.png")
-    if any((tmp / "checkpoints").glob("checkpoint-*")):
-        outputs["checkpoints"] = os.path.join(final, "checkpoints")
+    if run.checkpoint_steps():
+        outputs["checkpoints"] = str(run.checkpoints)
     report["outputs"] = outputs
-    write_json(report, tmp / "report.json")
+    atomic_write(run.path / "report.json", lambda tmp: write_json(report, tmp))
     return outputs
 
 
