@@ -5,11 +5,13 @@ It never goes into adapter_config.json: the adapter stays a plain LoRA adapter t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,34 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` to `path` atomically (see `atomic_write`)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target` to fill; on success it is renamed to `target` (replacing it
+    with `overwrite`), on any failure it is deleted, so `target` ends up complete or as it was.
+
+    Raises:
+        ValueError: `target` is a file, or a non-empty folder and `overwrite` is False (checked before yielding).
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output path {str(target)!r} is a file: choose a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(
+            f"output folder {str(target)!r} is not empty: choose another folder or allow replacing it "
+            "(overwrite=True, --overwrite)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

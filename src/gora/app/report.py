@@ -9,8 +9,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,15 +149,10 @@ def check_output_folder(target: str | os.PathLike[str], overwrite: bool) -> Path
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `target`; on success it replaces `target`, on any failure it is deleted,
-    so a run leaves either a complete output folder or none."""
+    so a run leaves either a complete output folder or none (`gora.record.staged_dir`, after the check above with
+    the command-line wording)."""
+    from ..record import staged_dir
+
     target = check_output_folder(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    try:
+    with staged_dir(target, overwrite=True) as tmp:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
