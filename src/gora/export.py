@@ -92,39 +92,60 @@ class ExportResult:
     Attributes:
         adapter_dir: The adapter that was exported.
         output_dir: The exported adapter's folder.
+        base_model: `base_model_name_or_path` of the adapter (None if it does not say).
         rank: R, the rank every layer was zero-padded to (`r` and `lora_alpha` of the export).
         ranks: Each module's own rank in the original adapter.
         scalings: Each module's PEFT scaling s_i, folded into its lora_B.
         dtype: The dtype of the written LoRA tensors.
         vllm_max_lora_rank: The smallest `--max-lora-rank` vLLM accepts that fits R (None above vLLM's largest).
-        engines: PEFT, vLLM and llama.cpp: servable or not, with the command or the reason.
+        refusals: Why an engine cannot serve the export ("vLLM", "llama.cpp": reasons; empty when it can).
     """
 
     adapter_dir: str
     output_dir: str
+    base_model: str | None
     rank: int
     ranks: dict[str, int]
     scalings: dict[str, float]
     dtype: str
     vllm_max_lora_rank: int | None
-    engines: tuple[EngineNote, ...]
+    refusals: dict[str, list[str]]
+
+    @property
+    def engines(self) -> tuple[EngineNote, ...]:
+        """PEFT, vLLM and llama.cpp: servable or not, with the command (for `output_dir`) or the reasons."""
+        base = self.base_model or "<base model folder>"
+        out = self.output_dir
+        how = {
+            "vLLM": f"vllm serve {base} --enable-lora --max-lora-rank {self.vllm_max_lora_rank} "
+            f"--lora-modules <name>={out}",
+            "llama.cpp": f"python convert_hf_to_gguf.py {base} --outtype f32 --outfile base.gguf; "
+            f"python convert_lora_to_gguf.py {out} --base {base} --outtype f32 --outfile adapter.gguf; "
+            "llama-cli -m base.gguf --lora adapter.gguf (scripts of llama.cpp)",
+        }
+        notes = [EngineNote("PEFT", True, f"PeftModel.from_pretrained(base, {out!r}), or the original adapter")]
+        for engine, command in how.items():
+            reasons = self.refusals.get(engine, [])
+            if reasons:
+                remedy = "; serve with PEFT, or merge the adapter into the base model (gora merge)"
+                notes.append(EngineNote(engine, False, "; ".join(reasons) + remedy))
+            else:
+                notes.append(EngineNote(engine, True, command))
+        return tuple(notes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "engines": [dataclasses.asdict(n) for n in self.engines]}
 
     def summary(self) -> str:
         """Lines for a person: what was written, and each engine's command or why it cannot serve the export."""
         ranks = sorted(set(self.ranks.values()))
-        head = (
-            f"exported {self.adapter_dir} -> {self.output_dir}: {len(self.ranks)} layers, ranks "
-            f"{ranks[0]}..{ranks[-1]} zero-padded to R = {self.rank}, each layer's scaling folded into lora_B "
-            f"(r = lora_alpha = {self.rank}, use_rslora false, no rank/alpha patterns; {self.dtype})"
-        )
-        lines = [head]
+        lines = [
+            f"exported {self.adapter_dir} -> {self.output_dir}: {len(self.ranks)} layers, ranks {ranks[0]}..{ranks[-1]} "
+            f"zero-padded to R = {self.rank}, each layer's scaling folded into lora_B (r = lora_alpha = {self.rank}, "
+            f"use_rslora false, no rank/alpha patterns; {self.dtype})"
+        ]
         for note in self.engines:
-            lines.append(
-                f"  {note.engine}: {note.note}" if note.servable else f"  {note.engine}: NOT servable: {note.note}"
-            )
+            lines.append(f"  {note.engine}: " + (note.note if note.servable else f"NOT servable: {note.note}"))
         return "\n".join(lines)
 
 
@@ -172,8 +193,8 @@ def read_adapter(adapter_dir: str | Path) -> SavedAdapter:
         raise ValueError(f"{str(folder / CONFIG_NAME)!r} is not a readable PEFT config: {err}") from err
     if config.peft_type != PeftType.LORA:
         raise ValueError(
-            f"{str(folder)!r} holds a {getattr(config.peft_type, 'value', config.peft_type)} adapter, not LoRA: only "
-            "LoRA adapters can be exported"
+            f"{str(folder)!r} holds an adapter of type {getattr(config.peft_type, 'value', config.peft_type)}, not "
+            "LoRA: only LoRA adapters can be exported"
         )
     weights = folder / SAFETENSORS_WEIGHTS_NAME
     if not weights.is_file():
@@ -311,12 +332,13 @@ def export_adapter(
     result = ExportResult(
         adapter_dir=str(adapter_dir),
         output_dir=str(output_dir),
+        base_model=adapter.config.base_model_name_or_path,
         rank=rank,
         ranks=ranks,
         scalings=scalings,
         dtype=", ".join(sorted(str(d).removeprefix("torch.") for d in written)),
         vllm_max_lora_rank=vllm_max_lora_rank(rank),
-        engines=_engine_notes(adapter, rank, str(output_dir)),
+        refusals=_refusals(adapter, rank),
     )
     logger.info("exported %d layers of %s to %s at rank %d", len(ranks), adapter_dir, output_dir, rank)
     return result
@@ -351,43 +373,22 @@ def _fold_and_pad(
     return out
 
 
-def _engine_notes(adapter: SavedAdapter, rank: int, output_dir: str) -> tuple[EngineNote, ...]:
+def _refusals(adapter: SavedAdapter, rank: int) -> dict[str, list[str]]:
+    """Why vLLM or llama.cpp cannot serve the export (their own checks, named)."""
     config = adapter.config
-    base = config.base_model_name_or_path or "<base model folder>"
-    blockers_vllm, blockers_llama = [], []
+    vllm: list[str] = []
+    llama: list[str] = []
     if config.modules_to_save:
         saved = ", ".join(sorted(config.modules_to_save))
-        blockers_vllm.append(f"modules_to_save ({saved}) is refused by vLLM (PEFTHelper._validate_features)")
+        vllm.append(f"modules_to_save ({saved}) is refused by vLLM (PEFTHelper._validate_features)")
     if adapter.other_tensors:
         shown = ", ".join(k.removeprefix(PREFIX) for k in adapter.other_tensors[:2])
-        blockers_llama.append(f"convert_lora_to_gguf.py stops at tensors that are not lora_A/lora_B ({shown})")
+        llama.append(f"convert_lora_to_gguf.py stops at tensors that are not lora_A/lora_B ({shown})")
     if any(layer.bias_key for layer in adapter.layers.values()):
-        blockers_vllm.append("LoRA biases (lora_bias) are not supported by vLLM")
-        blockers_llama.append("convert_lora_to_gguf.py stops at lora_B biases (lora_bias)")
+        vllm.append("LoRA biases (lora_bias) are not supported by vLLM")
+        llama.append("convert_lora_to_gguf.py stops at lora_B biases (lora_bias)")
     if config.bias != "none":
-        blockers_vllm.append(f"bias={config.bias!r} is refused by vLLM (validate_legal)")
-    max_rank = vllm_max_lora_rank(rank)
-    if max_rank is None:
-        blockers_vllm.append(f"R = {rank} exceeds vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
-    remedy = "; serve with PEFT, or merge into the base model (gora merge)"
-    vllm = (
-        EngineNote("vLLM", False, "; ".join(blockers_vllm) + remedy)
-        if blockers_vllm
-        else EngineNote(
-            "vLLM",
-            True,
-            f"vllm serve {base} --enable-lora --max-lora-rank {max_rank} --lora-modules <name>={output_dir}",
-        )
-    )
-    llama = (
-        EngineNote("llama.cpp", False, "; ".join(blockers_llama) + remedy)
-        if blockers_llama
-        else EngineNote(
-            "llama.cpp",
-            True,
-            f"python convert_lora_to_gguf.py {output_dir} --base {base} --outtype f32 --outfile adapter.gguf; "
-            "then llama-cli -m <base>.gguf --lora adapter.gguf",
-        )
-    )
-    peft = EngineNote("PEFT", True, f"PeftModel.from_pretrained(base, {output_dir!r}) (the original folder works too)")
-    return peft, vllm, llama
+        vllm.append(f"bias={config.bias!r} is refused by vLLM (PEFTHelper.validate_legal)")
+    if vllm_max_lora_rank(rank) is None:
+        vllm.append(f"R = {rank} exceeds vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    return {"vLLM": vllm, "llama.cpp": llama}

@@ -1,6 +1,7 @@
-"""The `gora` command: `gora finetune`, `gora allocate`, `gora merge`.
+"""The `gora` command: `gora finetune`, `gora allocate`, `gora merge`, `gora export`.
 
-Options come from the typed config dataclasses (GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig)
+Options come from the typed config dataclasses (GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig,
+ExportConfig)
 through one generic builder (cliconfig.py); only the options the user gives are layered over the preset's values.
 This module is the user interface, so it prints; the library logs. Bad input exits with status 2 and one message.
 """
@@ -29,19 +30,26 @@ def _configs() -> tuple[Any, ...]:
     return GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig
 
 
+def _export_config() -> type:
+    from .runconfig import ExportConfig
+
+    return ExportConfig
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `gora` parser with its three subcommands (each option generated from a dataclass field)."""
+    """The `gora` parser with its four subcommands (each option generated from a dataclass field)."""
     from .runconfig import DEFAULT_PRESET, PRESETS
 
     gora_cls, data_cls, train_cls, alloc_cls, merge_cls = _configs()
     parser = argparse.ArgumentParser(
         prog="gora",
-        description="GoRA (gradient-driven adaptive LoRA) for PEFT: fine-tune, allocate ranks, merge adapters. "
+        description="GoRA (gradient-driven adaptive LoRA) for PEFT: fine-tune, allocate ranks, merge adapters, "
+        "export them for serving engines. "
         "`gora` alone runs `gora finetune` on the embedded default; `gora <command> --help` lists the options.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars; only warnings and the summary")
-    subparsers = parser.add_subparsers(dest="command", metavar="{finetune,allocate,merge}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{finetune,allocate,merge,export}")
     presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
     preset = PRESETS[DEFAULT_PRESET]
 
@@ -82,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="merge a saved adapter into its base model", description=merge_cls.__doc__, parents=[common]
     )
     add_dataclass_arguments(merge, merge_cls, title="merge")
+    export_cls = _export_config()
+    export = subparsers.add_parser(
+        "export",
+        help="write an adapter that vLLM, llama.cpp and PEFT compute the same way",
+        description=export_cls.__doc__.replace("\n    ", " ")
+        + " Prints the --max-lora-rank vLLM needs and the llama.cpp conversion command.",
+        parents=[common],
+    )
+    add_dataclass_arguments(export, export_cls, title="export")
     return parser
 
 
@@ -99,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "merge":
             return _merge(args)
+        if command == "export":
+            return _export(args)
         return _run(command, args, started)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"gora {command}: error: {err}", file=sys.stderr)
@@ -161,8 +180,26 @@ def _merge(args: argparse.Namespace) -> int:
     _, _, _, _, merge_cls = _configs()
     with _options_in_errors(merge_cls):
         config = merge_cls(**dataclass_kwargs(merge_cls, args))
-    result = merge_adapter(config.adapter, config.output_dir, base=config.base, overwrite=config.overwrite)
-    print(f"merged {result['adapter']} into {result['base']}: standalone model in {result['model']}")
+    result = merge_adapter(
+        config.adapter, config.output_dir, base=config.base, dtype=config.dtype, overwrite=config.overwrite
+    )
+    print(
+        f"merged {result['adapter']} into {result['base']}: standalone {result['dtype']} model in {result['model']} "
+        "(loads with transformers alone)"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..export import export_adapter
+
+    export_cls = _export_config()
+    with _options_in_errors(export_cls):
+        config = export_cls(**dataclass_kwargs(export_cls, args))
+    result = export_adapter(
+        config.adapter, config.output_dir, rank=config.rank, dtype=config.dtype, overwrite=config.overwrite
+    )
+    print(result.summary())
     return 0
 
 
@@ -208,6 +245,20 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
     if report["config"]["train"].get("load_stats"):
         print(f"gradient statistics reused from {report['config']['train']['load_stats']} (no estimation)")
     print("outputs: " + ", ".join(f"{k} {v}" for k, v in report["outputs"].items()))
+    if report.get("serving"):
+        print_deploy(report["serving"])
+
+
+def print_deploy(serving: dict[str, Any]) -> None:
+    """Which folder goes to which tool: PEFT reads adapter/, the engines read adapter-serving/ (or cannot)."""
+    print(
+        f"deploy: PEFT -> {serving['adapter_dir']} (as trained, with gora_record.json) or {serving['output_dir']}; "
+        f"vLLM and llama.cpp -> {serving['output_dir']} (each layer's scaling folded in, one rank "
+        f"{serving['rank']}: the engines ignore rank_pattern/alpha_pattern, llama.cpp also rsLoRA); merged weights "
+        f"-> gora merge --adapter {serving['adapter_dir']}"
+    )
+    for note in serving["engines"][1:]:
+        print(f"  {note['engine']}: " + (note["note"] if note["servable"] else f"NOT servable: {note['note']}"))
 
 
 def print_allocation(report: dict[str, Any], wall_s: float) -> None:

@@ -6,6 +6,7 @@
         → get_gora_model   (estimate → allocate → init; or a plain LoRA/rsLoRA adapter at the same r)
         → transformers.Trainer (optionally with a LoRA+ optimizer: make_optimizer)
         → evaluate         (after) → adapter + gora_record.json + report.json + plots
+        → export_adapter   (adapter-serving/: the same adapter as plain LoRA for vLLM and llama.cpp)
 
 The `gora` command (cli.py) builds these dataclasses from its options; the same functions serve Python callers.
 Tasks: sequence classification (accuracy) and causal-LM supervised fine-tuning on prompt/response pairs (loss on the
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import GoraConfig
+from ..export import DTYPES, export_adapter
 from .data import TaskData, UsageError, load_task
 from .evaluate import evaluate
 from .runconfig import DEFAULT_PRESET, PRESETS, AllocateConfig, DataConfig, Method, TrainConfig
@@ -151,8 +153,13 @@ def finetune(
         start = time.perf_counter()
         peft_model.save_pretrained(tmp / "adapter")
         task.tokenizer.save_pretrained(tmp / "adapter")
+        serving = export_adapter(tmp / "adapter", tmp / "adapter-serving")
         timings["save_s"] = time.perf_counter() - start
         report = _finetune_report(data, train, gora, preset, task, metrics, params, timings, log_history, peft_model)
+        final = Path(output_dir)
+        report["serving"] = dataclasses.replace(
+            serving, adapter_dir=str(final / "adapter"), output_dir=str(final / "adapter-serving")
+        ).to_dict()
         report["outputs"] = _write_report(report, tmp, output_dir, log_history)
     return report
 
@@ -350,6 +357,7 @@ def _write_report(report: dict[str, Any], tmp: Path, final: str, log_history: li
     outputs = {
         "folder": final,
         "adapter": os.path.join(final, "adapter"),
+        "adapter_serving": os.path.join(final, "adapter-serving"),
         "report": os.path.join(final, "report.json"),
     }
     plot_rank_heatmap(table, tmp / "ranks.png", title=title)
@@ -430,25 +438,38 @@ def allocate_only(
 
 
 def merge_adapter(
-    adapter: str, output_dir: str, *, base: str | None = None, overwrite: bool = False
+    adapter: str,
+    output_dir: str,
+    *,
+    base: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
 ) -> dict[str, str]:
-    """Merge a saved LoRA adapter into its base model (`merge_and_unload`) and save a standalone model folder.
+    """Merge a saved adapter into its base model (`merge_and_unload`, in float32) and save a plain transformers
+    folder (safetensors) that loads without PEFT.
 
     Args:
         adapter: Folder with adapter_config.json (as `gora finetune` writes under adapter/).
         output_dir: Where to write the merged model (and the tokenizer, if the adapter folder or base has one).
         base: Base model folder (default: `base_model_name_or_path` in adapter_config.json).
+        dtype: dtype of the saved weights ("float32", "bfloat16", "float16").
         overwrite: Replace a non-empty `output_dir`.
+
+    Raises:
+        UsageError: no adapter there, no base model, or a base model whose modules do not match the adapter's
+            (nothing is written).
     """
     import json
 
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig, PeftModel, PeftType
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from .report import check_output_folder, staged_folder
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UsageError(f"{adapter!r} has no adapter_config.json: give the adapter folder (e.g. <run>/adapter)")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     check_output_folder(output_dir, overwrite)
     peft_config = PeftConfig.from_pretrained(adapter)
     base = base or peft_config.base_model_name_or_path
@@ -462,7 +483,13 @@ def merge_adapter(
     if task_type == "SEQ_CLS":
         kwargs.update(_head_kwargs(adapter))
     model = loader.from_pretrained(base, **kwargs)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if peft_config.peft_type == PeftType.LORA and (Path(adapter) / "adapter_model.safetensors").is_file():
+        _check_base_fits(model, adapter, base)
+    try:
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:  # what PEFT raises for a base it cannot load the adapter on
+        raise UsageError(f"the adapter {adapter!r} cannot be loaded on base model {base!r}: {err}") from err
+    merged = merged.to(DTYPES[dtype])
     with staged_folder(output_dir, overwrite) as tmp:
         merged.save_pretrained(tmp)
         for folder in (adapter, base):
@@ -471,7 +498,37 @@ def merge_adapter(
                 break
             except Exception:  # no tokenizer there; try the next folder
                 continue
-    return {"model": output_dir, "base": base, "adapter": adapter}
+    return {"model": output_dir, "base": base, "adapter": adapter, "dtype": dtype}
+
+
+def _check_base_fits(model: nn.Module, adapter: str, base: str) -> None:
+    """Every module the LoRA adapter adapts exists in `model` with the weight shape its A and B imply.
+
+    Raises:
+        UsageError: naming the first modules that are missing or of another shape.
+    """
+    from ..export import read_adapter
+
+    saved = read_adapter(adapter)
+    problems = []
+    for name, layer in saved.layers.items():
+        A, B = saved.tensors[layer.a_key], saved.tensors[layer.b_key]
+        out_in = (int(B.shape[0]), int(A.shape[1]))
+        if layer.a_key.endswith("lora_embedding_A") or saved.config.fan_in_fan_out:  # weight stored [in, out]
+            out_in = out_in[::-1]
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            problems.append(f"{name} does not exist in the base model")
+            continue
+        if tuple(weight.shape[:2]) != out_in:
+            problems.append(f"{name} has a weight of shape {tuple(weight.shape)}, the adapter's is {out_in}")
+    if problems:
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise UsageError(
+            f"base model {base!r} does not match the adapter {adapter!r}: {'; '.join(problems[:2])}{more}. Pass "
+            "--base, the folder of the model the adapter was made on"
+        )
 
 
 def _head_kwargs(adapter: str) -> dict[str, Any]:
