@@ -133,15 +133,16 @@ def llamacpp_delta(folder: Path, adapter_scale: float = 1.0) -> dict[str, torch.
 
 
 def peft_delta(make_base, folder: Path) -> dict[str, torch.Tensor]:
-    """PEFT's own ΔW of every module (`get_delta_weight`), in the [out, in] layout of lora_B·lora_A."""
+    """PEFT's own ΔW of every module (`get_delta_weight`), in the [out, in] layout of lora_B·lora_A for linear
+    layers (embeddings: the embedding's own layout)."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(make_base(), str(folder))
     deltas = {}
     for name, module in model.base_model.model.named_modules():
-        if hasattr(module, "lora_A") and "default" in module.lora_A:
+        if "default" in getattr(module, "lora_A", {}) or "default" in getattr(module, "lora_embedding_A", {}):
             delta = module.get_delta_weight("default").detach()
-            deltas[name] = delta.T if module.fan_in_fan_out else delta
+            deltas[name] = delta.T if getattr(module, "fan_in_fan_out", False) else delta
     return deltas
 
 
@@ -362,3 +363,29 @@ def test_an_existing_folder_is_kept_unless_overwrite(exported, tmp_path):
     gora.export_adapter(original, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_embedding_layers_export_too(tmp_path):
+    """Protects the other LoRA layer kind PEFT saves under its own names (lora_embedding_A/B): its scaling is folded
+    and it is padded like the linear layers, so PEFT computes the same ΔW and logits from the export."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=6,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["embed_tokens", "q_proj"],
+        rank_pattern={"embed_tokens": 3},
+        init_lora_weights=False,
+    )
+    torch.manual_seed(4)
+    get_peft_model(make_llama(), config).save_pretrained(tmp_path / "adapter")
+    result = gora.export_adapter(tmp_path / "adapter", tmp_path / "serving")
+    assert result.ranks["model.embed_tokens"] == 3 and result.rank == 6
+    want = peft_delta(make_llama, tmp_path / "adapter")
+    assert "model.embed_tokens" in want
+    assert max(relative_errors(peft_delta(make_llama, tmp_path / "serving"), want).values()) < 1e-6
+    batch = {"input_ids": lm_batches(1, batch=2, length=10, seed=6)[0]["input_ids"]}
+    expected = peft_logits(make_llama, tmp_path / "adapter", batch)
+    got = peft_logits(make_llama, tmp_path / "serving", batch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
