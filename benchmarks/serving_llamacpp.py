@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     commands: list[str] = []
-    started, load_before = now(), os.getloadavg()[0]
+    started, load_before, commit = now(), os.getloadavg()[0], git_commit()  # the code that runs
     if args.install:
         install(args.llamacpp_src, args.llamacpp_venv, commands)
     python = str(args.llamacpp_venv / "bin/python")
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serving_llamacpp",
         "date": started,
         "finished": now(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "machine": {**machine(), "load_avg_1m_before": round(load_before, 2)},
         "versions": {
             **versions_,

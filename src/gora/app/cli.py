@@ -257,7 +257,7 @@ def print_deploy(serving: dict[str, Any]) -> None:
         f"{serving['rank']}: the engines ignore rank_pattern/alpha_pattern, llama.cpp also rsLoRA); merged weights "
         f"-> gora merge --adapter {serving['adapter_dir']}"
     )
-    for note in serving["engines"][1:]:
+    for note in (n for n in serving["engines"] if n["engine"] != "PEFT"):
         print(f"  {note['engine']}: " + (note["note"] if note["servable"] else f"NOT servable: {note['note']}"))
 
 
