@@ -5,8 +5,8 @@ PEFT scales layer i by s_i = α_i/√r_i (rsLoRA) or α_i/r_i, with r_i from `ra
 
     vLLM       α/√r or α/r from the top-level `r` and `lora_alpha`, one factor for every layer
                (vllm/lora/peft_helper.py, PEFTHelper.__post_init__)
-    llama.cpp  α/rank of each tensor, never rsLoRA
-               (convert_lora_to_gguf.py writes one lora_alpha; src/llama-adapter.h, llama_adapter_lora_weight::get_scale)
+    llama.cpp  α/rank of each tensor, never rsLoRA (convert_lora_to_gguf.py writes one lora_alpha;
+               src/llama-adapter.h, llama_adapter_lora_weight::get_scale)
 
 so a GoRA adapter (rank r_i per layer, s_i = α/√r_i, saved with r = the largest rank) loads without error and
 computes something else. `export_adapter` writes the same ΔW_i = s_i·B_i·A_i in a form every rule reads alike:
@@ -140,9 +140,9 @@ class ExportResult:
         """Lines for a person: what was written, and each engine's command or why it cannot serve the export."""
         ranks = sorted(set(self.ranks.values()))
         lines = [
-            f"exported {self.adapter_dir} -> {self.output_dir}: {len(self.ranks)} layers, ranks {ranks[0]}..{ranks[-1]} "
-            f"zero-padded to R = {self.rank}, each layer's scaling folded into lora_B (r = lora_alpha = {self.rank}, "
-            f"use_rslora false, no rank/alpha patterns; {self.dtype})"
+            f"exported {self.adapter_dir} -> {self.output_dir}: {len(self.ranks)} layers, ranks "
+            f"{ranks[0]}..{ranks[-1]} zero-padded to R = {self.rank}, each layer's scaling folded into lora_B "
+            f"(r = lora_alpha = {self.rank}, use_rslora false, no rank/alpha patterns; {self.dtype})"
         ]
         for note in self.engines:
             lines.append(f"  {note.engine}: " + (note.note if note.servable else f"NOT servable: {note.note}"))
@@ -247,8 +247,9 @@ def _check_exportable(adapter: SavedAdapter) -> None:
     if variants:
         what = "DoRA (use_dora)" if variants == ["use_dora"] else ", ".join(variants)
         raise ValueError(
-            f"{str(adapter.folder)!r} is a {what} adapter, whose forward is not W + s·B·A: it cannot be written as "
-            "plain LoRA, and vLLM refuses it. Serve it with PEFT, or merge it into the base model (gora merge)"
+            f"{str(adapter.folder)!r} is a {what} adapter, whose forward is not plain W + s·B·A: it cannot be "
+            "written as plain LoRA, and vLLM refuses it. Serve it with PEFT, or merge it into the base model "
+            "(gora merge)"
         )
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):

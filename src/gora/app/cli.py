@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = subparsers.add_parser(
         "export",
         help="write an adapter that vLLM, llama.cpp and PEFT compute the same way",
-        description=export_cls.__doc__.replace("\n    ", " ")
-        + " Prints the --max-lora-rank vLLM needs and the llama.cpp conversion command.",
+        description=" ".join(export_cls.__doc__.split())
+        + " Prints the --max-lora-rank vLLM needs and the llama.cpp conversion commands.",
         parents=[common],
     )
     add_dataclass_arguments(export, export_cls, title="export")

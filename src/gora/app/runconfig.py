@@ -191,8 +191,9 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Export a saved LoRA adapter for serving: each layer's scaling folded into lora_B and every layer zero-padded
-    to one rank, so that vLLM, llama.cpp and PEFT compute the same function (gora.export_adapter)."""
+    """Export a saved LoRA adapter that vLLM, llama.cpp and PEFT compute alike.
+
+    Each layer's scaling is folded into lora_B and every layer is zero-padded to one rank (gora.export_adapter)."""
 
     adapter: str = field(metadata={"help": "adapter folder (with adapter_config.json), e.g. <run>/adapter"})
     output_dir: str = field(metadata={"help": "folder for the exported adapter"})
