@@ -9,4 +9,6 @@ Modules:
     worker   one run → one JSON record
     run      the command line: runs a suite (one subprocess per run), resumable
     report   results → docs/BENCHMARKS.md and docs/img/*.png
+    serving_llamacpp  run by hand: a GoRA adapter and its `gora export` in llama.cpp against PEFT
+                      (llamacpp_logits runs inside the llama.cpp environment)
 """

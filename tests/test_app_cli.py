@@ -59,6 +59,8 @@ def test_finetune_classification_writes_a_complete_run(gora_run):
         "adapter/adapter_model.safetensors",
         "adapter/gora_record.json",
         "adapter/tokenizer.json",
+        "adapter-serving/adapter_config.json",
+        "adapter-serving/adapter_model.safetensors",
         "report.json",
         "ranks.png",
         "loss.png",
@@ -76,6 +78,12 @@ def test_finetune_classification_writes_a_complete_run(gora_run):
     assert {"load_s", "gora_estimate_s", "train_s", "eval_after_s"} <= set(report["timings_s"])
     assert [e["loss"] for e in report["log_history"] if "loss" in e]  # the loss curve's data
     assert not list(gora_run.parent.glob(".*partial*"))
+    serving = report["serving"]
+    assert serving["output_dir"] == str(gora_run / "adapter-serving") and report["outputs"]["adapter_serving"]
+    assert serving["ranks"] == {k: v for k, v in params["ranks"].items() if v > 0}
+    assert serving["rank"] == max(serving["ranks"].values())
+    exported = json.loads((gora_run / "adapter-serving/adapter_config.json").read_text())
+    assert exported["r"] == exported["lora_alpha"] == serving["rank"] and exported["use_rslora"] is False
 
 
 def test_finetune_prints_the_summary(bert_dir, cls_file, tmp_path, capsys):
@@ -87,6 +95,9 @@ def test_finetune_prints_the_summary(bert_dir, cls_file, tmp_path, capsys):
     assert "accuracy: before training" in text and "after training" in text
     assert "vs LoRA at r" in text and "time: load" in text and f"folder {out}" in text
     assert "attention.self.query" in text  # the rank table
+    deploy = text[text.index("deploy:") :]
+    assert f"PEFT -> {out / 'adapter'}" in deploy and f"vLLM and llama.cpp -> {out / 'adapter-serving'}" in deploy
+    assert "vLLM: NOT servable: modules_to_save" in deploy  # a classification head
 
 
 def test_method_lora_uses_the_same_targets_and_rank(gora_run, bert_dir, cls_file, tmp_path):
@@ -116,6 +127,36 @@ def test_finetune_sft_on_csv(llama_dir, tmp_path):
     assert report["task"] == "sft" and report["metric"] == "exact_match"
     assert report["sizes"] == {"train": 21, "eval": 3}  # 10% held out, rounded up
     assert json.loads((out / "adapter/adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    engines = {e["engine"]: e for e in report["serving"]["engines"]}
+    assert engines["vLLM"]["servable"] and engines["llama.cpp"]["servable"]
+    assert f"--max-lora-rank {report['serving']['vllm_max_lora_rank']}" in engines["vLLM"]["note"]
+
+
+def test_export_command_prints_each_engines_command(llama_dir, tmp_path, capsys):
+    """Protects `gora export`: it writes the export at the asked rank and prints the --max-lora-rank vLLM needs (the
+    smallest allowed value >= R) and the llama.cpp conversion command for the adapter's base model."""
+    data = write_jsonl(tmp_path / "sums.jsonl", sum_rows(16))
+    run = tmp_path / "run"
+    argv = [
+        "finetune",
+        "--model",
+        str(llama_dir),
+        "--task",
+        "sft",
+        "--train-file",
+        str(data),
+        "--output-dir",
+        str(run),
+    ]
+    argv += ["--target-modules", "q_proj", "v_proj", "--r", "4", "--max-steps", "1", "--no-eval-before"]
+    assert _run([*argv, "--max-new-tokens", "2", "--save-strategy", "no"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "served"
+    assert main(["export", "--adapter", str(run / "adapter"), "--output-dir", str(out), "--rank", "17"]) == 0
+    text = capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 17
+    assert "zero-padded to R = 17" in text and "--max-lora-rank 32" in text
+    assert f"convert_lora_to_gguf.py {out} --base {llama_dir}" in text
 
 
 def test_allocate_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
@@ -191,21 +232,66 @@ def test_finetune_refuses_statistics_of_another_model(bert_dir, cls_file, tmp_pa
         assert not out.exists() and not list(tmp_path.glob(".*partial*")), name
 
 
+def _adapted_logits(run: Path, texts: list[str]) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base_path = json.loads((run / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
+    batch = AutoTokenizer.from_pretrained(run / "adapter")(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return adapted(**batch).logits
+
+
+TEXTS = ["the movie was good fun", "the film was dull"]
+
+
 def test_merge_gives_the_same_logits(gora_run, cls_file, tmp_path):
     """Protects `gora merge`: the standalone merged model computes what base + adapter computes."""
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", str(gora_run / "adapter"), "--output-dir", str(out)]) == 0
     tokenizer = AutoTokenizer.from_pretrained(out)
-    batch = tokenizer(["the movie was good fun", "the film was dull"], return_tensors="pt", padding=True)
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    base_path = json.loads((gora_run / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
-    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
-    adapted = PeftModel.from_pretrained(base, gora_run / "adapter").eval()
+    want = _adapted_logits(gora_run, TEXTS)
     with torch.no_grad():
-        assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-5)
+        assert_close(merged(**batch).logits, want, rtol=1e-5)
+
+
+def test_merge_dtype_writes_a_plain_transformers_folder(gora_run, tmp_path):
+    """Protects `gora merge --dtype`: a safetensors folder in that dtype, with no adapter files, that transformers
+    loads in a process where PEFT cannot be imported, and that computes base + adapter's logits to bfloat16's
+    precision."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "merged-bf16"
+    argv = ["merge", "--adapter", str(gora_run / "adapter"), "--output-dir", str(out), "--dtype", "bfloat16"]
+    assert main(argv) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names
+    assert not {"adapter_config.json", "adapter_model.safetensors", "pytorch_model.bin"} & names
+    script = textwrap.dedent(
+        f"""
+        import sys, json, torch
+        sys.modules["peft"] = None  # any import of peft fails
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()
+        assert {{p.dtype for p in model.parameters()}} == {{torch.bfloat16}}
+        batch = AutoTokenizer.from_pretrained({str(out)!r})({TEXTS!r}, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            print(json.dumps(model(**batch).logits.float().tolist()))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    want = _adapted_logits(gora_run, TEXTS)
+    assert_close(got, want, rtol=3e-2)  # bfloat16 weights: 8 bits of mantissa
 
 
 # --- bad input: exit 2, one message, nothing written ------------------------------------------------------------------
@@ -267,3 +353,71 @@ def test_llama_classification_head_is_usable(llama_dir, cls_file, tmp_path):
     argv = ["finetune", "--model", str(llama_dir), "--train-file", str(cls_file), "--output-dir", str(out)]
     assert _run([*argv, "--target-modules", "q_proj", "v_proj", "--max-steps", "1", "--save-strategy", "no"]) == 0
     assert json.loads((out / "adapter/adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+
+
+# --- gora export / gora merge: bad input exits 2, one message, nothing written -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_serving_inputs(tmp_path_factory, llama_dir):
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from helpers import bert_config
+
+    folder = tmp_path_factory.mktemp("bad-serving")
+    (folder / "not_an_adapter").mkdir()
+    (folder / "full").mkdir()
+    (folder / "full" / "keep.txt").write_text("keep")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    get_peft_model(model, IA3Config(target_modules=["k_proj"], feedforward_modules=[])).save_pretrained(folder / "ia3")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(folder / "dora")
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(bert_config(2, hidden_size=48, intermediate_size=96)).save_pretrained(
+        folder / "wide"
+    )
+    return folder
+
+
+BAD_SERVING = {  # name: (argv with {dir}, {run}, {llama}, expected text in the message)
+    "export: not an adapter folder": (["export", "--adapter", "{dir}/not_an_adapter"], "adapter_config.json"),
+    "export: not a LoRA adapter": (["export", "--adapter", "{dir}/ia3"], "not LoRA"),
+    "export: DoRA": (["export", "--adapter", "{dir}/dora"], "DoRA"),
+    "export: rank below the largest": (["export", "--adapter", "{run}/adapter", "--rank", "1"], "--rank"),
+    "export: non-positive rank": (["export", "--adapter", "{run}/adapter", "--rank", "0"], "--rank must be"),
+    "export: non-empty output folder": (
+        ["export", "--adapter", "{run}/adapter", "--out", "{dir}/full"],
+        "--overwrite",
+    ),
+    "merge: not an adapter folder": (["merge", "--adapter", "{dir}/not_an_adapter"], "adapter_config.json"),
+    "merge: base of another architecture": (
+        ["merge", "--adapter", "{run}/adapter", "--base", "{llama}"],
+        "does not match",
+    ),
+    "merge: base of other sizes": (["merge", "--adapter", "{run}/adapter", "--base", "{dir}/wide"], "does not match"),
+    "merge: non-empty output folder": (["merge", "--adapter", "{run}/adapter", "--out", "{dir}/full"], "--overwrite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SERVING))
+def test_bad_export_or_merge_input_exits_2_and_writes_nothing(case, bad_serving_inputs, gora_run, llama_dir, capsys):
+    """Protects the bad-input contract of `gora export` and `gora merge`: status 2, one message naming what to
+    change, no output folder or temporary folder, and an existing folder left as it was."""
+    argv, expected = BAD_SERVING[case]
+    folder = bad_serving_inputs
+    argv = [a.format(dir=folder, run=gora_run, llama=llama_dir) for a in argv]
+    if "--out" in argv:
+        argv[argv.index("--out")] = "--output-dir"
+    else:
+        argv += ["--output-dir", str(folder / f"out-{case.replace(' ', '-').replace(':', '')}")]
+    before = sorted(p.name for p in folder.iterdir())
+    runs_before = sorted(p.name for p in gora_run.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and expected in err, err
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing created, no .partial folder
+    assert sorted(p.name for p in gora_run.iterdir()) == runs_before
+    assert (folder / "full" / "keep.txt").read_text() == "keep" and len(list((folder / "full").iterdir())) == 1

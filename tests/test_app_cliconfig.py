@@ -12,7 +12,7 @@ import pytest
 
 import gora
 from gora.app.cliconfig import UnsupportedFieldType, add_dataclass_arguments, dataclass_kwargs, name_options
-from gora.app.runconfig import AllocateConfig, DataConfig, MergeConfig, TrainConfig
+from gora.app.runconfig import AllocateConfig, DataConfig, ExportConfig, MergeConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def _parse(cls: type, argv: list[str]) -> dict:
     return dataclass_kwargs(cls, parser.parse_args(argv))
 
 
-@pytest.mark.parametrize("cls", [gora.GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig])
+@pytest.mark.parametrize("cls", [gora.GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig, ExportConfig])
 def test_every_config_field_is_an_option_or_marked_off(cls):
     """Protects "one source of truth": a new field (e.g. another engineer's GoraConfig option) either gets an option
     from its type or says cli=False; the builder never silently drops one."""

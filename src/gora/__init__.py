@@ -3,6 +3,7 @@
 The pipeline, one module per stage:
     config (GoraConfig) → estimate (estimate_gradients → stats.GradientStats) → importance/allocate (allocate_ranks)
     → initialize (init_gora_weights) → model (build_gora_model / get_gora_model: a stock peft.PeftModel)
+    → export (export_adapter: the saved adapter as plain LoRA that vLLM and llama.cpp scale as PEFT does)
 The `gora` command is the application in `gora.app`, built on these.
 """
 
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 from .allocate import Allocation, allocate_ranks
 from .config import GoraConfig
 from .estimate import estimate_gradients
+from .export import ExportResult, export_adapter
 from .gamma import GammaSearch
 from .importance import compute_importances, layer_importance
 from .initialize import draw_lora_A, init_gora_weights, init_layer, solve_lora_B
@@ -22,6 +24,7 @@ from .trainer import prepare_trainer
 
 __all__ = [
     "Allocation",
+    "ExportResult",
     "GammaSearch",
     "GoraConfig",
     "GoraRecord",
@@ -32,6 +35,7 @@ __all__ = [
     "compute_importances",
     "draw_lora_A",
     "estimate_gradients",
+    "export_adapter",
     "get_gora_model",
     "get_qgora_model",
     "init_gora_weights",

@@ -1,10 +1,11 @@
-"""The `gora` command: `gora finetune` (and `gora finetune --resume <run>`), `gora allocate`, `gora merge`.
+"""The `gora` command: `gora finetune` (and `gora finetune --resume <run>`), `gora allocate`, `gora merge`,
+`gora export`.
 
-Options come from the typed config dataclasses (GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig)
-through one generic builder (cliconfig.py); only the options the user gives are layered over the preset's values
-(or, with --resume, over the run's saved configuration). This module is the user interface, so it prints; the
-library logs. Bad input exits with status 2 and one message; a run that stops once training has started exits
-with 1 (a failure) or 128 + the signal number, and one message saying what is safe and how to resume.
+Options come from the typed config dataclasses (GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig,
+ExportConfig) through one generic builder (cliconfig.py); only the options the user gives are layered over the
+preset's values (or, with --resume, over the run's saved configuration). This module is the user interface, so it
+prints; the library logs. Bad input exits with status 2 and one message; a run that stops once training has started
+exits with 1 (a failure) or 128 + the signal number, and one message saying what is safe and how to resume.
 """
 
 from __future__ import annotations
@@ -32,19 +33,26 @@ def _configs() -> tuple[Any, ...]:
     return GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig
 
 
+def _export_config() -> type:
+    from .runconfig import ExportConfig
+
+    return ExportConfig
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `gora` parser with its three subcommands (each option generated from a dataclass field)."""
+    """The `gora` parser with its four subcommands (each option generated from a dataclass field)."""
     from .runconfig import DEFAULT_PRESET, PRESETS
 
     gora_cls, data_cls, train_cls, alloc_cls, merge_cls = _configs()
     parser = argparse.ArgumentParser(
         prog="gora",
-        description="GoRA (gradient-driven adaptive LoRA) for PEFT: fine-tune, allocate ranks, merge adapters. "
+        description="GoRA (gradient-driven adaptive LoRA) for PEFT: fine-tune, allocate ranks, merge adapters, "
+        "export them for serving engines. "
         "`gora` alone runs `gora finetune` on the embedded default; `gora <command> --help` lists the options.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars; only warnings and the summary")
-    subparsers = parser.add_subparsers(dest="command", metavar="{finetune,allocate,merge}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{finetune,allocate,merge,export}")
     presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
     preset = PRESETS[DEFAULT_PRESET]
 
@@ -92,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="merge a saved adapter into its base model", description=merge_cls.__doc__, parents=[common]
     )
     add_dataclass_arguments(merge, merge_cls, title="merge")
+    export_cls = _export_config()
+    export = subparsers.add_parser(
+        "export",
+        help="write an adapter that vLLM, llama.cpp and PEFT compute the same way",
+        description=" ".join(export_cls.__doc__.split())
+        + " Prints the --max-lora-rank vLLM needs and the llama.cpp conversion commands.",
+        parents=[common],
+    )
+    add_dataclass_arguments(export, export_cls, title="export")
     return parser
 
 
@@ -109,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "merge":
             return _merge(args)
+        if command == "export":
+            return _export(args)
         return _run(command, args, started)
     except RunStopped as err:  # after training started: what is safe and the resume command, on one line
         print(f"gora {command}: {err}", file=sys.stderr)
@@ -188,8 +207,26 @@ def _merge(args: argparse.Namespace) -> int:
     _, _, _, _, merge_cls = _configs()
     with _options_in_errors(merge_cls):
         config = merge_cls(**dataclass_kwargs(merge_cls, args))
-    result = merge_adapter(config.adapter, config.output_dir, base=config.base, overwrite=config.overwrite)
-    print(f"merged {result['adapter']} into {result['base']}: standalone model in {result['model']}")
+    result = merge_adapter(
+        config.adapter, config.output_dir, base=config.base, dtype=config.dtype, overwrite=config.overwrite
+    )
+    print(
+        f"merged {result['adapter']} into {result['base']}: standalone {result['dtype']} model in {result['model']} "
+        "(loads with transformers alone)"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..export import export_adapter
+
+    export_cls = _export_config()
+    with _options_in_errors(export_cls):
+        config = export_cls(**dataclass_kwargs(export_cls, args))
+    result = export_adapter(
+        config.adapter, config.output_dir, rank=config.rank, dtype=config.dtype, overwrite=config.overwrite
+    )
+    print(result.summary())
     return 0
 
 
@@ -237,6 +274,20 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
     if report["config"]["train"].get("load_stats"):
         print(f"gradient statistics reused from {report['config']['train']['load_stats']} (no estimation)")
     print("outputs: " + ", ".join(f"{k} {v}" for k, v in report["outputs"].items()))
+    if report.get("serving"):
+        print_deploy(report["serving"])
+
+
+def print_deploy(serving: dict[str, Any]) -> None:
+    """Which folder goes to which tool: PEFT reads adapter/, the engines read adapter-serving/ (or cannot)."""
+    print(
+        f"deploy: PEFT -> {serving['adapter_dir']} (as trained, with gora_record.json) or {serving['output_dir']}; "
+        f"vLLM and llama.cpp -> {serving['output_dir']} (each layer's scaling folded in, one rank "
+        f"{serving['rank']}: the engines ignore rank_pattern/alpha_pattern, llama.cpp also rsLoRA); merged weights "
+        f"-> gora merge --adapter {serving['adapter_dir']}"
+    )
+    for note in (n for n in serving["engines"] if n["engine"] != "PEFT"):
+        print(f"  {note['engine']}: " + (note["note"] if note["servable"] else f"NOT servable: {note['note']}"))
 
 
 def print_allocation(report: dict[str, Any], wall_s: float) -> None:

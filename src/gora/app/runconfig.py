@@ -4,6 +4,7 @@
     TrainConfig    the fine-tune (Trainer settings, method gora/lora/rslora, LoRA+, --load-stats)
     AllocateConfig estimation + allocation only (`gora allocate`)
     MergeConfig    merging an adapter into its base (`gora merge`)
+    ExportConfig   exporting an adapter for serving engines (`gora export`)
     PRESETS        built-in model + data + settings (the embedded default: minilm-rt)
 
 The CLI is generated from these dataclasses (cliconfig.py); `resolve_configs` layers the user's settings over a
@@ -21,6 +22,7 @@ from ..config import GoraConfig
 from . import assets
 
 Task = Literal["classification", "sft"]
+Dtype = Literal["float32", "bfloat16", "float16"]
 Method = Literal["gora", "lora", "rslora"]
 TASK_TYPES = {"classification": "SEQ_CLS", "sft": "CAUSAL_LM"}
 
@@ -199,7 +201,32 @@ class MergeConfig:
     base: str | None = field(
         default=None, metadata={"help": "base model folder (default: base_model_name_or_path of the adapter)"}
     )
+    dtype: Dtype = field(
+        default="float32",
+        metadata={"help": "dtype of the saved merged weights (the merge itself is computed in float32)"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export a saved LoRA adapter that vLLM, llama.cpp and PEFT compute alike.
+
+    Each layer's scaling is folded into lora_B and every layer is zero-padded to one rank (gora.export_adapter)."""
+
+    adapter: str = field(metadata={"help": "adapter folder (with adapter_config.json), e.g. <run>/adapter"})
+    output_dir: str = field(metadata={"help": "folder for the exported adapter"})
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "rank R every layer is zero-padded to (default: the largest rank; a smaller R is refused)"},
+    )
+    dtype: Dtype | None = field(
+        default=None, metadata={"help": "dtype of the written LoRA tensors (default: the adapter's own)"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
+
+    def __post_init__(self) -> None:
+        _check(self.rank is None or self.rank > 0, f"rank must be a positive integer (or unset), got {self.rank}")
 
 
 @dataclass(frozen=True)

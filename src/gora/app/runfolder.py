@@ -42,6 +42,7 @@ PROGRESS = "progress.json"
 INIT = "init"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+SERVING = "adapter-serving"  # the same adapter exported for serving engines (gora.export_adapter)
 STATS = "gradient_stats.safetensors"
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint: its presence = complete
 

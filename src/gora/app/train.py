@@ -7,6 +7,8 @@
         ── the run folder appears (runfolder.py): status.json, run_config.json, init/ (step-0 adapter + statistics)
         → transformers.Trainer (checkpoints/; optionally a LoRA+ optimizer: make_optimizer; SIGINT/SIGTERM:
                            callbacks.py) → adapter/ (written as soon as training ends)
+        → export_adapter   (adapter-serving/: the same adapter as plain LoRA for vLLM and llama.cpp, written with
+                           adapter/)
         → evaluate         (after) → report.json + plots; status.json says "finished"
 
 `resume_finetune` (`gora finetune --resume`) continues a run that stopped, from its saved configuration, step-0
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from ..config import GoraConfig
+from ..export import DTYPES, export_adapter
 from ..fileio import staged_folder
 from ..model import attach_record
 from ..record import RECORD_NAME, GoraRecord
@@ -49,6 +52,7 @@ from .runfolder import (
     INTERRUPTED,
     PROGRESS,
     RUNNING,
+    SERVING,
     STATS,
     STATUS,
     TRAINER_STATE,
@@ -302,15 +306,26 @@ def _create_run_folder(
     return run
 
 
-def _final_folders(peft_model: Any, task: TaskData) -> dict[str, Callable[[Path], None]]:
-    """The final artifact folders, written as soon as training has finished (before evaluation), each whole:
-    name in the run folder -> a function filling a fresh folder. Another artifact is one more entry."""
+def _final_folders(
+    peft_model: Any, task: TaskData, run: RunFolder, serving: dict[str, Any]
+) -> dict[str, Callable[[Path], None]]:
+    """The final artifact folders, written as soon as training has finished (before evaluation), each whole and in
+    this order: name in the run folder -> a function filling a fresh folder. Another artifact is one more entry.
+
+    adapter/ is the adapter as trained (PEFT, with gora_record.json); adapter-serving/ is the same function as one
+    plain LoRA adapter that vLLM and llama.cpp scale as PEFT does (`gora.export_adapter`), its summary put in
+    `serving`."""
 
     def adapter(folder: Path) -> None:
         peft_model.save_pretrained(folder)
         task.tokenizer.save_pretrained(folder)
 
-    return {ADAPTER: adapter}
+    def adapter_serving(folder: Path) -> None:
+        result = export_adapter(run.adapter, folder, overwrite=True)
+        final = dataclasses.replace(result, adapter_dir=str(run.adapter), output_dir=str(run.path / SERVING))
+        serving.update(final.to_dict())
+
+    return {ADAPTER: adapter, SERVING: adapter_serving}
 
 
 def _run_session(
@@ -408,11 +423,12 @@ def _train_stage(
     run.update_status(stage="save", message="training finished; writing the adapter")
     try:
         start = time.perf_counter()
-        for name, write in _final_folders(peft_model, task).items():
+        serving: dict[str, Any] = {}
+        for name, write in _final_folders(peft_model, task, run, serving).items():
             with staged_folder(run.path / name, overwrite=True) as tmp:
                 write(tmp)
         timings["save_s"] = time.perf_counter() - start
-        run.update_progress(trained=True, log_history=log_history, timings_s=timings)
+        run.update_progress(trained=True, log_history=log_history, timings_s=timings, serving=serving)
     except BaseException as err:
         raise _stopped_in_training(run, "writing the trained adapter", err, step, total, stop) from err
     if stop.signum is not None:  # the signal came with the last step: training is complete, the adapter written
@@ -673,6 +689,7 @@ def _finetune_report(
         "config": config_dict(preset, data, train, gora),
         "gora": {"num_batches": record.num_batches, "gamma": record.gamma, "extra": record.extra} if record else None,
         "sessions": progress.get("sessions", 1),
+        "serving": progress.get("serving"),
         "log_history": log_history,
     }
 
@@ -694,6 +711,7 @@ def _write_report(report: dict[str, Any], run: RunFolder, log_history: list[dict
     outputs = {
         "folder": final,
         "adapter": str(run.adapter),
+        "adapter_serving": os.path.join(final, SERVING),
         "report": os.path.join(final, "report.json"),
         "status": os.path.join(final, STATUS),
         "init": str(run.init),
@@ -779,25 +797,38 @@ def allocate_only(
 
 
 def merge_adapter(
-    adapter: str, output_dir: str, *, base: str | None = None, overwrite: bool = False
+    adapter: str,
+    output_dir: str,
+    *,
+    base: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
 ) -> dict[str, str]:
-    """Merge a saved LoRA adapter into its base model (`merge_and_unload`) and save a standalone model folder.
+    """Merge a saved adapter into its base model (`merge_and_unload`, in float32) and save a plain transformers
+    folder (safetensors) that loads without PEFT.
 
     Args:
         adapter: Folder with adapter_config.json (as `gora finetune` writes under adapter/).
         output_dir: Where to write the merged model (and the tokenizer, if the adapter folder or base has one).
         base: Base model folder (default: `base_model_name_or_path` in adapter_config.json).
+        dtype: dtype of the saved weights ("float32", "bfloat16", "float16").
         overwrite: Replace a non-empty `output_dir`.
+
+    Raises:
+        UsageError: no adapter there, no base model, or a base model whose modules do not match the adapter's
+            (nothing is written).
     """
     import json
 
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig, PeftModel, PeftType
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ..fileio import check_output_folder, staged_folder
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UsageError(f"{adapter!r} has no adapter_config.json: give the adapter folder (e.g. <run>/adapter)")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     check_output_folder(output_dir, overwrite)
     peft_config = PeftConfig.from_pretrained(adapter)
     base = base or peft_config.base_model_name_or_path
@@ -811,7 +842,13 @@ def merge_adapter(
     if task_type == "SEQ_CLS":
         kwargs.update(_head_kwargs(adapter))
     model = loader.from_pretrained(base, **kwargs)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if peft_config.peft_type == PeftType.LORA and (Path(adapter) / "adapter_model.safetensors").is_file():
+        _check_base_fits(model, adapter, base)
+    try:
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:  # what PEFT raises for a base it cannot load the adapter on
+        raise UsageError(f"the adapter {adapter!r} cannot be loaded on base model {base!r}: {err}") from err
+    merged = merged.to(DTYPES[dtype])
     with staged_folder(output_dir, overwrite) as tmp:
         merged.save_pretrained(tmp)
         for folder in (adapter, base):
@@ -820,7 +857,37 @@ def merge_adapter(
                 break
             except Exception:  # no tokenizer there; try the next folder
                 continue
-    return {"model": output_dir, "base": base, "adapter": adapter}
+    return {"model": output_dir, "base": base, "adapter": adapter, "dtype": dtype}
+
+
+def _check_base_fits(model: nn.Module, adapter: str, base: str) -> None:
+    """Every module the LoRA adapter adapts exists in `model` with the weight shape its A and B imply.
+
+    Raises:
+        UsageError: naming the first modules that are missing or of another shape.
+    """
+    from ..export import read_adapter
+
+    saved = read_adapter(adapter)
+    problems = []
+    for name, layer in saved.layers.items():
+        A, B = saved.tensors[layer.a_key], saved.tensors[layer.b_key]
+        out_in = (int(B.shape[0]), int(A.shape[1]))
+        if layer.a_key.endswith("lora_embedding_A") or saved.config.fan_in_fan_out:  # weight stored [in, out]
+            out_in = out_in[::-1]
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            problems.append(f"{name} does not exist in the base model")
+            continue
+        if tuple(weight.shape[:2]) != out_in:
+            problems.append(f"{name} has a weight of shape {tuple(weight.shape)}, the adapter's is {out_in}")
+    if problems:
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise UsageError(
+            f"base model {base!r} does not match the adapter {adapter!r}: {'; '.join(problems[:2])}{more}. Pass "
+            "--base, the folder of the model the adapter was made on"
+        )
 
 
 def _head_kwargs(adapter: str) -> dict[str, Any]:
