@@ -17,8 +17,17 @@ from torch import nn
 
 BnbKind = Literal["4bit", "8bit"]
 
-# class names of quantized linear layers that GoRA cannot read (no hook route, no dequantization here)
+# what quantized linear layers of other libraries look like: their class names, or the packages they live in
 OTHER_QUANTIZED_HINTS = ("QuantLinear", "HQQLinear", "Int8", "FP8Linear", "WQLinear", "Linear4bit", "Linear8bitLt")
+OTHER_QUANTIZED_PACKAGES = (
+    "torch.ao.nn.quantized",
+    "auto_gptq",
+    "gptqmodel",
+    "awq",
+    "hqq",
+    "optimum.quanto",
+    "torchao",
+)
 
 
 def bnb_kind(module: nn.Module) -> BnbKind | None:
@@ -34,12 +43,17 @@ def bnb_kind(module: nn.Module) -> BnbKind | None:
 
 
 def is_other_quantized(module: nn.Module) -> bool:
-    """A quantized linear layer that is not bitsandbytes 4/8-bit (GPTQ, AWQ, HQQ, FP8, ...): no route reads it."""
+    """A quantized linear layer that is not bitsandbytes 4/8-bit (GPTQ, AWQ, HQQ, quanto, torch.ao, FP8, ...), or
+    any layer whose weight is not a floating-point tensor: GoRA has no way to read its gradient."""
     if bnb_kind(module) is not None:
         return False
     weight = getattr(module, "weight", None)
-    packed = isinstance(weight, torch.Tensor) and not weight.is_floating_point()
-    return packed or type(module).__name__.startswith(OTHER_QUANTIZED_HINTS)
+    if callable(weight) and not isinstance(weight, torch.Tensor):  # torch.ao packs it behind a method
+        return True
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        return True
+    cls = type(module)
+    return cls.__name__.startswith(OTHER_QUANTIZED_HINTS) or cls.__module__.startswith(OTHER_QUANTIZED_PACKAGES)
 
 
 @torch.no_grad()
