@@ -61,7 +61,7 @@ class GradientStore(Protocol):
 
     needs_pilot: bool  # whether `pilot_fold` / `finish_pilot` run over the first batch before the N batches
 
-    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None: ...
+    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None: ...
 
     def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None: ...
 
@@ -92,7 +92,7 @@ class FullStore:
         self.config = config
         self.sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
 
-    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
+    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None:
         raise RuntimeError("the full store has no pilot pass")
 
     def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None:
@@ -105,7 +105,7 @@ class FullStore:
     def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
         S = self.sums[target.name]
         if S.device != x.device:  # statistics offloaded: g_k on the model's device, then added
-            self.fold(target, outer(x, dy))
+            self.fold(target, Outer(x, dy).rows())
             return
         for x_c, dy_c in token_chunks(x, dy):
             S.addmm_(dy_c.T, x_c)  # S += Σ_tokens dyᵀ x, no g_k formed
@@ -320,12 +320,19 @@ def token_chunks(x: torch.Tensor, dy: torch.Tensor, width: int = 0) -> Iterator[
         yield x[start : start + step].float(), dy[start : start + step].float()
 
 
-def outer(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """g = Σ_tokens dyᵀ x [m, n] in float32, on x's device (one layer's batch gradient)."""
-    g = torch.zeros(dy.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-    for x_c, dy_c in token_chunks(x, dy):
-        g.addmm_(dy_c.T, x_c)
-    return g
+class Outer:
+    """g = Σ_tokens dyᵀ x [m, n] of one forward call (module hooks), formed on demand in float32: whole, or a block
+    of rows at a time (the sketch's pilot), so that it need never exist whole."""
+
+    def __init__(self, x: torch.Tensor, dy: torch.Tensor) -> None:
+        self.x, self.dy = x, dy
+        self.shape = (dy.shape[-1], x.shape[-1])
+
+    def rows(self, rows: slice = slice(None)) -> torch.Tensor:
+        g = torch.zeros(len(range(*rows.indices(self.shape[0]))), self.shape[1], device=self.x.device)
+        for x_c, dy_c in token_chunks(self.x, self.dy):
+            g.addmm_(dy_c[:, rows].T, x_c)
+        return g
 
 
 Route = _WeightRoute | _ModuleRoute
@@ -374,8 +381,8 @@ class _Estimation:
 
     def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
         """One forward call's input x and output gradient dy of `target` (route "hooks")."""
-        if self.in_pilot:  # the pilot needs |W ⊙ g_1|: g_1 and Ŵ of this one layer, then both are dropped
-            self.store.pilot_fold(target, outer(x, dy), self.weight_of(target.name))
+        if self.in_pilot:  # the pilot needs |W ⊙ g_1|: Ŵ of this one layer, and g_1 a block of rows at a time
+            self.store.pilot_fold(target, Outer(x, dy), self.weight_of(target.name))
         else:
             self.counts[target.name] += 1
             self.store.fold_outer(target, x, dy)

@@ -42,7 +42,7 @@ import torch
 from .allocate import allocate_ranks
 from .config import GoraConfig
 from .distributed import all_reduce_sum_
-from .estimate import FullStore, token_chunks
+from .estimate import FullStore, Outer, token_chunks
 from .initialize import draw_lora_A, module_seed
 from .targets import Target
 
@@ -52,7 +52,7 @@ UNIFORM_MIX = (
     0.1  # λ: share of uniformly drawn samples, so q_ij > 0 everywhere (unbiasedness) and heavy tails stay bounded
 )
 _ROW_BLOCK = 256  # sampled rows whose conditional column distributions are drawn at once
-_BLOCK_ELEMENTS = 1 << 24  # entries of W read as float64 at once while drawing (128 MiB)
+_BLOCK_ELEMENTS = 1 << 22  # entries of W (and of the pilot's g) read as float32/float64 at once (16/32 MiB)
 MIN_SAMPLES = 64  # fewest samples of a sketched layer, whatever its pilot rank
 
 
@@ -94,18 +94,30 @@ class SketchStore:
         self._pilot_whole: dict[str, torch.Tensor] = {}  # whole layers: Σ|W ⊙ g_1| (for the pilot allocation)
 
     # -- pilot pass: row and column sums of |W ⊙ g_1| --------------------------------------------------------
-    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
+    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None:
         """Add the row and column sums of |W ⊙ g| (a layer called several times in the pilot batch adds each call's:
-        an envelope as valid as that of the summed gradient, since any q with λ > 0 keeps Î unbiased)."""
-        a = (weight.detach().float() * grad.float()).abs()  # |W ⊙ g_1|
-        name = target.name
+        an envelope as valid as that of the summed gradient, since any q with λ > 0 keeps Î unbiased).
+
+        `grad` is g [m, n], or an `Outer` (module hooks) formed here a block of rows at a time; W and g are read in
+        float32 blocks of rows, so no whole float32 copy of either is made.
+        """
+        m, n = weight.shape
+        step = max(1, _BLOCK_ELEMENTS // n)
+        R = torch.empty(m, dtype=torch.float64)
+        C = torch.zeros(n, dtype=torch.float64, device=weight.device)
+        for start in range(0, m, step):
+            rows = slice(start, start + step)
+            g = grad.rows(rows) if isinstance(grad, Outer) else grad[rows].float()
+            a = (weight[rows].float() * g).abs_()  # |W ⊙ g_1|, one block of rows
+            R[rows] = a.sum(1, dtype=torch.float64).cpu()
+            C += a.sum(0, dtype=torch.float64)
+        name, C = target.name, C.cpu()
         if name in self.sketches:
-            R, C = a.sum(1, dtype=torch.float64).cpu(), a.sum(0, dtype=torch.float64).cpu()
             if name in self._pilot:
                 R, C = R + self._pilot[name][0], C + self._pilot[name][1]
             self._pilot[name] = (R, C)
         else:
-            total = a.sum(dtype=torch.float64).cpu().reshape(1)
+            total = R.sum().reshape(1)
             self._pilot_whole[name] = total + self._pilot_whole[name] if name in self._pilot_whole else total
 
     def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None:
