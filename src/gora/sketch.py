@@ -145,7 +145,7 @@ class SketchStore:
             {name: value / (self.by_name[name].m * self.by_name[name].n) for name, value in sums.items()}
         )
         for name, (R, C) in pilot.items():  # one layer's W at a time (dequantized for a quantized layer)
-            self.samplers[name] = self._draw(self.by_name[name], weight_of(name).detach().cpu(), R, C, counts[name])
+            self.samplers[name] = self._draw(self.by_name[name], weight_of(name).detach(), R, C, counts[name])
         self._pilot.clear()
         self._pilot_whole.clear()
 
@@ -171,12 +171,14 @@ class SketchStore:
     def _draw(self, t: Target, W: torch.Tensor, R: torch.Tensor, C: torch.Tensor, s: int) -> _Sampler:
         """Draw s entries of a layer and keep what Î needs of W there (|W_t|/q_t): W itself is not kept.
 
-        W [m, n] may be in any float dtype; it is read in float64 blocks of rows, never copied whole."""
+        W [m, n] may be in any float dtype, on any device: it is read there in float64 blocks of rows (never copied
+        whole), and only the sampled rows' distributions and values come to the CPU, where the draws are made."""
         m, n = t.m, t.n
         g = torch.Generator().manual_seed(module_seed(self.config.seed, f"sketch:{t.name}"))
         rows_per_block = max(1, _BLOCK_ELEMENTS // n)
+        C_W = C.to(W.device)
         WC = torch.cat(  # Σ_j |W_ij| C_j
-            [W[i : i + rows_per_block].double().abs() @ C for i in range(0, m, rows_per_block)]
+            [(W[i : i + rows_per_block].double().abs() @ C_W).cpu() for i in range(0, m, rows_per_block)]
         )
         Z = float((R * WC).sum())  # Σ_ij |W_ij| R_i C_j
         lam = UNIFORM_MIX if Z > 0 and math.isfinite(Z) else 1.0
@@ -188,12 +190,12 @@ class SketchStore:
             srows = torch.multinomial((R * WC).float(), k, replacement=True, generator=g)
             scols = torch.empty_like(srows)
             for start in range(0, k, _ROW_BLOCK):  # column | row ∝ |W_ij| C_j
-                block = srows[start : start + _ROW_BLOCK]
+                block = srows[start : start + _ROW_BLOCK].to(W.device)
                 scols[start : start + _ROW_BLOCK] = torch.multinomial(
-                    (W[block].double().abs() * C).float(), 1, replacement=True, generator=g
+                    (W[block].double().abs() * C_W).float().cpu(), 1, replacement=True, generator=g
                 ).squeeze(1)
             rows[structured], cols[structured] = srows, scols
-        w = W[rows, cols].double()
+        w = W[rows.to(W.device), cols.to(W.device)].double().cpu()
         q = lam / (m * n) + ((1 - lam) * w.abs() * R[rows] * C[cols] / Z if lam < 1 else 0.0)
         metric = self.config.importance
         numerator = (
