@@ -66,14 +66,14 @@ def _adaptive_config(**kwargs) -> gora.GoraConfig:
     return gora.GoraConfig(**{**base, **kwargs})
 
 
+@pytest.mark.parametrize("route", ["weights", "hooks"])
 @pytest.mark.parametrize("store", ["full", "sketch"])
-def test_stops_at_min_batches_when_importances_converge(llama, store):
+def test_stops_at_min_batches_when_importances_converge(llama, store, route):
     """Property: with identical batches the running mean, hence every importance, is constant from the first batch,
-    so estimation stops at adaptive_min_batches and reports it."""
+    so estimation stops at adaptive_min_batches and reports it (on either gradient route)."""
     batches = lm_batches(1) * 8
-    stats = gora.estimate_gradients(
-        llama, _adaptive_config(gradient_store=store, sketch_samples=64), batches, show_progress=False
-    )
+    config = _adaptive_config(gradient_store=store, sketch_samples=64, gradient_route=route)
+    stats = gora.estimate_gradients(llama, config, batches, show_progress=False)
     assert stats.num_batches == 3
     report = stats.info["adaptive"]
     assert report["stopped_early"] and report["batches"] == 3

@@ -225,6 +225,22 @@ def test_get_gora_model_on_a_quantized_base_trains_and_reloads_in_plain_peft(bas
     assert (tmp_path / "adapter" / "gora_record.json").is_file()
 
 
+def test_statistics_of_a_quantized_base_belong_to_it(base_dir, tmp_path):
+    """Protects: statistics estimated on a 4-bit base save and load against that base (its fingerprint reads the
+    dequantized weights) and give the same allocation again; the full-precision model they were quantized from is
+    another model, and is refused."""
+    config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    stats = gora.estimate_gradients(model, config, lm_batches(2, length=12), show_progress=False)
+    path = gora.save_gradient_stats(stats, tmp_path / "stats.safetensors", model)
+    again = gora.load_gradient_stats(path, LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4))
+    assert gora.compute_importances(model, again, config.importance) == gora.compute_importances(
+        model, stats, config.importance
+    )
+    with pytest.raises(ValueError, match="different model"):
+        gora.load_gradient_stats(path, LlamaForCausalLM.from_pretrained(base_dir))
+
+
 def test_get_qgora_model_on_a_quantized_model_is_get_gora_model(base_dir):
     """Protects the older entry point: get_qgora_model on a model already quantized runs get_gora_model (module
     hooks, no dequantized copies) and records that."""
