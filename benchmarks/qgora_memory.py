@@ -237,6 +237,46 @@ def projections() -> list[dict[str, Any]]:
     return rows
 
 
+def table(result: dict[str, Any]) -> str:
+    """The results as the Markdown tables of docs/BENCHMARKS.md (measured beside predicted, ratios, projections)."""
+    rows = result["rows"]
+    by = {(r["width"], r["tokens"], r["kind"]): r for r in rows}
+    lines = [
+        "| hidden | tokens | configuration | measured MiB | predicted MiB | error | largest transient | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p = r["predicted_mib"]
+        predicted = f"{p['total']:.0f}" if p else "–"
+        error = f"{100 * r['error']:+.1f}%" if p else "–"
+        source = p["transient_source"] if p else "–"
+        lines.append(
+            f"| {r['width']} | {r['tokens']} | {r['kind']} | {r['measured_mib']:.0f} | {predicted} | {error} | "
+            f"{source} | {r['seconds']:.0f} |"
+        )
+    lines += ["", "| hidden | tokens | sketch / plain | sketch / qlora | full / plain |", "|---|---|---|---|---|"]
+    for width, tokens in sorted({(r["width"], r["tokens"]) for r in rows}):
+        cells = []
+        for a, b in (("sketch", "plain"), ("sketch", "qlora"), ("full", "plain")):
+            x, y = by.get((width, tokens, a)), by.get((width, tokens, b))
+            cells.append(f"{x['measured_mib'] / y['measured_mib']:.2f}" if x and y else "–")
+        lines.append(f"| {width} | {tokens} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| model | tokens | plain GiB | sketch GiB (weights + activations + statistics + transient) | sketch / plain |",
+        "|---|---|---|---|---|",
+    ]
+    for p in result["projections"]:
+        if "tokens" in p:
+            s = p["sketch"]
+            parts = f"{s['weights']:.1f} + {s['activations']:.1f} + {s['statistics']:.2f} + {s['transient']:.2f}"
+            lines.append(
+                f"| {p['model']} | {p['tokens']} | {p['plain']['total']:.1f} | {s['total']:.1f} ({parts}) | "
+                f"{p['sketch_over_plain']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="512,1024,2048,4096")
@@ -249,12 +289,16 @@ def main() -> int:
     parser.add_argument("--token-sweep", default="1024:1,4,8", help="width:batch sizes measured at that width too")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="")
+    parser.add_argument("--table", action="store_true", help="print the results file as Markdown tables")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return 0
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
         return 0
 
     from .init_overhead import git_commit

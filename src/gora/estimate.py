@@ -173,12 +173,12 @@ def estimate_gradients(
     model = unwrap_model(model)
     check_not_zero3(model)
     targets = find_targets(model, config)
+    routes = choose_routes(model, targets, config)  # module name -> "weights" or "hooks"
     device = model_device(model)
     store_device = torch.device("cpu") if (offload_to_cpu or config.offload_to_cpu) else device
     store_cls = SketchStore if config.gradient_store == "sketch" else FullStore
     store: GradientStore = store_cls(targets, config, store_device)
     adaptive = _Adaptive(config) if config.adaptive_batches else None
-    routes = choose_routes(model, targets, config)
     with _estimation_state(model, targets, routes), seeded(config.seed + dist_rank(), device):
         run = _Estimation(model, targets, routes, store, forward_fn, device, seed=config.seed + dist_rank())
         with run.hooks():
