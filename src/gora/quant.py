@@ -91,8 +91,8 @@ def get_qgora_model(
                 "quantization_config=None, or call gora.get_gora_model(model, ...), which is the same"
             )
         peft_model = build_estimated(model, config, estimate_and_allocate(model, config, dataloader, options), options)
-        info: dict[str, Any] = {"estimated_on": f"the quantized base ({'/'.join(kinds)}, module hooks)"}
-        peft_model.gora_records[adapter_name].extra["qgora"] = {**info, "prequantized": True}
+        estimated_on = f"the quantized base ({'/'.join(kinds)}, module hooks)"
+        peft_model.gora_records[adapter_name].extra["qgora"] = {"estimated_on": estimated_on, "prequantized": True}
         return peft_model
     qconfig = _check_quantization_config(quantization_config, model)
     _check_linear_targets(model, config)
@@ -100,7 +100,7 @@ def get_qgora_model(
     start = time.perf_counter()
     originals = _quantize(model, qconfig, _skip_modules(model, qconfig, config))
     estimated.timings["quantize_s"] = time.perf_counter() - start
-    info = {
+    info: dict[str, Any] = {
         "estimated_on": "full precision",
         "prequantized": False,
         "quantized_modules": sorted(originals),
