@@ -14,7 +14,7 @@ slower). Side by side in one process, on config-built models with the layer shap
 
 `gora.estimate_gradients` runs with each route and each store, in alternating order, `repeats` times; the table
 gives median seconds and the hooks/weights ratio. Results (with machine, versions, date, commit, load average) are
-appended to benchmarks/results/hook_route.jsonl.
+appended to the list of runs in benchmarks/results/hook_route.json.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from .init_overhead import git_commit
 from .measure import machine, now, versions
 
-RESULTS = Path(__file__).resolve().parent / "results" / "hook_route.jsonl"
+RESULTS = Path(__file__).resolve().parent / "results" / "hook_route.json"  # a list of runs (not *.jsonl: no suite)
 
 
 def minilm_like(n: int) -> tuple[Any, list[dict[str, torch.Tensor]], list[str]]:
@@ -134,8 +134,8 @@ def main() -> int:
         "date": now(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    runs = json.loads(args.out.read_text()) if args.out.is_file() else []
+    args.out.write_text(json.dumps([*runs, record], indent=1))
     print(f"{'model':8} {'store':7} {'weights s':>10} {'hooks s':>8} {'hooks/weights':>14}")
     for row in rows:
         m = row["median_s"]
