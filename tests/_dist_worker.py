@@ -112,6 +112,14 @@ def main() -> None:
     if "sketch" in scenarios:
         model = make_llama()
         run("sketch", model, model, config(gradient_store="sketch"), mine, out, rank)
+    if "hooks_ddp" in scenarios:  # module-hook route (as for quantized layers) under DDP: the same end-of-run sums
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = make_llama()
+        run("hooks_ddp", model, DistributedDataParallel(model), config(gradient_route="hooks"), mine, out, rank)
+    if "hooks_sketch" in scenarios:
+        model = make_llama()
+        run("hooks_sketch", model, model, config(gradient_store="sketch", gradient_route="hooks"), mine, out, rank)
     if "fsdp" in scenarios:  # FSDP2: weights and gradients are sharded DTensors
         model = fsdp_llama()
         run("fsdp", model, model, config(), mine, out, rank)

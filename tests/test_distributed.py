@@ -24,6 +24,8 @@ WORKER = Path(__file__).with_name("_dist_worker.py")
 SCENARIOS = (
     "ddp",
     "sketch",
+    "hooks_ddp",
+    "hooks_sketch",
     "fsdp",
     "adaptive",
     "peft",
@@ -122,6 +124,19 @@ def test_sketch_two_ranks(dist_out):
     _assert_ranks_identical(metas, tensors)
     stats, _, _ = _single(gradient_store="sketch")
     assert stats.sketches
+    for name, Y in stats.sketches.items():
+        assert_close(tensors[0][f"Y/{name}"], Y, rtol=1e-5, msg=name)
+
+
+def test_hook_route_two_ranks_equal_one_process(dist_out):
+    """Property: the module-hook route (the one quantized layers take) feeds the same stores, so the end-of-run
+    all-reduce gives both ranks identical statistics, equal to one process on the weight route: G, ranks, A0, B0
+    under DDP, and the sketch Y."""
+    _assert_equal_single(*_load(dist_out, "hooks_ddp"), lm_batches(BATCHES))
+    metas, tensors = _load(dist_out, "hooks_sketch")
+    _assert_ranks_identical(metas, tensors)
+    assert metas[0]["info"]["gradient_routes"]["weights"] == 0
+    stats, _, _ = _single(gradient_store="sketch")
     for name, Y in stats.sketches.items():
         assert_close(tensors[0][f"Y/{name}"], Y, rtol=1e-5, msg=name)
 

@@ -1,4 +1,5 @@
-"""QGoRA on CPU: estimation in full precision (or on dequantized 4-bit weights), training on an NF4 base."""
+"""QGoRA on CPU: quantized bases (bitsandbytes 4-bit and 8-bit) through get_gora_model (module-hook estimation, PEFT's
+bnb LoRA layers), and get_qgora_model's estimation in full precision followed by NF4 quantization."""
 
 from __future__ import annotations
 
@@ -6,16 +7,18 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gora
-from helpers import VOCAB, assert_close, llama_config, lm_batches
+from helpers import VOCAB, assert_close, assert_same, llama_config, lm_batches, snapshot
 
 bnb = pytest.importorskip("bitsandbytes")
 
 from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
-from gora.quant import dequantized_targets  # noqa: E402
+from gora.batches import eval_mode  # noqa: E402
+from gora.qlayers import dequantize  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -96,50 +99,163 @@ def test_qgora_from_full_precision_trains_and_reloads_in_plain_peft(base_dir, tm
     assert (tmp_path / "adapter" / "gora_record.json").is_file()
 
 
-def test_prequantized_model_estimates_on_dequantized_weights_and_is_restored(base_dir):
-    """Protects: on a model loaded in 4-bit, each target Linear4bit is swapped for its dequantized weight during
-    estimation, so G is the gradient at the quantized base (equal to the gradient of a full-precision model holding
-    the dequantized weights); afterwards every module is the same object with the same 4-bit data and flags; and the
-    full QGoRA path then builds PEFT bnb LoRA layers over those very modules."""
+def _dequantized_copy(base_dir, quantized) -> LlamaForCausalLM:
+    """A full-precision model holding Ŵ = deq(Q(W0)) of every 4-bit layer of `quantized` (the rest as loaded)."""
+    fp = LlamaForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                fp.get_submodule(name).weight.copy_(dequantize(module))
+    return fp
+
+
+@pytest.mark.parametrize("store", ["full", "sketch"])
+def test_4bit_hook_route_equals_weight_route_on_dequantized_copy(base_dir, store):
+    """Protects the hook route on 4-bit layers: hooks on Linear4bit give the gradient, sketch and importances that the
+    weight route gives on nn.Linear layers holding the same dequantized weights, up to float rounding (full store:
+    identical ranks); and the 4-bit model comes back exactly as it was, without hooks."""
+    config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2, gradient_store=store, sketch_samples=64)
+    batches = lm_batches(2, length=12)
+    quantized = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    fp = _dequantized_copy(base_dir, quantized)
+    before = snapshot(quantized)
+    stats = gora.estimate_gradients(quantized, config, batches, show_progress=False)
+    assert_same(before, snapshot(quantized))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in quantized.modules())
+    assert stats.info["gradient_routes"] == {"weights": 0, "hooks": 6}
+    reference = gora.estimate_gradients(fp, config, batches, show_progress=False)
+    assert reference.info["gradient_routes"] == {"weights": 6, "hooks": 0}
+    assert stats.gradients.keys() == reference.gradients.keys() and stats.sketches.keys() == reference.sketches.keys()
+    for name, G in reference.gradients.items():
+        assert_close(stats.gradients[name], G, rtol=1e-4, msg=name)
+    for name, Y in reference.sketches.items():
+        assert_close(stats.sketches[name], Y, rtol=1e-4, msg=name)
+    importances = gora.compute_importances(quantized, stats, config.importance)  # dequantizes one layer at a time
+    expected = gora.compute_importances(fp, reference, config.importance)
+    assert importances == pytest.approx(expected, rel=1e-3)
+    if store == "full":
+        ranks = gora.allocate_ranks(importances, stats.shapes, config).ranks
+        assert ranks == gora.allocate_ranks(expected, reference.shapes, config).ranks
+
+
+def _probe_gradient(model, batches, names) -> dict[str, torch.Tensor]:
+    """∂L/∂Δ at Δ = 0 for each named layer run as W + Δ, by plain autograd over the mean loss: the definition of
+    the gradient at the quantized base that a LoRA update B·A (which enters exactly as Δ) sees."""
+    deltas, handles = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        delta = torch.zeros(module.out_features, module.in_features, requires_grad=True)
+        deltas[name] = delta
+        handles.append(
+            module.register_forward_hook(lambda mod, args, out, d=delta: out + F.linear(args[0], d.to(out.dtype)))
+        )
+    model.train()
+    try:
+        for batch in batches:
+            (model(**batch).loss / len(batches)).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.eval()
+    return {name: delta.grad for name, delta in deltas.items()}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_gradient_is_the_gradient_at_the_base(base_dir, bits):
+    """Protects the estimate on 4-bit and 8-bit bases: G from module hooks equals ∂L/∂Δ of the quantized model run as
+    Q(W0) + Δ at Δ = 0, computed independently by autograd (8-bit has no dequantized-copy reference: its forward
+    also quantizes the activations)."""
+    qconfig = NF4 if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
     batches = lm_batches(2, length=12)
-    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
-    before = {
-        name: (module, module.weight.data.clone(), module.weight.quant_state.absmax.clone(), module.training)
-        for name, module in model.named_modules()
-        if isinstance(module, bnb.nn.Linear4bit)
-    }
-    flags = [p.requires_grad for p in model.parameters()]
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig)
+    stats = gora.estimate_gradients(model, config, batches, show_progress=False)
+    assert stats.info["gradient_routes"] == {"weights": 0, "hooks": 6}
+    expected = _probe_gradient(model, batches, [t.name for t in stats.targets])
+    for name, G in expected.items():
+        assert_close(stats.gradients[name], G, rtol=1e-4, msg=name)
 
-    with dequantized_targets(model, config) as swapped:
-        assert len(swapped) == 6 and all(
-            type(model.get_submodule(n)).__name__ == "_DequantizedLinear" for n in swapped
-        )
-        dequantized = {n: model.get_submodule(n).weight.detach().clone() for n in swapped}
-        stats = gora.estimate_gradients(model, config, batches, show_progress=False)
-    for name, (module, data, absmax, training) in before.items():
-        now = model.get_submodule(name)
-        assert now is module, name
-        assert torch.equal(now.weight.data, data) and torch.equal(now.weight.quant_state.absmax, absmax), name
-        assert now.training == training
-    assert [p.requires_grad for p in model.parameters()] == flags
 
-    fp = LlamaForCausalLM.from_pretrained(base_dir)  # every 4-bit layer's Ŵ in a full-precision model
-    with torch.no_grad():
-        for name, module in before.items():
-            weight = dequantized.get(name)
-            fp.get_submodule(name).weight.copy_(weight if weight is not None else gora.quant._dequantize(module[0]))
-    fp_stats = gora.estimate_gradients(fp, config, batches, show_progress=False)
-    for name, grad in stats.gradients.items():
-        assert_close(grad, fp_stats.gradients[name], rtol=1e-4, msg=name)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_get_gora_model_on_a_quantized_base_trains_and_reloads_in_plain_peft(base_dir, tmp_path, bits):
+    """Protects issue #13.2: `get_gora_model` takes a model loaded with BitsAndBytesConfig (4-bit or 8-bit) as
+    `peft.get_peft_model` does: PEFT's bnb LoRA layers over the very same quantized modules, gamma='auto' chosen on
+    the quantized base, a training step that moves only the adapter, and a saved adapter that plain PEFT loads onto
+    a base transformers quantized from the same checkpoint with identical outputs."""
+    from peft import PeftModel
+    from peft.tuners.lora import bnb as lora_bnb
 
-    peft_model = gora.get_qgora_model(model, config, batches, show_progress=False)
+    qconfig = NF4 if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    layer_cls = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    lora_cls = lora_bnb.Linear4bit if bits == 4 else lora_bnb.Linear8bitLt
+    config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2, gamma="auto", gamma_batches=1)
+    batches = lm_batches(3, length=12)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig)
+    assert getattr(model, f"is_loaded_in_{bits}bit")
+    base_q = model.model.layers[0].self_attn.q_proj
+    peft_model = gora.get_gora_model(model, config, batches, show_progress=False)
+
     layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
-    assert layer.base_layer is before["model.layers.0.self_attn.q_proj"][0]
-    assert peft_model.gora_records["default"].extra["qgora"]["prequantized"] is True
+    assert isinstance(layer, lora_cls) and layer.base_layer is base_q and isinstance(base_q, layer_cls)
+    record = peft_model.gora_records["default"]
+    assert record.extra["estimation"]["gradient_routes"] == {"weights": 0, "hooks": 6}
+    assert record.extra["gamma_search"]["num_batches"] == 1
+    assert not any(getattr(getattr(m, "quant_state", None), "packing_format_for_cpu", False) for m in model.modules())
+
+    initial = lora_params(peft_model)
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     peft_model(**batches[0]).loss.backward()
-    assert layer.lora_B["default"].weight.grad is not None
+    optimizer.step()
+    trained = lora_params(peft_model)
+    assert all(not torch.equal(trained[n], initial[n]) for n in trained if "lora_B" in n)
+    assert all(torch.equal(p, frozen[n]) for n, p in peft_model.named_parameters() if not p.requires_grad)
+
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig), tmp_path / "adapter"
+    )
+    assert isinstance(reloaded.get_base_model().model.layers[0].self_attn.q_proj, lora_cls)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    peft_model.eval()
+    with torch.no_grad(), eval_mode(peft_model), eval_mode(reloaded):  # eval_mode: no CPU inference repacking
+        # the same quantized tensors and the same adapter through the same kernels in one process: bit for bit
+        assert torch.equal(peft_model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    assert (tmp_path / "adapter" / "gora_record.json").is_file()
+
+
+def test_statistics_of_a_quantized_base_belong_to_it(base_dir, tmp_path):
+    """Protects: statistics estimated on a 4-bit base save and load against that base (its fingerprint reads the
+    dequantized weights) and give the same allocation again; the full-precision model they were quantized from is
+    another model, and is refused."""
+    config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    stats = gora.estimate_gradients(model, config, lm_batches(2, length=12), show_progress=False)
+    path = gora.save_gradient_stats(stats, tmp_path / "stats.safetensors", model)
+    again = gora.load_gradient_stats(path, LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4))
+    assert gora.compute_importances(model, again, config.importance) == gora.compute_importances(
+        model, stats, config.importance
+    )
+    with pytest.raises(ValueError, match="different model"):
+        gora.load_gradient_stats(path, LlamaForCausalLM.from_pretrained(base_dir))
+
+
+def test_get_qgora_model_on_a_quantized_model_is_get_gora_model(base_dir):
+    """Protects the older entry point: get_qgora_model on a model already quantized runs get_gora_model (module
+    hooks, no dequantized copies) and records that."""
+    config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
+    batches = lm_batches(2, length=12)
+    via_qgora = gora.get_qgora_model(
+        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4), config, batches, show_progress=False
+    )
+    via_gora = gora.get_gora_model(
+        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4), config, batches, show_progress=False
+    )
+    assert via_qgora.gora_records["default"].extra["qgora"]["prequantized"] is True
+    assert via_qgora.gora_records["default"].ranks == via_gora.gora_records["default"].ranks
+    for name, value in lora_params(via_gora).items():
+        assert torch.equal(lora_params(via_qgora)[name], value), name  # the same computation in one process
 
 
 def test_qgora_refusals_leave_model_as_it_was(base_dir):
@@ -152,8 +268,11 @@ def test_qgora_refusals_leave_model_as_it_was(base_dir):
         gora.get_qgora_model(quantized, config, batches, NF4, show_progress=False)
     with pytest.raises(ValueError, match="load_in_4bit=True"):
         gora.get_qgora_model(make_qllama(), config, batches, BitsAndBytesConfig(load_in_8bit=True))
-    with pytest.raises(ValueError, match="not supported for gradient estimation"):
-        gora.get_gora_model(quantized, config, batches, show_progress=False)  # the plain path still refuses 4-bit
+    before = snapshot(quantized)
+    weights_only = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2, gradient_route="weights")
+    with pytest.raises(ValueError, match=r"bitsandbytes layers do not have: model\.layers\.0\.self_attn\.q_proj"):
+        gora.get_gora_model(quantized, weights_only, batches, show_progress=False)
+    assert_same(before, snapshot(quantized))
 
     model = make_qllama()
     modules = dict(model.named_modules())
@@ -170,6 +289,43 @@ def test_qgora_refusals_leave_model_as_it_was(base_dir):
     assert not hasattr(model, "is_loaded_in_4bit")
 
 
+def test_other_quantizations_are_refused_and_the_model_kept(base_dir):
+    """Protects: a target quantized by something other than bitsandbytes (here torch.ao dynamic int8, whose packed
+    weight GoRA cannot read) is refused with a ValueError naming the layers and the ways out; nothing changes."""
+    import warnings
+
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao quantization is deprecated, but still real
+        torch.ao.quantization.quantize_dynamic(model.model.layers[1], {nn.Linear}, dtype=torch.qint8, inplace=True)
+    modules = dict(model.named_modules())
+    config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
+    with pytest.raises(ValueError, match=r"quantized another way: model\.layers\.1\.self_attn\.q_proj.*load_in_4bit"):
+        gora.get_gora_model(model, config, lm_batches(2), show_progress=False)
+    assert all(module is modules[name] for name, module in model.named_modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_quantized_layers_the_hooks_cannot_see_are_refused(base_dir):
+    """Protects: a 4-bit layer whose weight a patched forward multiplies without calling the module (as fused
+    kernels do) is invisible to the module hooks: a ValueError names it, and the model is left as it was."""
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    mlp = model.model.layers[1].mlp
+    up = mlp.up_proj
+
+    def fused(x):
+        hidden = bnb.matmul_4bit(x, up.weight.t(), quant_state=up.weight.quant_state)
+        return mlp.down_proj(F.silu(mlp.gate_proj(x)) * hidden)
+
+    mlp.forward = fused
+    before = snapshot(model)
+    config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj never saw their forward"):
+        gora.get_gora_model(model, config, lm_batches(2), show_progress=False)
+    assert_same(before, snapshot(model))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_cpu_inference_layout_is_refused(base_dir):
     """Protects: a 4-bit model that bitsandbytes repacked for CPU inference (eval forward without grad on an
     AVX512-BF16 CPU), through which it cannot backpropagate, is refused with a clear error instead of yielding
@@ -180,6 +336,8 @@ def test_cpu_inference_layout_is_refused(base_dir):
     if not getattr(model.model.layers[0].self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
+    with pytest.raises(ValueError, match="CPU inference layout"):
+        gora.get_gora_model(model, config, lm_batches(2), show_progress=False)
     with pytest.raises(ValueError, match="CPU inference layout"):
         gora.get_qgora_model(model, config, lm_batches(2), show_progress=False)
 

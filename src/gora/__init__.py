@@ -4,11 +4,13 @@ The pipeline, one module per stage:
     config (GoraConfig) → estimate (estimate_gradients → stats.GradientStats) → importance/allocate (allocate_ranks)
     → initialize (init_gora_weights) → model (build_gora_model / get_gora_model: a stock peft.PeftModel)
     → export (export_adapter: the saved adapter as plain LoRA that vLLM and llama.cpp scale as PEFT does)
-The `gora` command is the application in `gora.app`, built on these.
+Quantized (bitsandbytes) bases: `qlayers` recognises and dequantizes their layers, `quant` quantizes after estimation;
+`memory` predicts the peak memory of estimation. The `gora` command is the application in `gora.app`, built on these.
 """
 
 __version__ = "0.1.0"
 
+from . import memory
 from .allocate import Allocation, allocate_ranks
 from .config import GoraConfig
 from .estimate import estimate_gradients
@@ -43,6 +45,7 @@ __all__ = [
     "layer_importance",
     "load_gradient_stats",
     "make_lora_config",
+    "memory",
     "model_fingerprint",
     "prepare_trainer",
     "quantize_base",

@@ -18,12 +18,14 @@ Features = Literal["sqrt", "linear"]
 Rounding = Literal["round", "floor"]
 Scaling = Literal["rslora", "reference"]
 GradientStore = Literal["full", "sketch"]
+GradientRoute = Literal["auto", "weights", "hooks"]
 
 IMPORTANCE_CHOICES: tuple[str, ...] = Importance.__args__  # type: ignore[attr-defined]
 FEATURES_CHOICES: tuple[str, ...] = Features.__args__  # type: ignore[attr-defined]
 ROUNDING_CHOICES: tuple[str, ...] = Rounding.__args__  # type: ignore[attr-defined]
 SCALING_CHOICES: tuple[str, ...] = Scaling.__args__  # type: ignore[attr-defined]
 GRADIENT_STORE_CHOICES: tuple[str, ...] = GradientStore.__args__  # type: ignore[attr-defined]
+GRADIENT_ROUTE_CHOICES: tuple[str, ...] = GradientRoute.__args__  # type: ignore[attr-defined]
 NUCLEAR_IMPORTANCES: tuple[str, ...] = ("grad_nuclear", "wg_nuclear")
 
 # LoraConfig fields that GoRA decides itself: passing them through `lora_kwargs` would contradict the allocation.
@@ -76,6 +78,11 @@ class GoraConfig:
         gradient_store: What estimation keeps per layer: `full` = the float32 mean gradient G (m x n); `sketch` =
             Y = G·A_maxᵀ (m x max_rank) plus G at a fixed sample of entries for the importance (bounded memory;
             not with nuclear-norm importances).
+        gradient_route: How estimation reads each layer's gradient: `weights` = the weight's own gradient (a
+            post-accumulate-grad hook), `hooks` = G = Σ_tokens dyᵀx from module hooks on the layer's input x and
+            output gradient dy (no weight gradient is ever formed), `auto` = hooks for bitsandbytes 4-bit / 8-bit
+            layers (they have no weight gradient) and weights for nn.Linear / Conv1D. Both give G up to float
+            rounding.
         offload_to_cpu: Keep the gradient statistics on the CPU instead of the model's device.
         sketch_samples: Entries of G sampled per sketched layer, on average, for the importance in sketch mode; the
             total is split across layers in proportion to their ranks under the pilot batch (more samples where a
@@ -126,6 +133,13 @@ class GoraConfig:
         metadata={
             "help": "gradient statistics: full mean G, or a low-memory sketch (G·A_maxᵀ + sampled entries)",
             "choices": GRADIENT_STORE_CHOICES,
+        },
+    )
+    gradient_route: GradientRoute = field(
+        default="auto",
+        metadata={
+            "help": "read G from weight gradients or from module hooks (dy^T x); auto: hooks for bitsandbytes layers",
+            "choices": GRADIENT_ROUTE_CHOICES,
         },
     )
     offload_to_cpu: bool = field(default=False, metadata={"help": "keep gradient statistics on the CPU"})
@@ -195,6 +209,10 @@ class GoraConfig:
         _check(
             self.gradient_store in GRADIENT_STORE_CHOICES,
             f"gradient_store={self.gradient_store!r} is not one of {', '.join(GRADIENT_STORE_CHOICES)}",
+        )
+        _check(
+            self.gradient_route in GRADIENT_ROUTE_CHOICES,
+            f"gradient_route={self.gradient_route!r} is not one of {', '.join(GRADIENT_ROUTE_CHOICES)}",
         )
         _check(
             not (self.gradient_store == "sketch" and self.importance in NUCLEAR_IMPORTANCES),

@@ -1,11 +1,18 @@
 """Stage 1: gradient estimation.
 
 G = (1/N) Σ_k ∂L_k/∂W over the first N batches, for every target weight W (paper: "gradient pre-computation").
-A post-accumulate-grad hook on each target weight folds its gradient into a store as soon as backward has produced
-it, then frees it, so at most about one layer's gradient exists at a time beyond the statistics. Two stores share
-one interface (`GradientStore`): `FullStore` keeps S = Σ_k g_k (m x n float32) per layer; `sketch.SketchStore` keeps
-Y = S·A_maxᵀ and S at sampled entries (bounded memory; it needs a pilot pass over the first batch).
-The model comes back exactly as it was: weights, requires_grad flags, train/eval modes and `.grad` fields.
+Each target's batch gradient reaches a store by one of two routes (`GoraConfig.gradient_route`), a small class each:
+
+- `_WeightRoute` (nn.Linear, Conv1D): a post-accumulate-grad hook on W folds ∂L/∂W into the store as soon as
+  backward has produced it, then frees it, so at most about one layer's gradient exists at a time;
+- `_ModuleRoute` (bitsandbytes 4-bit / 8-bit layers, whose packed weight has no gradient; any layer on request): for
+  y = x·Wᵀ the batch gradient is G_b = Σ_tokens dyᵀ x, so module hooks that see the layer's input x (forward) and its
+  output gradient dy (backward) feed the store without any weight gradient or dequantized weight.
+
+Two stores share one interface (`GradientStore`), fed either way: `FullStore` keeps S = Σ_k g_k (m x n float32) per
+layer; `sketch.SketchStore` keeps Y = S·A_maxᵀ and S at sampled entries (bounded memory; it needs a pilot pass over
+the first batch). The model comes back exactly as it was: weights, requires_grad flags, train/eval modes, `.grad`
+fields, and no hook left behind.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .batches import ForwardFn, batch_loss, first_batches, model_device, modes_restored, seeded
@@ -38,12 +46,14 @@ from .distributed import (
 )
 from .distributed import rank as dist_rank
 from .importance import layer_importance
+from .qlayers import bnb_kind, check_backpropagates
 from .stats import GradientStats
-from .targets import Target, find_targets
+from .targets import Target, find_targets, get_weight
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # end of a batch stream (a batch may be anything, even None)
+_CHUNK_ELEMENTS = 1 << 22  # float32 numbers per token chunk of x or dy (16 MiB) in the module-hook route
 
 
 class GradientStore(Protocol):
@@ -51,15 +61,21 @@ class GradientStore(Protocol):
 
     needs_pilot: bool  # whether `pilot_fold` / `finish_pilot` run over the first batch before the N batches
 
-    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None: ...
+    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None: ...
 
     def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None: ...
 
     def fold(self, target: Target, grad: torch.Tensor) -> None:
         """Add one batch's gradient g [m, n] (float32 or lower) of `target`."""
 
-    def running_importance(self, target: Target, weight: torch.Tensor, reduce: bool, batches: int) -> float | None:
-        """I of the running mean after `batches` batches (summed over ranks when `reduce`); None before a gradient."""
+    def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
+        """Add one batch's g = Σ_tokens dyᵀ x from the layer's input x [..., n] and output gradient dy [..., m]."""
+
+    def running_importance(
+        self, target: Target, weight_of: Callable[[str], torch.Tensor], reduce: bool, batches: int
+    ) -> float | None:
+        """I of the running mean after `batches` batches (summed over ranks when `reduce`); None before a gradient.
+        `weight_of(name)` gives W [m, n] (dequantized, for a quantized layer), called only when W is needed."""
 
     def finish(self, name: str, reduce: bool, batches: int) -> tuple[str, torch.Tensor, float | None]:
         """("gradients" or "sketches", the mean statistic, the estimated importance or None) of one layer."""
@@ -76,7 +92,7 @@ class FullStore:
         self.config = config
         self.sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
 
-    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
+    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None:
         raise RuntimeError("the full store has no pilot pass")
 
     def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None:
@@ -86,12 +102,23 @@ class FullStore:
         S = self.sums[target.name]
         S.add_(grad if grad.device == S.device else grad.to(S.device))  # S += g_k (promoted to float32 in place)
 
-    def running_importance(self, target: Target, weight: torch.Tensor, reduce: bool, batches: int) -> float | None:
+    def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
+        S = self.sums[target.name]
+        if S.device != x.device:  # statistics offloaded: g_k on the model's device, then added
+            self.fold(target, Outer(x, dy).rows())
+            return
+        for x_c, dy_c in token_chunks(x, dy):
+            S.addmm_(dy_c.T, x_c)  # S += Σ_tokens dyᵀ x, no g_k formed
+
+    def running_importance(
+        self, target: Target, weight_of: Callable[[str], torch.Tensor], reduce: bool, batches: int
+    ) -> float | None:
         S = self.sums[target.name]
         S = all_reduce_sum_(S.clone()) if reduce else S
         if not bool(S.any()):
             return None
-        return layer_importance(weight, S, self.config.importance) / batches  # I(S/k) = I(S)/k: 1-homogeneous
+        # I(S/k) = I(S)/k: 1-homogeneous
+        return layer_importance(weight_of(target.name), S, self.config.importance) / batches
 
     def finish(self, name: str, reduce: bool, batches: int) -> tuple[str, torch.Tensor, float | None]:
         S = self.sums.pop(name)
@@ -122,8 +149,9 @@ def estimate_gradients(
     rank without any batch is an error raised on every rank.
 
     Args:
-        model: The base model (not a PeftModel), in any dtype, possibly wrapped in DDP or sharded by FSDP2; it is
-            not modified.
+        model: The base model (not a PeftModel), in any dtype, possibly wrapped in DDP or sharded by FSDP2, possibly
+            loaded quantized by bitsandbytes (4-bit or 8-bit: those targets take the module-hook route); it is not
+            modified.
         config: GoRA configuration (targets, N, seed, gradient_store, adaptive stopping).
         dataloader: Any iterable of batches (this rank's batches under torch.distributed); exactly the first
             `num_batches` are taken from it. Without `forward_fn`, each batch is a dict of keyword arguments that
@@ -136,21 +164,23 @@ def estimate_gradients(
 
     Raises:
         ValueError: empty dataloader (on every rank; on any rank under FSDP2 or adaptive_batches), a batch
-            without loss, a non-finite loss or gradient, no gradient reaching any target, ZeRO-3 parameters, or any
-            target problem that `find_targets` reports. The model is left exactly as it was.
+            without loss, a non-finite loss or gradient, no gradient reaching any target, ZeRO-3 parameters,
+            hook-route targets whose forward never ran as a module call (fused kernels), any target problem that
+            `find_targets` or `choose_routes` reports. The model is left exactly as it was.
     """
     from .sketch import SketchStore
 
     model = unwrap_model(model)
     check_not_zero3(model)
     targets = find_targets(model, config)
+    routes = choose_routes(model, targets, config)  # module name -> "weights" or "hooks"
     device = model_device(model)
     store_device = torch.device("cpu") if (offload_to_cpu or config.offload_to_cpu) else device
     store_cls = SketchStore if config.gradient_store == "sketch" else FullStore
     store: GradientStore = store_cls(targets, config, store_device)
     adaptive = _Adaptive(config) if config.adaptive_batches else None
-    with _estimation_state(model, targets) as weights, seeded(config.seed + dist_rank(), device):
-        run = _Estimation(model, targets, weights, store, forward_fn, device, seed=config.seed + dist_rank())
+    with _estimation_state(model, targets, routes), seeded(config.seed + dist_rank(), device):
+        run = _Estimation(model, targets, routes, store, forward_fn, device, seed=config.seed + dist_rank())
         with run.hooks():
             batches = first_batches(dataloader, config.num_batches)
             with fail_together(is_distributed(), "gradient estimation"):
@@ -178,60 +208,188 @@ def estimate_gradients(
         return _finish(run, config, adaptive)
 
 
-class _FoldHook:
-    """The post-accumulate-grad hook of one target weight: fold its gradient into the store, then free it."""
+class _WeightRoute:
+    """Route "weights": a post-accumulate-grad hook on W folds ∂L/∂W into the store once backward has produced it,
+    then frees it. Under FSDP2 (a sharded W) there is no hook: the gathered gradient is folded after backward."""
 
-    def __init__(self, run: _Estimation, target: Target) -> None:
-        self.run, self.target = run, target
+    kind = "weights"
+
+    def __init__(self, run: _Estimation, target: Target, weight: nn.Parameter) -> None:
+        self.run, self.target, self.weight = run, target, weight
+        self.sharded = is_dtensor(weight)
+
+    def attach(self) -> list[RemovableHandle]:
+        return [] if self.sharded else [self.weight.register_post_accumulate_grad_hook(self)]
 
     def __call__(self, param: torch.Tensor) -> None:
-        self.run.fold(self.target, param.grad.detach(), param)
+        self.run.fold(self.target, _layout(self.target, param.grad.detach()))
         param.grad = None  # memory stays bounded by the statistics plus ~one gradient
+
+    def after_backward(self) -> None:
+        if self.sharded and self.weight.grad is not None:  # FSDP2: a sharded grad, already averaged over ranks
+            self.run.fold(self.target, _layout(self.target, full_tensor(self.weight.grad.detach())))
+            self.weight.grad = None
+
+
+class _ModuleRoute:
+    """Route "hooks": g = Σ_tokens dyᵀ x from the layer's input x and output gradient dy; no weight gradient.
+
+    A forward hook keeps x and puts a hook on the output tensor; backward hands that hook dy, which folds (x, dy)
+    into the store and lets go of x, so x lives from the layer's forward to its backward only (as long as autograd
+    keeps it for a weight gradient). Every forward call gets its own output hook, so several calls per batch add up
+    as a weight gradient does. When nothing upstream requires grad (frozen embeddings, the first layer), a forward
+    pre-hook gives the layer a detached alias of x that requires grad (no copy), so that its output has a gradient;
+    the alias's own gradient is dropped as soon as it is accumulated.
+
+    A hook on the output tensor rather than `register_full_backward_hook`: the latter wraps inputs and outputs in
+    autograd views (which in-place operations after the layer reject), and with frozen inputs it warns and still
+    needs an input that requires grad; the output hook needs neither.
+    """
+
+    kind = "hooks"
+
+    def __init__(self, run: _Estimation, target: Target, module: nn.Module) -> None:
+        self.run, self.target, self.module = run, target, module
+        self.calls = 0  # forwards whose output had a gradient path: 0 after a batch = the hooks never saw the layer
+
+    def attach(self) -> list[RemovableHandle]:
+        return [
+            self.module.register_forward_pre_hook(self.before, with_kwargs=True),
+            self.module.register_forward_hook(self.after, with_kwargs=True),
+        ]
+
+    def after_backward(self) -> None:
+        pass
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        x = _layer_input(args, kwargs)
+        if not torch.is_grad_enabled() or x is None or x.requires_grad or not x.is_floating_point():
+            return None
+        alias = x.detach().requires_grad_(True)
+        alias.register_post_accumulate_grad_hook(_drop_grad)
+        return ((alias, *args[1:]), kwargs) if args else ((), {**kwargs, _input_key(kwargs): alias})
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        x = _layer_input(args, kwargs)
+        if isinstance(output, torch.Tensor) and output.requires_grad and x is not None:
+            self.calls += 1
+            output.register_hook(_OutputGrad(self, x))
+
+
+class _OutputGrad:
+    """The hook on one forward call's output: receives dy, folds Σ dyᵀ x into the store, drops x."""
+
+    def __init__(self, route: _ModuleRoute, x: torch.Tensor) -> None:
+        self.route, self.x, self.version = route, x, x._version
+
+    def __call__(self, dy: torch.Tensor) -> None:
+        x, self.x = self.x, None
+        if x is None:  # a second backward through a retained graph: this call was folded already
+            return
+        if x._version != self.version:
+            raise ValueError(
+                f"the input of {self.route.target.name} was modified in place between its forward and backward, "
+                "so its gradient cannot be read from it: use gradient_route='weights' for this layer's type"
+            )
+        self.route.run.fold_outer(self.route.target, x.detach(), dy.detach())
+
+
+def _drop_grad(tensor: torch.Tensor) -> None:
+    tensor.grad = None
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args:
+        return args[0] if isinstance(args[0], torch.Tensor) else None
+    value = kwargs.get(_input_key(kwargs)) if kwargs else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _input_key(kwargs: dict) -> str:
+    return "input" if "input" in kwargs else "x" if "x" in kwargs else next(iter(kwargs))
+
+
+def token_chunks(x: torch.Tensor, dy: torch.Tensor, width: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_c [T, n], dy_c [T, m]) in float32, T tokens at a time, so that no float32 copy holds more than about
+    `_CHUNK_ELEMENTS` numbers (nor T·width, for a caller that makes a [T, width] intermediate)."""
+    x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"a layer's input has {x.shape[0]} tokens but its output gradient {dy.shape[0]}")
+    step = max(1, _CHUNK_ELEMENTS // max(x.shape[1], dy.shape[1], width))
+    for start in range(0, x.shape[0], step):
+        yield x[start : start + step].float(), dy[start : start + step].float()
+
+
+class Outer:
+    """g = Σ_tokens dyᵀ x [m, n] of one forward call (module hooks), formed on demand in float32: whole, or a block
+    of rows at a time (the sketch's pilot), so that it need never exist whole."""
+
+    def __init__(self, x: torch.Tensor, dy: torch.Tensor) -> None:
+        self.x, self.dy = x, dy
+        self.shape = (dy.shape[-1], x.shape[-1])
+
+    def rows(self, rows: slice = slice(None)) -> torch.Tensor:
+        g = torch.zeros(len(range(*rows.indices(self.shape[0]))), self.shape[1], device=self.x.device)
+        for x_c, dy_c in token_chunks(self.x, self.dy):
+            g.addmm_(dy_c[:, rows].T, x_c)
+        return g
+
+
+Route = _WeightRoute | _ModuleRoute
 
 
 class _Estimation:
-    """One estimation: the targets' weights, the store, the hooks and the per-target gradient counts."""
+    """One estimation: the targets and their routes, the store, the hooks and the per-target gradient counts."""
 
     def __init__(
         self,
         model: nn.Module,
         targets: list[Target],
-        weights: list[nn.Parameter],
+        routes: dict[str, str],
         store: GradientStore,
         forward_fn: ForwardFn | None,
         device: torch.device,
         seed: int,
     ) -> None:
-        self.model, self.targets, self.weights, self.store = model, targets, weights, store
+        self.model, self.targets, self.store = model, targets, store
         self.forward_fn, self.device, self.seed = forward_fn, device, seed
-        self.sharded = [is_dtensor(w) for w in weights]  # FSDP2: no hook; gathered after each backward
+        self.routes: list[Route] = [
+            _ModuleRoute(self, t, model.get_submodule(t.name))
+            if routes[t.name] == "hooks"
+            else _WeightRoute(self, t, model.get_submodule(t.name).weight)
+            for t in targets
+        ]
+        self.sharded = [isinstance(r, _WeightRoute) and r.sharded for r in self.routes]
         # statistics of plain weights are summed over ranks at the end; FSDP2 gradients arrive averaged over ranks
         self.reduce = {t.name: is_distributed() and not s for t, s in zip(targets, self.sharded)}
         self.counts = dict.fromkeys((t.name for t in targets), 0)
         self.batches = 0
         self.in_pilot = False
-        self._by_name = {t.name: (t, w) for t, w in zip(targets, weights)}
+        self._by_name = {t.name: t for t in targets}
 
     def weight_of(self, name: str) -> torch.Tensor:
-        """W of a target in the [m, n] layout (an FSDP2 shard gathered)."""
-        target, weight = self._by_name[name]
-        return _layout(target, full_tensor(weight.detach()))
+        """W of a target in the [m, n] layout (an FSDP2 shard gathered, a quantized layer dequantized)."""
+        return get_weight(self.model, self._by_name[name])
 
-    def fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
-        grad = _layout(target, grad)
+    def fold(self, target: Target, grad: torch.Tensor) -> None:
+        """One batch's weight gradient g [m, n] of `target` (route "weights")."""
         if self.in_pilot:
             self.store.pilot_fold(target, grad, self.weight_of(target.name))
         else:
             self.counts[target.name] += 1
             self.store.fold(target, grad)
 
+    def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
+        """One forward call's input x and output gradient dy of `target` (route "hooks")."""
+        if self.in_pilot:  # the pilot needs |W ⊙ g_1|: Ŵ of this one layer, and g_1 a block of rows at a time
+            self.store.pilot_fold(target, Outer(x, dy), self.weight_of(target.name))
+        else:
+            self.counts[target.name] += 1
+            self.store.fold_outer(target, x, dy)
+
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
-        handles = [
-            w.register_post_accumulate_grad_hook(_FoldHook(self, t))
-            for t, w, sharded in zip(self.targets, self.weights, self.sharded)
-            if not sharded
-        ]
+        handles = [handle for route in self.routes for handle in route.attach()]
         try:
             yield
         finally:
@@ -239,17 +397,15 @@ class _Estimation:
                 handle.remove()
 
     def step(self, batch: Any, index: int) -> None:
-        """Forward and backward of one batch; the hooks fold every target's gradient."""
+        """Forward and backward of one batch; the routes fold every target's gradient."""
         loss = batch_loss(self.model, batch, self.forward_fn, self.device, f"batch {index}")
         if not loss.requires_grad:
             raise ValueError(f"the loss of batch {index} does not depend on any target weight; check target_modules")
         if not math.isfinite(loss.item()):
             raise ValueError(f"batch {index} gave a non-finite loss ({loss.item()}): check its inputs and labels")
         loss.reshape(()).backward()
-        for target, weight, sharded in zip(self.targets, self.weights, self.sharded):
-            if sharded and weight.grad is not None:  # FSDP2: a sharded grad, already averaged over ranks
-                self.fold(target, full_tensor(weight.grad.detach()), weight)
-                weight.grad = None
+        for route in self.routes:
+            route.after_backward()
         if not self.in_pilot:
             self.batches += 1
 
@@ -265,6 +421,32 @@ class _Estimation:
         finally:
             self.in_pilot = False
 
+    def unseen(self) -> list[str]:
+        """Targets of the hook route whose forward never ran as a module call on any rank."""
+        hooked = [(r.target.name, r.calls) for r in self.routes if isinstance(r, _ModuleRoute)]
+        totals = sum_counts([calls for _, calls in hooked])
+        return [name for (name, _), total in zip(hooked, totals) if total == 0]
+
+
+def choose_routes(model: nn.Module, targets: list[Target], config: GoraConfig) -> dict[str, str]:
+    """Module name -> "weights" or "hooks" (`GoraConfig.gradient_route`; "auto": hooks for bitsandbytes layers).
+
+    Raises:
+        ValueError: bitsandbytes targets with gradient_route="weights" (they have no weight gradient), or 4-bit
+            layers anywhere in the model in bitsandbytes' CPU inference layout (no backward through them).
+    """
+    modules = {t.name: model.get_submodule(t.name) for t in targets}
+    quantized = {name: module for name, module in modules.items() if bnb_kind(module) is not None}
+    if quantized and config.gradient_route == "weights":
+        raise ValueError(
+            f"gradient_route='weights' reads weight gradients, which bitsandbytes layers do not have: "
+            f"{', '.join(list(quantized)[:4])}{' ...' if len(quantized) > 4 else ''}. "
+            "Use gradient_route='auto' (module hooks for these layers)"
+        )
+    check_backpropagates({name: module for name, module in model.named_modules() if bnb_kind(module) == "4bit"})
+    hooks = config.gradient_route == "hooks"
+    return {name: "hooks" if hooks or name in quantized else "weights" for name in modules}
+
 
 def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) -> GradientStats:
     """Sum the statistics over ranks (once), divide by the number of batches, check they are finite."""
@@ -275,6 +457,13 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
         raise ValueError("the dataloader yielded no batch: GoRA needs at least one batch to estimate gradients")
     if local_batches < config.num_batches and (adaptive is None or not adaptive.stopped):
         logger.warning("the dataloader ran out after %d of num_batches=%d batches", local_batches, config.num_batches)
+    unseen = run.unseen()
+    if unseen:
+        raise ValueError(
+            f"the module hooks that read the gradient of {_names(unseen)} never saw their forward run: a fused "
+            "kernel or a patched forward uses their weights without calling these modules (or they are unused). "
+            "Run the model without such kernels for estimation, or leave these layers out of target_modules"
+        )
     counts = {n: reduced if run.reduce[n] else run.counts[n] for n, reduced in zip(names, reduced_counts)}
     no_grad = [n for n in names if counts[n] == 0]
     if len(no_grad) == len(names):
@@ -309,6 +498,7 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
         "world_size": world_size(),
         "batches_per_rank": local_batches,
         "statistics_bytes": stats_bytes,
+        "gradient_routes": {kind: sum(r.kind == kind for r in run.routes) for kind in ("weights", "hooks")},
     }
     if run.store.needs_pilot:
         info["pilot_batches"] = 1
@@ -327,6 +517,10 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
         seed=config.seed,
         info=info,
     )
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _layout(target: Target, tensor: torch.Tensor) -> torch.Tensor:
@@ -358,7 +552,7 @@ class _Adaptive:
         for target in run.targets:
             reduce = run.reduce[target.name]
             total = k * world_size() if reduce else k
-            value = run.store.running_importance(target, run.weight_of(target.name), reduce, total)
+            value = run.store.running_importance(target, run.weight_of, reduce, total)
             if value is not None:
                 current[target.name] = value
         previous, self.previous = self.previous, current
@@ -425,12 +619,13 @@ def _while_every_rank_has_one(batches: Iterable[Any]) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _estimation_state(model: nn.Module, targets: list[Target]) -> Iterator[list[nn.Parameter]]:
-    """Only target weights require grad, train mode; afterwards flags, modes and `.grad` are as they were."""
+def _estimation_state(model: nn.Module, targets: list[Target], routes: dict[str, str]) -> Iterator[None]:
+    """Only the weights of the weight route require grad (none on the hook route), train mode; afterwards flags,
+    modes and `.grad` are as they were."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    weights = [model.get_submodule(t.name).weight for t in targets]
+    weights = [model.get_submodule(t.name).weight for t in targets if routes[t.name] == "weights"]
     with modes_restored(model):
         try:
             for p in params:
@@ -439,7 +634,7 @@ def _estimation_state(model: nn.Module, targets: list[Target]) -> Iterator[list[
             for w in weights:
                 w.requires_grad_(True)
             model.train()
-            yield weights
+            yield
         finally:
             for p, flag, grad in zip(params, flags, grads):
                 p.requires_grad_(flag)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from .config import Importance
-from .distributed import full_tensor, sync_importances, unwrap_model
+from .distributed import sync_importances, unwrap_model
 from .stats import GradientStats
+from .targets import get_weight
 
 _ROW_CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of ~16M elements so huge layers need no fp32 copy of W
 
@@ -46,7 +47,8 @@ def compute_importances(model: nn.Module, stats: GradientStats, metric: Importan
     """I(W_i) for every target that received a gradient, keyed by module name, in model order.
 
     Layers held as a sketch (`gradient_store="sketch"`) carry the importance estimated during estimation.
-    FSDP2-sharded weights are gathered one layer at a time; a DDP wrapper is looked through. Under
+    FSDP2-sharded weights are gathered, and bitsandbytes weights dequantized, one layer at a time (Ŵ = deq(Q(W0)),
+    the base that is trained); a DDP wrapper is looked through. Under
     torch.distributed every rank gets rank 0's values, so the allocation is identical on every rank.
     """
     if stats.sketches and metric != stats.importance_metric:
@@ -58,10 +60,8 @@ def compute_importances(model: nn.Module, stats: GradientStats, metric: Importan
     by_name = {t.name: t for t in stats.targets}
     out: dict[str, float] = {}
     for name in stats.shapes:
-        if name in stats.gradients:
-            weight = full_tensor(model.get_submodule(name).weight)  # FSDP2: gather this layer only
-            weight = weight.T if by_name[name].transposed else weight
-            out[name] = layer_importance(weight, stats.gradients[name], metric)
+        if name in stats.gradients:  # W of this layer only: an FSDP2 shard gathered, a quantized layer dequantized
+            out[name] = layer_importance(get_weight(model, by_name[name]), stats.gradients[name], metric)
         else:
             out[name] = stats.importances[name]
     return sync_importances(out)

@@ -7,11 +7,12 @@ W0 is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from .estimate import estimate_gradients
 from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
+from .qlayers import bnb_kind
 from .record import GoraRecord
 from .stats import GradientStats
 
@@ -90,7 +92,8 @@ def build_gora_model(
     lora_config = make_lora_config(config, allocation, stats)
     init_s = time.perf_counter() - start
     base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if auto else 0.0  # L(0)
-    peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    with _quantized_flags(model):  # PEFT's bnb LoRA layers for bitsandbytes bases
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     _write_lora_weights(peft_model, weights, adapter_name)
     search = None
     if auto:  # lora_B ← γ_k·B0(1) for each candidate, then γ*·B0(1)
@@ -112,6 +115,30 @@ def build_gora_model(
     attach_record(peft_model, record, adapter_name)
     _log_summary(allocation, stats)
     return peft_model
+
+
+@contextlib.contextmanager
+def _quantized_flags(model: nn.Module) -> Iterator[None]:
+    """`model.is_loaded_in_4bit` / `is_loaded_in_8bit` set where the model holds such bitsandbytes layers.
+
+    PEFT wraps a bitsandbytes base in its bnb LoRA layer only when the model carries the flag that transformers sets
+    when it loads a model quantized; a model quantized by other means gets it here and keeps it (as a loaded one
+    does), unless building the PeftModel fails.
+    """
+    kinds = {bnb_kind(module) for module in model.modules()} - {None}
+    added = [f"is_loaded_in_{kind}" for kind in sorted(kinds) if not getattr(model, f"is_loaded_in_{kind}", False)]
+    previous = {flag: model.__dict__[flag] for flag in added if flag in model.__dict__}
+    for flag in added:
+        setattr(model, flag, True)
+    try:
+        yield
+    except BaseException:
+        for flag in added:
+            if flag in previous:
+                setattr(model, flag, previous[flag])
+            else:
+                model.__dict__.pop(flag, None)
+        raise
 
 
 @dataclass(frozen=True)
@@ -152,7 +179,9 @@ def get_gora_model(
     """Run GoRA on `model` and return a stock `peft.PeftModel`, ready to train.
 
     Args:
-        model: A transformers (or any torch) model; its weights are never modified.
+        model: A transformers (or any torch) model; its weights are never modified. It may be loaded quantized by
+            bitsandbytes (`BitsAndBytesConfig(load_in_4bit=True)` or `load_in_8bit=True`): the quantized targets'
+            gradients are then read through module hooks and the adapter is built of PEFT's bnb LoRA layers.
         config: The GoRA configuration.
         dataloader: Iterable of batches; the first `config.num_batches` are used. Without `forward_fn` each batch is
             a dict of keyword arguments for which the model returns an output with `.loss`.

@@ -7,6 +7,9 @@ and accumulates, per layer and per batch,
     Y   += g_b · A_maxᵀ                      [m, k]  exact and linear in the batches; A0 = A_max[:r_i]
     v_t += g_b[i_t, j_t]   for t = 1..s      sampled entries of G for the importance
 
+From module hooks (a quantized layer: no g_b exists, estimate.py) the same sums come from the layer's input x and
+output gradient dy, with g_b never formed: Y += dyᵀ (x A_maxᵀ), v_t += Σ_tokens dy_{i_t} x_{j_t}.
+
 The importance I = (1/mn) Σ_ij |W_ij G_ij| is estimated without bias by importance sampling,
 
     Î = (1/mn) · (1/s) Σ_t |W_t| |G_t| / q_t,     q_ij = (1−λ) · |W_ij| R_i C_j / Z + λ / (mn),
@@ -39,7 +42,7 @@ import torch
 from .allocate import allocate_ranks
 from .config import GoraConfig
 from .distributed import all_reduce_sum_
-from .estimate import FullStore
+from .estimate import FullStore, Outer, token_chunks
 from .initialize import draw_lora_A, module_seed
 from .targets import Target
 
@@ -49,6 +52,7 @@ UNIFORM_MIX = (
     0.1  # λ: share of uniformly drawn samples, so q_ij > 0 everywhere (unbiasedness) and heavy tails stay bounded
 )
 _ROW_BLOCK = 256  # sampled rows whose conditional column distributions are drawn at once
+_BLOCK_ELEMENTS = 1 << 22  # entries of W (and of the pilot's g) read as float32/float64 at once (16/32 MiB)
 MIN_SAMPLES = 64  # fewest samples of a sketched layer, whatever its pilot rank
 
 
@@ -90,12 +94,31 @@ class SketchStore:
         self._pilot_whole: dict[str, torch.Tensor] = {}  # whole layers: Σ|W ⊙ g_1| (for the pilot allocation)
 
     # -- pilot pass: row and column sums of |W ⊙ g_1| --------------------------------------------------------
-    def pilot_fold(self, target: Target, grad: torch.Tensor, weight: torch.Tensor) -> None:
-        a = (weight.detach().float() * grad.float()).abs()  # |W ⊙ g_1|
-        if target.name in self.sketches:
-            self._pilot[target.name] = (a.sum(1, dtype=torch.float64).cpu(), a.sum(0, dtype=torch.float64).cpu())
+    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None:
+        """Add the row and column sums of |W ⊙ g| (a layer called several times in the pilot batch adds each call's:
+        an envelope as valid as that of the summed gradient, since any q with λ > 0 keeps Î unbiased).
+
+        `grad` is g [m, n], or an `Outer` (module hooks) formed here a block of rows at a time; W and g are read in
+        float32 blocks of rows, so no whole float32 copy of either is made.
+        """
+        m, n = weight.shape
+        step = max(1, _BLOCK_ELEMENTS // n)
+        R = torch.empty(m, dtype=torch.float64)
+        C = torch.zeros(n, dtype=torch.float64, device=weight.device)
+        for start in range(0, m, step):
+            rows = slice(start, start + step)
+            g = grad.rows(rows) if isinstance(grad, Outer) else grad[rows].float()
+            a = (weight[rows].float() * g).abs_()  # |W ⊙ g_1|, one block of rows
+            R[rows] = a.sum(1, dtype=torch.float64).cpu()
+            C += a.sum(0, dtype=torch.float64)
+        name, C = target.name, C.cpu()
+        if name in self.sketches:
+            if name in self._pilot:
+                R, C = R + self._pilot[name][0], C + self._pilot[name][1]
+            self._pilot[name] = (R, C)
         else:
-            self._pilot_whole[target.name] = a.sum(dtype=torch.float64).cpu().reshape(1)
+            total = R.sum().reshape(1)
+            self._pilot_whole[name] = total + self._pilot_whole[name] if name in self._pilot_whole else total
 
     def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None:
         """Draw each layer's fixed sample of entries (identical on every rank: same seed, same reduced R, C, W).
@@ -121,10 +144,8 @@ class SketchStore:
         counts = self.sample_counts(
             {name: value / (self.by_name[name].m * self.by_name[name].n) for name, value in sums.items()}
         )
-        for name, (R, C) in pilot.items():
-            self.samplers[name] = self._draw(
-                self.by_name[name], weight_of(name).detach().float().cpu(), R, C, counts[name]
-            )
+        for name, (R, C) in pilot.items():  # one layer's W at a time (dequantized for a quantized layer)
+            self.samplers[name] = self._draw(self.by_name[name], weight_of(name).detach(), R, C, counts[name])
         self._pilot.clear()
         self._pilot_whole.clear()
 
@@ -148,10 +169,17 @@ class SketchStore:
         }
 
     def _draw(self, t: Target, W: torch.Tensor, R: torch.Tensor, C: torch.Tensor, s: int) -> _Sampler:
+        """Draw s entries of a layer and keep what Î needs of W there (|W_t|/q_t): W itself is not kept.
+
+        W [m, n] may be in any float dtype, on any device: it is read there in float64 blocks of rows (never copied
+        whole), and only the sampled rows' distributions and values come to the CPU, where the draws are made."""
         m, n = t.m, t.n
         g = torch.Generator().manual_seed(module_seed(self.config.seed, f"sketch:{t.name}"))
-        absW = W.abs().double()
-        WC = absW @ C  # Σ_j |W_ij| C_j
+        rows_per_block = max(1, _BLOCK_ELEMENTS // n)
+        C_W = C.to(W.device)
+        WC = torch.cat(  # Σ_j |W_ij| C_j
+            [(W[i : i + rows_per_block].double().abs() @ C_W).cpu() for i in range(0, m, rows_per_block)]
+        )
         Z = float((R * WC).sum())  # Σ_ij |W_ij| R_i C_j
         lam = UNIFORM_MIX if Z > 0 and math.isfinite(Z) else 1.0
         structured = torch.rand(s, generator=g) >= lam
@@ -162,12 +190,12 @@ class SketchStore:
             srows = torch.multinomial((R * WC).float(), k, replacement=True, generator=g)
             scols = torch.empty_like(srows)
             for start in range(0, k, _ROW_BLOCK):  # column | row ∝ |W_ij| C_j
-                block = srows[start : start + _ROW_BLOCK]
+                block = srows[start : start + _ROW_BLOCK].to(W.device)
                 scols[start : start + _ROW_BLOCK] = torch.multinomial(
-                    (absW[block] * C).float(), 1, replacement=True, generator=g
+                    (W[block].double().abs() * C_W).float().cpu(), 1, replacement=True, generator=g
                 ).squeeze(1)
             rows[structured], cols[structured] = srows, scols
-        w = W[rows, cols].double()
+        w = W[rows.to(W.device), cols.to(W.device)].double().cpu()
         q = lam / (m * n) + ((1 - lam) * w.abs() * R[rows] * C[cols] / Z if lam < 1 else 0.0)
         metric = self.config.importance
         numerator = (
@@ -193,9 +221,30 @@ class SketchStore:
         flat = grad.reshape(-1)
         sampler.values.add_(flat[sampler.index.to(flat.device, torch.int64)].to(self.device, torch.float32))
 
-    def running_importance(self, target: Target, weight: torch.Tensor, reduce: bool, batches: int) -> float | None:
+    def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
+        """Y += dyᵀ (x A_maxᵀ) and v_t += Σ_tokens dy_{i_t} x_{j_t}: g itself is never formed."""
+        name = target.name
+        if name in self.whole.sums:
+            self.whole.fold_outer(target, x, dy)
+            return
+        Y, sampler = self.sketches[name], self.samplers[name]
+        A = draw_lora_A(name, Y.shape[1], target.n, self.config.seed).to(x.device)
+        index = sampler.index.to(x.device, torch.int64)
+        rows, cols = index // target.n, index % target.n
+        Y_b = Y if Y.device == x.device else torch.zeros(Y.shape, dtype=torch.float32, device=x.device)
+        v_b = torch.zeros(len(index), dtype=torch.float32, device=x.device)
+        for x_c, dy_c in token_chunks(x, dy, width=len(index)):
+            Y_b.addmm_(dy_c.T, x_c @ A.T)
+            v_b.add_((dy_c[:, rows] * x_c[:, cols]).sum(0))
+        if Y_b is not Y:
+            Y.add_(Y_b.to(Y.device))
+        sampler.values.add_(v_b.to(sampler.values.device))
+
+    def running_importance(
+        self, target: Target, weight_of: Callable[[str], torch.Tensor], reduce: bool, batches: int
+    ) -> float | None:
         if target.name in self.whole.sums:
-            return self.whole.running_importance(target, weight, reduce, batches)
+            return self.whole.running_importance(target, weight_of, reduce, batches)
         values = self.samplers[target.name].values
         values = all_reduce_sum_(values.clone()) if reduce else values
         return self.estimate(target.name, values) / batches if bool(values.any()) else None

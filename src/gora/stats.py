@@ -21,6 +21,7 @@ from torch import nn
 
 from .distributed import full_tensor, unwrap_model
 from .fileio import atomic_write
+from .qlayers import bnb_kind, dequantize
 from .targets import Target
 
 FORMAT = "gora-gradient-stats"
@@ -88,13 +89,18 @@ def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
 
 def _leading_values(model: nn.Module, target: Target) -> bytes:
     try:
-        weight = model.get_submodule(target.name).weight
+        module = model.get_submodule(target.name)
+        weight = module.weight
     except AttributeError as err:
         raise ValueError(f"the model has no module {target.name!r} with a weight") from err
-    expected = (target.n, target.m) if target.transposed else (target.m, target.n)
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"{target.name} has weight shape {tuple(weight.shape)}, the statistics expect {expected}")
-    block = full_tensor(weight.detach())[:_CHECKSUM_ROWS, :_CHECKSUM_COLS]
+    if bnb_kind(module) is not None:  # packed integers: check the layer's shape, read its dequantized values
+        shape, expected = (module.out_features, module.in_features), (target.m, target.n)
+    else:  # the stored layout, as it always was read ([n, m] for Conv1D)
+        shape, expected = tuple(weight.shape), (target.n, target.m) if target.transposed else (target.m, target.n)
+    if shape != expected:
+        raise ValueError(f"{target.name} has weight shape {shape}, the statistics expect {expected}")
+    values = dequantize(module) if bnb_kind(module) is not None else full_tensor(weight.detach())
+    block = values[:_CHECKSUM_ROWS, :_CHECKSUM_COLS]
     return block.to(device="cpu", dtype=torch.bfloat16).float().contiguous().numpy().tobytes()
 
 

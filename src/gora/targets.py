@@ -1,4 +1,5 @@
-"""Which modules GoRA adapts: PEFT's own matching rules, restricted to layers whose gradient GoRA can read."""
+"""Which modules GoRA adapts: PEFT's own matching rules, restricted to layers whose gradient GoRA can read
+(nn.Linear, GPT-2's Conv1D, and bitsandbytes 4-bit / 8-bit linear layers)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from .config import GoraConfig
+from .distributed import full_tensor
+from .qlayers import bnb_kind, dequantize, is_other_quantized
 
 try:  # transformers' GPT-2 style linear layer, weight stored transposed as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -17,12 +20,13 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_CLASS_HINTS = ("Linear4bit", "Linear8bitLt", "QuantLinear", "HQQLinear", "Int8", "FP8Linear")
-
 
 @dataclass(frozen=True)
 class Target:
-    """A module that GoRA adapts. `m` = out_features, `n` = in_features (the torch layout of an nn.Linear)."""
+    """A module that GoRA adapts. `m` = out_features, `n` = in_features (the torch layout of an nn.Linear).
+
+    A bitsandbytes layer is a Target like an nn.Linear: its shapes are those of the weight it quantizes.
+    """
 
     name: str
     m: int
@@ -55,7 +59,8 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
 
     Raises:
         ValueError: when nothing matches, when the model already carries PEFT adapters, or when a matched module is
-            not an nn.Linear / Conv1D with a floating-point weight (e.g. a quantized layer).
+            none of nn.Linear, Conv1D, bitsandbytes `Linear4bit` / `Linear8bitLt` (e.g. a GPTQ, AWQ, HQQ or FP8
+            layer, named in the message).
     """
     from peft.tuners.tuners_utils import (
         BaseTunerLayer,
@@ -75,8 +80,10 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
     for name, module in model.named_modules():
         if not name or not check_target_module_exists(lora_config, name):
             continue
-        if type(module).__name__.startswith(QUANTIZED_CLASS_HINTS) or _has_quantized_weight(module):
-            quantized.append(name)
+        if bnb_kind(module) is not None:  # an nn.Linear subclass holding packed integers
+            targets.append(Target(name, module.out_features, module.in_features, transposed=False))
+        elif is_other_quantized(module):
+            quantized.append(f"{name} ({type(module).__name__})")
         elif isinstance(module, nn.Linear):
             targets.append(Target(name, module.out_features, module.in_features, transposed=False))
         elif Conv1D and isinstance(module, Conv1D):
@@ -86,8 +93,10 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
             unsupported.append(f"{name} ({type(module).__name__})")
     if quantized:
         raise ValueError(
-            f"quantized base layers are not supported for gradient estimation: {_short(quantized)}. "
-            "Load the model in full precision (float32/bfloat16) for GoRA, then quantize it for training"
+            f"GoRA reads quantized layers of bitsandbytes only (4-bit Linear4bit, 8-bit Linear8bitLt); these targets "
+            f"are quantized another way: {_short(quantized)}. Load the model with "
+            "transformers.BitsAndBytesConfig(load_in_4bit=True) or load_in_8bit=True, or in full precision "
+            "(get_qgora_model quantizes it to 4-bit after estimation), or leave these layers out of target_modules"
         )
     if unsupported:
         raise ValueError(
@@ -135,14 +144,13 @@ def _check_shared_weights(model: nn.Module, targets: list[Target]) -> None:
 
 
 def get_weight(model: nn.Module, target: Target) -> torch.Tensor:
-    """W of a target in the [m, n] layout, as a view (no copy)."""
-    weight = model.get_submodule(target.name).weight
+    """W of a target in the [m, n] layout, detached: a view of a plain weight (an FSDP2 shard gathered), or
+    Ŵ = deq(Q(W0)) of a bitsandbytes layer, dequantized now (a new tensor of this one layer)."""
+    module = model.get_submodule(target.name)
+    if bnb_kind(module) is not None:
+        return dequantize(module)
+    weight = full_tensor(module.weight.detach())
     return weight.T if target.transposed else weight
-
-
-def _has_quantized_weight(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
 
 
 def _linear_names(model: nn.Module) -> list[str]:

@@ -62,6 +62,8 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "save_steps": "when checkpoints are written: disk use and how much work a crash can lose, not the weights",
     "save_total_limit": "how many checkpoints are kept: disk use",
     "offload_to_cpu": "where gradient estimation keeps its sums; a resumed run never estimates",
+    "gradient_route": "how gradient estimation reads G (weight gradients or module hooks, equal up to float "
+    "rounding); a resumed run never estimates",
     "keep_stats": "whether the statistics were saved in init/ when the run started; a resume neither reads nor "
     "writes them",
 }
