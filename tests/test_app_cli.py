@@ -191,6 +191,41 @@ def test_finetune_refuses_statistics_of_another_model(bert_dir, cls_file, tmp_pa
         assert not out.exists() and not list(tmp_path.glob(".*partial*")), name
 
 
+def test_config_yaml_repeats_the_run(gora_run, tmp_path):
+    """Protects config.yaml: the run folder's effective configuration, given back with --config (and only a new
+    --output-dir), repeats the run: the same configuration in report.json, the same ranks and the same adapter
+    (the same computation on the same machine; equal up to float rounding, as BLAS may pick other kernels)."""
+    again = tmp_path / "again"
+    assert main(["finetune", "-q", "--config", str(gora_run / "config.yaml"), "--output-dir", str(again)]) == 0
+    first, second = (json.loads((run / "report.json").read_text()) for run in (gora_run, again))
+    assert {**second["config"], "train": {**second["config"]["train"], "output_dir": None}} == {
+        **first["config"],
+        "train": {**first["config"]["train"], "output_dir": None},
+    }
+    assert second["params"]["ranks"] == first["params"]["ranks"]
+    weights = {run: _adapter_tensors(run) for run in (gora_run, again)}
+    assert weights[again].keys() == weights[gora_run].keys()
+    for key, tensor in weights[gora_run].items():
+        assert_close(weights[again][key], tensor, rtol=1e-5, msg=key)
+    assert (again / "config.yaml").read_text() == (gora_run / "config.yaml").read_text()
+
+
+def test_config_file_with_options_over_it(bert_dir, cls_file, tmp_path):
+    """Protects `--config run.yaml` written by hand: its values apply, options on the line override them, and the
+    preset stays under both."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {bert_dir}\ntrain_file: {cls_file}\ntarget_modules: [query, value]\nr: 2\nmax_steps: 1\n"
+        "save_strategy: 'no'\nlearning_rate: 1.0e-3\n"
+    )
+    out = tmp_path / "run"
+    assert _run(["finetune", "--config", str(config), "--r", "4", "--output-dir", str(out), "--no-eval-before"]) == 0
+    train = json.loads((out / "report.json").read_text())["config"]
+    assert train["gora"]["r"] == 4 and train["train"]["learning_rate"] == 1e-3  # the line over the file
+    assert train["gora"]["target_modules"] == ["query", "value"] and train["train"]["max_steps"] == 1
+    assert train["train"]["threads"] == 1 and train["preset"] == "minilm-rt"  # the preset under both
+
+
 def test_merge_gives_the_same_logits(gora_run, cls_file, tmp_path):
     """Protects `gora merge`: the standalone merged model computes what base + adapter computes."""
     from peft import PeftModel
@@ -221,6 +256,7 @@ def bad_inputs(tmp_path_factory, bert_dir, llama_dir):
     (folder / "not_a_model").mkdir()
     (folder / "full").mkdir()
     (folder / "full" / "keep.txt").write_text("keep")
+    (folder / "typo.yaml").write_text("r: 4\nmin_rnak: 2\n")
     return {"dir": folder, "head2": save_bert(folder / "head2", num_labels=2)}
 
 
@@ -240,6 +276,10 @@ BAD = {
     "--load-stats with plain LoRA": (["--method", "lora", "--load-stats", "{dir}/empty.jsonl"], "--method gora"),
     "missing --load-stats file": (["--load-stats", "{dir}/nope.safetensors"], "--save-stats"),
     "non-empty output folder": (["--output-dir", "{dir}/full"], "--overwrite"),
+    "unknown key in --config": (
+        ["--config", "{dir}/typo.yaml"],
+        "'min_rnak' is not an option of gora finetune; the nearest is 'min_rank'",
+    ),
 }
 
 

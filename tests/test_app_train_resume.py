@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import gora.app.train as train_module
 from _interrupt_child import hold_training_at
@@ -219,7 +220,7 @@ def test_failure_after_training_keeps_the_trained_adapter(eval_failed, reference
 
     from gora import load_gradient_stats
 
-    bert = json.loads((failed / "run_config.json").read_text())["data"]["model"]
+    bert = yaml.safe_load((failed / "config.yaml").read_text())["model"]
     stats = load_gradient_stats(
         failed / "init/gradient_stats.safetensors", AutoModelForSequenceClassification.from_pretrained(bert)
     )

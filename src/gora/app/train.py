@@ -4,7 +4,7 @@
         → load_task        (data.py: model folder + rows → tokenizer, model, encoded train/eval sets; input checked first)
         → evaluate         (before; evaluate.py: accuracy / exact match of the final answer, eval loss)
         → GoRA             (estimate → allocate → init; or a plain LoRA/rsLoRA adapter at the same r)
-        ── the run folder appears (runfolder.py): status.json, run_config.json, init/ (step-0 adapter + statistics)
+        ── the run folder appears (runfolder.py): status.json, config.yaml, init/ (step-0 adapter + statistics)
         → transformers.Trainer (checkpoints/; optionally a LoRA+ optimizer: make_optimizer; SIGINT/SIGTERM:
                            callbacks.py) → adapter/ (written as soon as training ends)
         → evaluate         (after) → report.json + plots; status.json says "finished"
@@ -56,6 +56,7 @@ from .runfolder import (
     RunStopped,
     check_resumable,
     config_dict,
+    config_yaml,
     first_line,
     now,
     resume_configs,
@@ -194,7 +195,7 @@ def finetune(
         "log_history": [],
         "sessions": 1,
     }
-    config = config_dict(preset, data, train, gora)
+    config = config_yaml("finetune", preset, data, train, gora)
     kept = stats if train.keep_stats else None
     run = _create_run_folder(output_dir, train.overwrite, config, progress, peft_model, kept)
     return _run_session(run, task, peft_model, data, train, gora, preset, show_progress)
@@ -278,7 +279,7 @@ def _check_fingerprints(run: RunFolder, saved: dict[str, str], now: dict[str, st
 def _create_run_folder(
     output_dir: str,
     overwrite: bool,
-    config: dict[str, Any],
+    config: str,
     progress: dict[str, Any],
     peft_model: Any,
     stats: GradientStats | None,
@@ -292,7 +293,7 @@ def _create_run_folder(
     run = RunFolder(output_dir)
     with staged_folder(output_dir, overwrite) as tmp:
         staged = RunFolder(tmp)
-        staged.write(CONFIG, config)
+        staged.write_text(CONFIG, config)
         staged.write(PROGRESS, progress)
         peft_model.save_pretrained(staged.init)
         if stats is not None:
