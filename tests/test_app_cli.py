@@ -7,12 +7,22 @@ change, and no output folder (nor a half-written temporary one) left behind.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_csv, write_jsonl
+from _tiny_folders import (
+    CHAT_TEMPLATE,
+    chat_rows,
+    save_bert,
+    save_llama,
+    sentiment_rows,
+    sum_rows,
+    write_csv,
+    write_jsonl,
+)
 from gora.app.cli import main
 from helpers import assert_close
 
@@ -106,16 +116,47 @@ def test_method_lora_uses_the_same_targets_and_rank(gora_run, bert_dir, cls_file
 
 
 def test_finetune_sft_on_csv(llama_dir, tmp_path):
-    """Protects the causal-LM path: prompt/response CSV, loss on the response only, exact-match evaluation."""
+    """Protects the causal-LM path: prompt/response CSV, loss on the response only; the eval loss is the metric on
+    one's own data (no generation), exact match on request, generating for at most --max-eval-samples examples."""
     data = write_csv(tmp_path / "sums.csv", sum_rows(24))
     out = tmp_path / "sft"
     argv = ["finetune", "--model", str(llama_dir), "--task", "sft", "--train-file", str(data)]
-    argv += ["--output-dir", str(out), "--target-modules", "q_proj", "v_proj", "--r", "4", "--max-steps", "2"]
-    assert _run([*argv, "--max-new-tokens", "4", "--save-strategy", "no"]) == 0
+    argv += ["--target-modules", "q_proj", "v_proj", "--r", "4", "--max-steps", "2", "--save-strategy", "no"]
+    assert _run([*argv, "--output-dir", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == "sft" and report["metric"] == "exact_match"
+    assert report["task"] == "sft" and report["metric"] == "loss" and report["sources"]["format"] == "prompt-response"
+    assert set(report["metrics"]["after"]) == {"loss"}
     assert report["sizes"] == {"train": 21, "eval": 3}  # 10% held out, rounded up
     assert json.loads((out / "adapter/adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    em = tmp_path / "em"
+    extra = [
+        "--eval-metric",
+        "exact_match",
+        "--max-new-tokens",
+        "4",
+        "--eval-file",
+        str(data),
+        "--max-eval-samples",
+        "5",
+    ]
+    assert _run([*argv, *extra, "--output-dir", str(em)]) == 0
+    after = json.loads((em / "report.json").read_text())["metrics"]["after"]
+    assert after["generated"] == 5 and 0 <= after["exact_match"] <= 1 and "loss" in after
+
+
+def test_finetune_on_chat_messages(tmp_path):
+    """Protects SFT on chat data as TRL users have it: a `messages` column is found by itself, trained with the loss
+    on the assistant turns through the model's chat template, and scored by exact match of the last assistant
+    answer when asked."""
+    chat = save_llama(tmp_path / "chat", chat_template=CHAT_TEMPLATE)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(chat), "--task", "sft", "--train-file", str(data), "--output-dir", str(out)]
+    argv += ["--target-modules", "q_proj", "v_proj", "--max-steps", "2", "--save-strategy", "no"]
+    assert _run([*argv, "--eval-metric", "exact_match", "--max-new-tokens", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sources"]["format"] == "messages" and report["metric"] == "exact_match"
+    assert report["metrics"]["after"]["generated"] == 3 and report["metrics"]["after"]["examples"][0]["answer"]
 
 
 def test_allocate_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
@@ -257,7 +298,14 @@ def bad_inputs(tmp_path_factory, bert_dir, llama_dir):
     (folder / "full").mkdir()
     (folder / "full" / "keep.txt").write_text("keep")
     (folder / "typo.yaml").write_text("r: 4\nmin_rnak: 2\n")
-    return {"dir": folder, "head2": save_bert(folder / "head2", num_labels=2)}
+    rows = chat_rows(4)
+    rows[1]["messages"] = rows[1]["messages"][:1]  # a user turn and no reply
+    write_jsonl(folder / "no_reply.jsonl", rows)
+    return {
+        "dir": folder,
+        "head2": save_bert(folder / "head2", num_labels=2),
+        "chat": save_llama(folder / "chat", chat_template=CHAT_TEMPLATE),
+    }
 
 
 BAD = {
@@ -280,15 +328,36 @@ BAD = {
         ["--config", "{dir}/typo.yaml"],
         "'min_rnak' is not an option of gora finetune; the nearest is 'min_rank'",
     ),
+    "hub id while offline": (
+        ["--model", "someorg/no-such-model"],
+        "the hub cannot be reached, since gora runs offline",
+    ),
+    "--dtype float16 on a CPU": (["--dtype", "float16"], "needs a GPU"),
+    "--dtype bfloat16 on a CPU without bf16": (["--dtype", "bfloat16"], "this CPU has no native bfloat16 support"),
+    "--load-in-4bit without bitsandbytes": (["--load-in-4bit"], "pip install 'gora-peft[quant]'"),
+    "messages row without an assistant turn": (
+        ["--model", "{chat}", "--task", "sft", "--train-file", "{dir}/no_reply.jsonl"],
+        "row 2 of the training data",
+    ),
+    "--eval-metric exact_match for classification": (["--eval-metric", "exact_match"], "needs --task sft"),
+    "--report-to an unknown integration": (["--report-to", "tensorbord"], "not a Trainer integration"),
+}
+PATCHES = {  # what a case changes in the environment: a CPU without bf16, an install without bitsandbytes
+    "--dtype bfloat16 on a CPU without bf16": lambda mp: mp.setattr("gora.app.data.cpu_supports_bf16", lambda: False),
+    "--load-in-4bit without bitsandbytes": lambda mp: mp.setitem(sys.modules, "bitsandbytes", None),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_a_message_and_no_output(case, bad_inputs, bert_dir, cls_file, capsys):
-    """Protects the bad-input contract: status 2, a message naming what to change, no (partial) output folder."""
+def test_bad_input_exits_2_with_a_message_and_no_output(case, bad_inputs, bert_dir, cls_file, capsys, monkeypatch):
+    """Protects the bad-input contract: status 2, one message naming what to change, no (partial) output folder."""
     extra, expected = BAD[case]
+    if case == "--dtype float16 on a CPU" and torch.cuda.is_available():
+        pytest.skip("a GPU trains in float16")
+    if case in PATCHES:
+        PATCHES[case](monkeypatch)
     folder = bad_inputs["dir"]
-    fill = {"dir": folder, "head2": bad_inputs["head2"]}
+    fill = {"dir": folder, **{k: v for k, v in bad_inputs.items() if k != "dir"}}
     out = folder / f"out-{case.replace(' ', '-')}"
     argv = ["finetune", "--model", str(bert_dir), "--train-file", str(cls_file), "--output-dir", str(out), *BERT_GORA]
     argv += [a.format(**fill) for a in extra]
@@ -296,9 +365,41 @@ def test_bad_input_exits_2_with_a_message_and_no_output(case, bad_inputs, bert_d
     assert _run(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and expected in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one message
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing created, no .partial folder
     if case == "non-empty output folder":
         assert (folder / "full" / "keep.txt").read_text() == "keep"
+
+
+def test_the_command_is_offline_unless_told_otherwise(tmp_path):
+    """Protects gora's offline default in the real command (a fresh process without HF_HUB_OFFLINE in its
+    environment): a hub id that is not in the local cache is refused at once with one message naming the id and
+    saying how to allow downloads, without trying the network."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gora",
+            "finetune",
+            "--model",
+            "someorg/no-such-model",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--model 'someorg/no-such-model' is not a local folder" in result.stderr
+    assert "HF_HUB_OFFLINE=0" in result.stderr and not (tmp_path / "o").exists()
 
 
 def test_llama_classification_head_is_usable(llama_dir, cls_file, tmp_path):

@@ -157,7 +157,7 @@ def parse(command: str, argv: Sequence[str]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gora` console script; returns the exit status."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _offline_by_default()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -196,6 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 130
+
+
+def _offline_by_default() -> None:
+    """gora never reaches the Hugging Face Hub unless the user says so (HF_HUB_OFFLINE=0, or TRANSFORMERS_OFFLINE=0):
+    models and data come from local folders and the local cache. huggingface_hub reads the variable when it is
+    imported, which `import gora` (transformers) has done before this runs, so its constant is set too."""
+    if "HF_HUB_OFFLINE" in os.environ or "TRANSFORMERS_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
 
 
 def _setup_logging(quiet: bool, main_rank: bool = True) -> None:
@@ -306,8 +318,10 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
         if stage in m:
             parts.append(f"{label} {m[stage][metric]:.4f}")
     print(f"{metric}: " + " | ".join(parts))
-    if "before" in m:
+    if "before" in m and metric != "loss":
         print(f"eval loss: {m['before']['loss']:.4f} -> {m['after']['loss']:.4f}")
+    if "generated" in m["after"]:
+        print(f"exact match on {m['after']['generated']} generated answers")
     p = report["params"]
     print(
         f"trainable parameters: {_params_line(p, report['method'])}; all trainable incl. heads "

@@ -179,7 +179,10 @@ class RunFolder:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        from .parallel import main_process
+
         self.path = Path(path)
+        self.writes = main_process()  # under torchrun, rank 0 alone writes; the others' writes are no-ops
 
     init = property(lambda self: self.path / INIT)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
@@ -207,10 +210,11 @@ class RunFolder:
             raise UsageError(f"{path} is not valid JSON ({err}): was it edited by hand?") from err
 
     def write(self, name: str, data: Mapping[str, Any]) -> None:
-        atomic_write_text(self.path / name, json.dumps(data, indent=2, default=str) + "\n")
+        self.write_text(name, json.dumps(data, indent=2, default=str) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
-        atomic_write_text(self.path / name, text)
+        if self.writes:
+            atomic_write_text(self.path / name, text)
 
     def status(self) -> dict[str, Any]:
         return self.read(STATUS)
