@@ -92,3 +92,15 @@ def max_over_ranks(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def launch_prefix(processes: int | None = None) -> str:
+    """How a command for `processes` processes (default: this run's) starts: "" for one, else the torchrun line
+    (one node; across nodes, the same launcher options as the run's)."""
+    processes = world_size() if processes is None else processes
+    if processes <= 1:
+        return ""
+    nodes = processes // int(os.environ.get("LOCAL_WORLD_SIZE", processes) or processes)
+    if nodes > 1:
+        return f"torchrun --nnodes {nodes} --nproc_per_node {processes // nodes} <your rendezvous options> -m "
+    return f"torchrun --nproc_per_node {processes} -m "

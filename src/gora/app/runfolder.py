@@ -188,10 +188,13 @@ class RunFolder:
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     adapter = property(lambda self: self.path / ADAPTER)
 
-    def resume_command(self, *, absolute: bool = False) -> str:
-        """`gora finetune --resume <folder>`, quoted for a POSIX shell."""
+    def resume_command(self, *, absolute: bool = False, processes: int | None = None) -> str:
+        """`gora finetune --resume <folder>`, quoted for a POSIX shell; for a run of several processes (default:
+        this one's), started the same way: `torchrun --nproc_per_node K -m gora finetune --resume <folder>`."""
+        from .parallel import launch_prefix
+
         folder = self.path.resolve() if absolute else self.path
-        return f"gora finetune --resume {shlex.quote(str(folder))}"
+        return f"{launch_prefix(processes)}gora finetune --resume {shlex.quote(str(folder))}"
 
     def is_run(self) -> bool:
         return (self.path / STATUS).is_file()

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..config import GoraConfig
+from ..distributed import world_size
 from ..fileio import staged_folder
 from ..model import attach_record
 from ..record import RECORD_NAME, GoraRecord
@@ -274,6 +275,7 @@ def finetune(
         "fingerprints": fingerprints,
         "log_history": [],
         "sessions": 1,
+        "processes": world_size(),
     }
     config = config_yaml("finetune", preset, data, train, gora)
     kept = stats if train.keep_stats else None
@@ -321,6 +323,13 @@ def resume_finetune(
     )
     device = start_processes(data_config, train_config, show_progress)
     progress = run.progress()
+    started_with = progress.get("processes", 1)
+    if started_with != world_size():
+        raise UsageError(
+            f"--resume {run.path}: the run was started with {started_with} process(es) and this is {world_size()}; "
+            "the batch size is per process, so another number would train another adapter: resume with "
+            f"`{run.resume_command(processes=started_with)}`"
+        )
     task = load_task(data_config, train_config, PRESETS[preset] if preset else None, device)
     _check_fingerprints(run, progress.get("fingerprints", {}), _fingerprints(task, gora_config))
     _training_arguments(train_config, run.checkpoints, show_progress, data_config)
