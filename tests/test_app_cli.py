@@ -165,7 +165,7 @@ def test_allocate_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
     stats = tmp_path / "stats.safetensors"
     base = ["allocate", "--model", str(bert_dir), "--train-file", str(cls_file), "--target-modules", "query", "value"]
     assert _run([*base, "--output-dir", str(tmp_path / "a1"), "--save-stats", str(stats)]) == 0
-    assert stats.is_file() and (tmp_path / "a1/ranks.png").is_file()
+    assert stats.is_file() and (tmp_path / "a1/ranks.png").is_file() and (tmp_path / "a1/config.yaml").is_file()
     assert _run([*base, "--output-dir", str(tmp_path / "a2"), "--load-stats", str(stats), "--r", "2"]) == 0
     assert _run([*base, "--output-dir", str(tmp_path / "a3"), "--r", "2"]) == 0
     reused, fresh = (json.loads((tmp_path / f"{n}/report.json").read_text()) for n in ("a2", "a3"))

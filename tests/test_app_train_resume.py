@@ -247,6 +247,8 @@ def test_resume_refuses_options_that_change_the_result(eval_failed, tmp_path):
     status, stderr = _run(["finetune", "--resume", str(out), "--learning-rate", "1e-3", "--r", "8", "-q"])
     assert status == 2
     assert "--learning-rate 0.001 (the run has 0.0005)" in stderr and "--r 8 (the run has 4)" in stderr
+    status, stderr = _run(["finetune", "--resume", str(out), "--config", str(out / "config.yaml"), "-q"])
+    assert status == 2 and "drop --config" in stderr  # a resume reads the run's own config.yaml
     assert _files(out) == before
 
 

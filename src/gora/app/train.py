@@ -11,8 +11,10 @@
 
 `resume_finetune` (`gora finetune --resume`) continues a run that stopped, from its saved configuration, step-0
 adapter and last checkpoint. The `gora` command (cli.py) builds the dataclasses from its options; the same functions
-serve Python callers. Tasks: sequence classification (accuracy) and causal-LM supervised fine-tuning on
-prompt/response pairs (loss on the response only; exact match of the final answer under greedy generation).
+serve Python callers. Tasks: sequence classification (accuracy) and causal-LM supervised fine-tuning (chat messages,
+prompt/completion or prompt/response; loss on what the model should write; eval loss, or exact match of the final
+answer under greedy generation). The model may be bfloat16/float16 (mixed-precision training) or 4-bit
+(`quantized_view`); under torchrun / accelerate launch every rank runs this and rank 0 writes (parallel.py).
 """
 
 from __future__ import annotations
