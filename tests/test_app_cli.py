@@ -7,12 +7,22 @@ change, and no output folder (nor a half-written temporary one) left behind.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_csv, write_jsonl
+from _tiny_folders import (
+    CHAT_TEMPLATE,
+    chat_rows,
+    save_bert,
+    save_llama,
+    sentiment_rows,
+    sum_rows,
+    write_csv,
+    write_jsonl,
+)
 from gora.app.cli import main
 from helpers import assert_close
 
@@ -117,19 +127,36 @@ def test_method_lora_uses_the_same_targets_and_rank(gora_run, bert_dir, cls_file
 
 
 def test_finetune_sft_on_csv(llama_dir, tmp_path):
-    """Protects the causal-LM path: prompt/response CSV, loss on the response only, exact-match evaluation."""
+    """Protects the causal-LM path: prompt/response CSV, loss on the response only; the eval loss is the metric on
+    one's own data (no generation), exact match on request, generating for at most --max-eval-samples examples."""
     data = write_csv(tmp_path / "sums.csv", sum_rows(24))
     out = tmp_path / "sft"
     argv = ["finetune", "--model", str(llama_dir), "--task", "sft", "--train-file", str(data)]
-    argv += ["--output-dir", str(out), "--target-modules", "q_proj", "v_proj", "--r", "4", "--max-steps", "2"]
-    assert _run([*argv, "--max-new-tokens", "4", "--save-strategy", "no"]) == 0
+    argv += ["--target-modules", "q_proj", "v_proj", "--r", "4", "--max-steps", "2", "--save-strategy", "no"]
+    assert _run([*argv, "--output-dir", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == "sft" and report["metric"] == "exact_match"
+    assert report["task"] == "sft" and report["metric"] == "loss" and report["sources"]["format"] == "prompt-response"
+    assert set(report["metrics"]["after"]) == {"loss"}
     assert report["sizes"] == {"train": 21, "eval": 3}  # 10% held out, rounded up
     assert json.loads((out / "adapter/adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     engines = {e["engine"]: e for e in report["serving"]["engines"]}
     assert engines["vLLM"]["servable"] and engines["llama.cpp"]["servable"]
     assert f"--max-lora-rank {report['serving']['vllm_max_lora_rank']}" in engines["vLLM"]["note"]
+
+    em = tmp_path / "em"
+    extra = [
+        "--eval-metric",
+        "exact_match",
+        "--max-new-tokens",
+        "4",
+        "--eval-file",
+        str(data),
+        "--max-eval-samples",
+        "5",
+    ]
+    assert _run([*argv, *extra, "--output-dir", str(em)]) == 0
+    after = json.loads((em / "report.json").read_text())["metrics"]["after"]
+    assert after["generated"] == 5 and 0 <= after["exact_match"] <= 1 and "loss" in after
 
 
 def test_export_command_prints_each_engines_command(llama_dir, tmp_path, capsys):
@@ -159,13 +186,28 @@ def test_export_command_prints_each_engines_command(llama_dir, tmp_path, capsys)
     assert f"convert_lora_to_gguf.py {out} --base {llama_dir}" in text
 
 
+def test_finetune_on_chat_messages(tmp_path):
+    """Protects SFT on chat data as TRL users have it: a `messages` column is found by itself, trained with the loss
+    on the assistant turns through the model's chat template, and scored by exact match of the last assistant
+    answer when asked."""
+    chat = save_llama(tmp_path / "chat", chat_template=CHAT_TEMPLATE)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(chat), "--task", "sft", "--train-file", str(data), "--output-dir", str(out)]
+    argv += ["--target-modules", "q_proj", "v_proj", "--max-steps", "2", "--save-strategy", "no"]
+    assert _run([*argv, "--eval-metric", "exact_match", "--max-new-tokens", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sources"]["format"] == "messages" and report["metric"] == "exact_match"
+    assert report["metrics"]["after"]["generated"] == 3 and report["metrics"]["after"]["examples"][0]["answer"]
+
+
 def test_allocate_reuses_saved_statistics(bert_dir, cls_file, tmp_path, capsys):
     """Protects --save-stats/--load-stats: a second allocation at another r reads the statistics instead of
     estimating, and matches an allocation estimated from scratch at that r."""
     stats = tmp_path / "stats.safetensors"
     base = ["allocate", "--model", str(bert_dir), "--train-file", str(cls_file), "--target-modules", "query", "value"]
     assert _run([*base, "--output-dir", str(tmp_path / "a1"), "--save-stats", str(stats)]) == 0
-    assert stats.is_file() and (tmp_path / "a1/ranks.png").is_file()
+    assert stats.is_file() and (tmp_path / "a1/ranks.png").is_file() and (tmp_path / "a1/config.yaml").is_file()
     assert _run([*base, "--output-dir", str(tmp_path / "a2"), "--load-stats", str(stats), "--r", "2"]) == 0
     assert _run([*base, "--output-dir", str(tmp_path / "a3"), "--r", "2"]) == 0
     reused, fresh = (json.loads((tmp_path / f"{n}/report.json").read_text()) for n in ("a2", "a3"))
@@ -230,6 +272,41 @@ def test_finetune_refuses_statistics_of_another_model(bert_dir, cls_file, tmp_pa
         err = capsys.readouterr().err
         assert "--load-stats" in err and expected in err, err
         assert not out.exists() and not list(tmp_path.glob(".*partial*")), name
+
+
+def test_config_yaml_repeats_the_run(gora_run, tmp_path):
+    """Protects config.yaml: the run folder's effective configuration, given back with --config (and only a new
+    --output-dir), repeats the run: the same configuration in report.json, the same ranks and the same adapter
+    (the same computation on the same machine; equal up to float rounding, as BLAS may pick other kernels)."""
+    again = tmp_path / "again"
+    assert main(["finetune", "-q", "--config", str(gora_run / "config.yaml"), "--output-dir", str(again)]) == 0
+    first, second = (json.loads((run / "report.json").read_text()) for run in (gora_run, again))
+    assert {**second["config"], "train": {**second["config"]["train"], "output_dir": None}} == {
+        **first["config"],
+        "train": {**first["config"]["train"], "output_dir": None},
+    }
+    assert second["params"]["ranks"] == first["params"]["ranks"]
+    weights = {run: _adapter_tensors(run) for run in (gora_run, again)}
+    assert weights[again].keys() == weights[gora_run].keys()
+    for key, tensor in weights[gora_run].items():
+        assert_close(weights[again][key], tensor, rtol=1e-5, msg=key)
+    assert (again / "config.yaml").read_text() == (gora_run / "config.yaml").read_text()
+
+
+def test_config_file_with_options_over_it(bert_dir, cls_file, tmp_path):
+    """Protects `--config run.yaml` written by hand: its values apply, options on the line override them, and the
+    preset stays under both."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {bert_dir}\ntrain_file: {cls_file}\ntarget_modules: [query, value]\nr: 2\nmax_steps: 1\n"
+        "save_strategy: 'no'\nlearning_rate: 1.0e-3\n"
+    )
+    out = tmp_path / "run"
+    assert _run(["finetune", "--config", str(config), "--r", "4", "--output-dir", str(out), "--no-eval-before"]) == 0
+    train = json.loads((out / "report.json").read_text())["config"]
+    assert train["gora"]["r"] == 4 and train["train"]["learning_rate"] == 1e-3  # the line over the file
+    assert train["gora"]["target_modules"] == ["query", "value"] and train["train"]["max_steps"] == 1
+    assert train["train"]["threads"] == 1 and train["preset"] == "minilm-rt"  # the preset under both
 
 
 def _adapted_logits(run: Path, texts: list[str]) -> torch.Tensor:
@@ -307,7 +384,15 @@ def bad_inputs(tmp_path_factory, bert_dir, llama_dir):
     (folder / "not_a_model").mkdir()
     (folder / "full").mkdir()
     (folder / "full" / "keep.txt").write_text("keep")
-    return {"dir": folder, "head2": save_bert(folder / "head2", num_labels=2)}
+    (folder / "typo.yaml").write_text("r: 4\nmin_rnak: 2\n")
+    rows = chat_rows(4)
+    rows[1]["messages"] = rows[1]["messages"][:1]  # a user turn and no reply
+    write_jsonl(folder / "no_reply.jsonl", rows)
+    return {
+        "dir": folder,
+        "head2": save_bert(folder / "head2", num_labels=2),
+        "chat": save_llama(folder / "chat", chat_template=CHAT_TEMPLATE),
+    }
 
 
 BAD = {
@@ -326,15 +411,40 @@ BAD = {
     "--load-stats with plain LoRA": (["--method", "lora", "--load-stats", "{dir}/empty.jsonl"], "--method gora"),
     "missing --load-stats file": (["--load-stats", "{dir}/nope.safetensors"], "--save-stats"),
     "non-empty output folder": (["--output-dir", "{dir}/full"], "--overwrite"),
+    "unknown key in --config": (
+        ["--config", "{dir}/typo.yaml"],
+        "'min_rnak' is not an option of gora finetune; the nearest is 'min_rank'",
+    ),
+    "hub id while offline": (
+        ["--model", "someorg/no-such-model"],
+        "the hub cannot be reached, since gora runs offline",
+    ),
+    "--dtype float16 on a CPU": (["--dtype", "float16"], "needs a GPU"),
+    "--dtype bfloat16 on a CPU without bf16": (["--dtype", "bfloat16"], "this CPU has no native bfloat16 support"),
+    "--load-in-4bit without bitsandbytes": (["--load-in-4bit"], "pip install 'gora-peft[quant]'"),
+    "messages row without an assistant turn": (
+        ["--model", "{chat}", "--task", "sft", "--train-file", "{dir}/no_reply.jsonl"],
+        "row 2 of the training data",
+    ),
+    "--eval-metric exact_match for classification": (["--eval-metric", "exact_match"], "needs --task sft"),
+    "--report-to an unknown integration": (["--report-to", "tensorbord"], "not a Trainer integration"),
+}
+PATCHES = {  # what a case changes in the environment: a CPU without bf16, an install without bitsandbytes
+    "--dtype bfloat16 on a CPU without bf16": lambda mp: mp.setattr("gora.app.data.cpu_supports_bf16", lambda: False),
+    "--load-in-4bit without bitsandbytes": lambda mp: mp.setitem(sys.modules, "bitsandbytes", None),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_a_message_and_no_output(case, bad_inputs, bert_dir, cls_file, capsys):
-    """Protects the bad-input contract: status 2, a message naming what to change, no (partial) output folder."""
+def test_bad_input_exits_2_with_a_message_and_no_output(case, bad_inputs, bert_dir, cls_file, capsys, monkeypatch):
+    """Protects the bad-input contract: status 2, one message naming what to change, no (partial) output folder."""
     extra, expected = BAD[case]
+    if case == "--dtype float16 on a CPU" and torch.cuda.is_available():
+        pytest.skip("a GPU trains in float16")
+    if case in PATCHES:
+        PATCHES[case](monkeypatch)
     folder = bad_inputs["dir"]
-    fill = {"dir": folder, "head2": bad_inputs["head2"]}
+    fill = {"dir": folder, **{k: v for k, v in bad_inputs.items() if k != "dir"}}
     out = folder / f"out-{case.replace(' ', '-')}"
     argv = ["finetune", "--model", str(bert_dir), "--train-file", str(cls_file), "--output-dir", str(out), *BERT_GORA]
     argv += [a.format(**fill) for a in extra]
@@ -342,9 +452,41 @@ def test_bad_input_exits_2_with_a_message_and_no_output(case, bad_inputs, bert_d
     assert _run(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and expected in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one message
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing created, no .partial folder
     if case == "non-empty output folder":
         assert (folder / "full" / "keep.txt").read_text() == "keep"
+
+
+def test_the_command_is_offline_unless_told_otherwise(tmp_path):
+    """Protects gora's offline default in the real command (a fresh process without HF_HUB_OFFLINE in its
+    environment): a hub id that is not in the local cache is refused at once with one message naming the id and
+    saying how to allow downloads, without trying the network."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gora",
+            "finetune",
+            "--model",
+            "someorg/no-such-model",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--model 'someorg/no-such-model' is not a local folder" in result.stderr
+    assert "HF_HUB_OFFLINE=0" in result.stderr and not (tmp_path / "o").exists()
 
 
 def test_llama_classification_head_is_usable(llama_dir, cls_file, tmp_path):

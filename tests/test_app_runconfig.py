@@ -25,7 +25,7 @@ def test_gora_config_help_is_generated():
     """Protects the generated help: GoraConfig's own help texts show on `gora finetune --help`."""
     from gora.app.cli import build_parser
 
-    text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    text = build_parser("finetune").format_help()
     for f in ("--min-rank", "--gamma", "--loraplus-lr-ratio", "--text-column", "--no-eval-before"):
         assert f in text
     assert "smallest rank of a layer" in text

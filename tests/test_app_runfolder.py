@@ -4,7 +4,6 @@ round trip, which runs may be resumed, and which checkpoint a resume continues f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from gora.app.runfolder import (
     STATUS,
     RunFolder,
     check_resumable,
-    config_dict,
+    config_yaml,
     load_run_config,
     resume_configs,
 )
@@ -30,9 +29,7 @@ from gora.config import GoraConfig
 
 
 def _finetune_options() -> set[str]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
-    return {a.dest for a in sub._actions} - {"help", "quiet", "resume"}
+    return {a.dest for a in build_parser("finetune")._actions} - {"help", "quiet", "resume", "config", "print_config"}
 
 
 def test_every_option_is_decided_once():
@@ -58,19 +55,21 @@ def _configs():
     return data, train, gora
 
 
-def test_saved_config_loads_back_equal():
-    """Protects run_config.json: the effective configuration, written as plain JSON, loads back into equal
-    dataclasses (tuples, 'auto', None and lora_kwargs included)."""
+def test_saved_config_loads_back_equal(tmp_path):
+    """Protects config.yaml: the effective configuration, written as a --config file, loads back into equal
+    dataclasses (tuples, 'auto', None and lora_kwargs included), except output_dir, which it leaves unset."""
     data, train, gora = _configs()
-    saved = json.loads(json.dumps(config_dict("minilm-rt", data, train, gora)))
-    assert load_run_config(saved) == ("minilm-rt", data, train, gora)
+    path = tmp_path / "config.yaml"
+    path.write_text(config_yaml("finetune", "minilm-rt", data, train, gora))
+    expected = dataclasses.replace(train, output_dir=None)
+    assert load_run_config(path) == ("minilm-rt", data, expected, gora)
 
 
 @pytest.fixture
 def run(tmp_path) -> RunFolder:
     folder = RunFolder(tmp_path / "run")
     folder.path.mkdir()
-    folder.write(CONFIG, config_dict(None, *_configs()))
+    folder.write_text(CONFIG, config_yaml("finetune", None, *_configs()))
     folder.write(STATUS, {"state": "interrupted"})
     return folder
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import gora.app.train as train_module
 from _interrupt_child import hold_training_at
@@ -219,7 +220,7 @@ def test_failure_after_training_keeps_the_trained_adapter(eval_failed, reference
 
     from gora import load_gradient_stats
 
-    bert = json.loads((failed / "run_config.json").read_text())["data"]["model"]
+    bert = yaml.safe_load((failed / "config.yaml").read_text())["model"]
     stats = load_gradient_stats(
         failed / "init/gradient_stats.safetensors", AutoModelForSequenceClassification.from_pretrained(bert)
     )
@@ -246,6 +247,8 @@ def test_resume_refuses_options_that_change_the_result(eval_failed, tmp_path):
     status, stderr = _run(["finetune", "--resume", str(out), "--learning-rate", "1e-3", "--r", "8", "-q"])
     assert status == 2
     assert "--learning-rate 0.001 (the run has 0.0005)" in stderr and "--r 8 (the run has 4)" in stderr
+    status, stderr = _run(["finetune", "--resume", str(out), "--config", str(out / "config.yaml"), "-q"])
+    assert status == 2 and "drop --config" in stderr  # a resume reads the run's own config.yaml
     assert _files(out) == before
 
 

@@ -157,7 +157,8 @@ class GoraConfig:
         default=3, metadata={"help": "smallest number of batches before adaptive stopping may stop"}
     )
     lora_kwargs: Mapping[str, Any] = field(
-        default_factory=dict, metadata={"help": "other peft.LoraConfig arguments, passed through", "cli": False}
+        default_factory=dict,
+        metadata={"help": "other peft.LoraConfig arguments, passed through: a mapping, e.g. '{bias: lora_only}'"},
     )
 
     def __post_init__(self) -> None:

@@ -90,6 +90,8 @@ def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
 def _leading_values(model: nn.Module, target: Target) -> bytes:
     try:
         module = model.get_submodule(target.name)
+        if hasattr(module, "get_base_layer"):  # a PEFT LoRA layer around the target (the adapter was built since)
+            module = module.get_base_layer()
         weight = module.weight
     except AttributeError as err:
         raise ValueError(f"the model has no module {target.name!r} with a weight") from err

@@ -1,12 +1,13 @@
 """The `gora` command-line application: whole fine-tunes built on the library (`gora.get_gora_model` & co).
 
     runconfig  what a run is configured by (DataConfig, TrainConfig, ..., presets)
-    cliconfig  command-line options generated from those dataclasses
+    cliconfig  command-line options and --config run files generated from those dataclasses (jsonargparse)
     data       data files → rows → token batches; `load_task`
     train      a whole fine-tune (and its resume), allocate-only, merge
     runfolder  a fine-tune's output folder: status.json, saved configuration, checkpoints, resume rules
     callbacks  Trainer callbacks: stopping on SIGINT/SIGTERM after a checkpoint, status updates
-    evaluate   accuracy / exact match / eval loss
+    parallel   several processes (torchrun / accelerate launch): process group, rank-0 writing, gathered evaluation
+    evaluate   accuracy / eval loss / exact match
     report     rank table, heatmap, loss curve, report.json
     assets     the offline models and data of the presets
     cli        the `gora` command

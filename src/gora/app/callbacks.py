@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from .parallel import max_over_ranks
+
 if TYPE_CHECKING:
     from .runfolder import RunFolder
 
@@ -92,7 +94,11 @@ class GracefulStop(TrainerCallback):
         self._training = False
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.signum is not None:
+        # under torch.distributed the ranks agree (one collective per step), so all of them save this step's
+        # checkpoint and stop together even when only some received the signal
+        agreed = max_over_ranks(self.signum or 0)
+        if agreed:
+            self.signum = self.signum or agreed
             control.should_save = True
             control.should_training_stop = True
         return control

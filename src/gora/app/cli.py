@@ -2,10 +2,12 @@
 `gora export`.
 
 Options come from the typed config dataclasses (GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig,
-ExportConfig) through one generic builder (cliconfig.py); only the options the user gives are layered over the
-preset's values (or, with --resume, over the run's saved configuration). This module is the user interface, so it
-prints; the library logs. Bad input exits with status 2 and one message; a run that stops once training has started
-exits with 1 (a failure) or 128 + the signal number, and one message saying what is safe and how to resume.
+ExportConfig) through jsonargparse (cliconfig.py); `--config run.yaml` sets any of them from a file, and the options on the line
+override it. Only the options the user gives (in the file or on the line) are layered over the preset's values (or,
+with --resume, over the run's saved configuration). This module is the user interface, so it prints; the library
+logs. Bad input exits with status 2 and one message; a run that stops once training has started exits with 1 (a
+failure) or 128 + the signal number, and one message saying what is safe and how to resume. Under torchrun /
+accelerate launch every rank runs this; rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -18,12 +20,29 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from .cliconfig import add_dataclass_arguments, dataclass_kwargs, name_options
+from .cliconfig import (
+    CONFIG_OPTION,
+    UsageError,
+    add_dataclass_arguments,
+    config_files,
+    dataclass_kwargs,
+    field_types,
+    name_options,
+    parse_args,
+)
 from .runfolder import RunStopped
 
 EXIT_USAGE = 2
+COMMANDS = ("finetune", "allocate", "merge", "export")
+SUMMARIES = {
+    "finetune": "GoRA (or LoRA) fine-tune, evaluate, save adapter + serving export + report + config.yaml",
+    "allocate": "gradient estimation + rank allocation only; rank table and heatmap",
+    "merge": "merge a saved adapter into its base model",
+    "export": "write an adapter that vLLM, llama.cpp and PEFT compute the same way",
+}
+SINGLE_CLASS = ("merge", "export")  # commands configured by one dataclass, without presets
 
 
 def _configs() -> tuple[Any, ...]:
@@ -33,117 +52,180 @@ def _configs() -> tuple[Any, ...]:
     return GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig
 
 
-def _export_config() -> type:
+def command_classes(command: str) -> tuple[type, ...]:
+    """The config dataclasses whose fields are the options of `command` (and the keys of its --config files)."""
     from .runconfig import ExportConfig
 
-    return ExportConfig
+    gora_cls, data_cls, train_cls, alloc_cls, merge_cls = _configs()
+    return {
+        "finetune": (data_cls, train_cls, gora_cls),
+        "allocate": (data_cls, alloc_cls, gora_cls),
+        "merge": (merge_cls,),
+        "export": (ExportConfig,),
+    }[command]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `gora` parser with its four subcommands (each option generated from a dataclass field)."""
+def config_keys(command: str) -> set[str]:
+    """The keys a --config file of `command` may hold: every option field, and `preset` (not merge, export)."""
+    keys = set(field_types(*command_classes(command)))
+    return keys if command in SINGLE_CLASS else keys | {"preset"}
+
+
+def build_parser(command: str | None = None) -> Any:
+    """The `gora` parser (command None: the commands and their summaries) or the parser of one command, each option
+    generated from a dataclass field (a jsonargparse `ArgumentParser`)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
     from .runconfig import DEFAULT_PRESET, PRESETS
 
-    gora_cls, data_cls, train_cls, alloc_cls, merge_cls = _configs()
-    parser = argparse.ArgumentParser(
-        prog="gora",
-        description="GoRA (gradient-driven adaptive LoRA) for PEFT: fine-tune, allocate ranks, merge adapters, "
-        "export them for serving engines. "
-        "`gora` alone runs `gora finetune` on the embedded default; `gora <command> --help` lists the options.",
-    )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars; only warnings and the summary")
-    subparsers = parser.add_subparsers(dest="command", metavar="{finetune,allocate,merge,export}")
-    presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
-    preset = PRESETS[DEFAULT_PRESET]
+    def new(prog: str, **kwargs: Any) -> Any:
+        return ArgumentParser(prog=prog, exit_on_error=False, print_config=None, default_env=False, **kwargs)
 
-    def add_common(sub: argparse.ArgumentParser, run_cls: type) -> None:
-        sub.add_argument(
-            "--preset",
-            choices=sorted(PRESETS),
-            default=None,  # None = DEFAULT_PRESET; kept apart so that --resume sees whether it was given
-            help=f"built-in model, data and settings that the other options override (default: {DEFAULT_PRESET}). "
-            + presets.replace("%", "%%"),
+    if command is None:
+        parser = new(
+            "gora",
+            description="GoRA (gradient-driven adaptive LoRA) for PEFT: fine-tune, allocate ranks, merge adapters, "
+            "export them for serving engines. "
+            "`gora` alone runs `gora finetune` on the embedded default; `gora <command> --help` lists the options.",
         )
-        add_dataclass_arguments(sub, data_cls, title="model and data", defaults=preset.data)
-        add_dataclass_arguments(sub, run_cls, title=run_cls.__doc__.splitlines()[0].rstrip("."), defaults=preset.train)
-        add_dataclass_arguments(sub, gora_cls, title="GoRA", defaults=preset.gora)
-
-    epilog = f"Defaults shown are those of --preset {DEFAULT_PRESET}."
-    finetune = subparsers.add_parser(
-        "finetune",
-        help="GoRA (or LoRA) fine-tune, evaluate, save adapter + report",
-        description="Load a model and data, run GoRA (gradient estimation -> rank allocation -> initialization), "
+        subcommands = parser.add_subcommands(dest="command", required=False)
+        for name in COMMANDS:
+            subcommands.add_subcommand(name, build_parser(name), help=SUMMARIES[name])
+        return parser
+    preset = PRESETS[DEFAULT_PRESET]
+    presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
+    descriptions = {
+        "finetune": "Load a model and data, run GoRA (gradient estimation -> rank allocation -> initialization), "
         "train with transformers' Trainer, evaluate before and after, and write the adapter, gora_record.json, "
-        "report.json and plots (--load-stats: reuse the gradient statistics of `gora allocate --save-stats` instead "
-        "of estimating). Training writes checkpoints; Ctrl-C (or SIGTERM) finishes the step, writes one and stops, a "
-        "second Ctrl-C stops at once; --resume continues. With no options: " + preset.summary + ".",
-        epilog=epilog,
-        parents=[common],
-    )
-    finetune.add_argument(
-        "--resume",
-        metavar="RUN_DIR",
-        help="continue the run in RUN_DIR (its output folder) from its last checkpoint, with its saved configuration; "
-        "options that would change the result are refused (threads, progress, logging and checkpointing may differ)",
-    )
-    add_common(finetune, train_cls)
-    allocate = subparsers.add_parser(
-        "allocate",
-        help="gradient estimation + rank allocation only; rank table and heatmap",
-        description="Estimate gradients (or reuse saved statistics) and allocate ranks; print the rank table and "
+        "report.json, plots and config.yaml (the effective configuration: --config <output>/config.yaml repeats the "
+        "run). --load-stats: reuse the gradient statistics of `gora allocate --save-stats` instead of estimating. "
+        "Training writes checkpoints; Ctrl-C (or SIGTERM) finishes the step, writes one and stops, a second Ctrl-C "
+        "stops at once; --resume continues. With no options: " + preset.summary + ".",
+        "allocate": "Estimate gradients (or reuse saved statistics) and allocate ranks; print the rank table and "
         "write the heatmap. --save-stats keeps the statistics so other r/min_rank/max_rank reuse them.",
-        epilog=epilog,
-        parents=[common],
+        "merge": "Merge a saved adapter into its base model and save a standalone model (a plain transformers "
+        "folder, safetensors, in --dtype) that loads without PEFT.",
+        "export": "Write a saved LoRA adapter (GoRA's, or any PEFT LoRA adapter with rank_pattern / alpha_pattern / "
+        "rsLoRA) as one plain LoRA adapter whose every layer computes the same delta W under PEFT's, vLLM's and "
+        "llama.cpp's scaling rules: each layer's scaling folded into lora_B, all layers zero-padded to one rank. "
+        "Prints the --max-lora-rank vLLM needs and the llama.cpp conversion commands.",
+    }
+    parser = new(
+        f"gora {command}",
+        description=descriptions[command],
+        epilog=f"Defaults shown are those of --preset {DEFAULT_PRESET}." if command not in SINGLE_CLASS else None,
     )
-    add_common(allocate, alloc_cls)
-    merge = subparsers.add_parser(
-        "merge", help="merge a saved adapter into its base model", description=merge_cls.__doc__, parents=[common]
+    parser.add_argument(
+        CONFIG_OPTION,
+        action=ActionConfigFile,
+        help="a YAML file of options (keys: the option names with underscores, e.g. 'min_rank: 4'); the options on "
+        "the command line override it",
     )
-    add_dataclass_arguments(merge, merge_cls, title="merge")
-    export_cls = _export_config()
-    export = subparsers.add_parser(
-        "export",
-        help="write an adapter that vLLM, llama.cpp and PEFT compute the same way",
-        description=" ".join(export_cls.__doc__.split())
-        + " Prints the --max-lora-rank vLLM needs and the llama.cpp conversion commands.",
-        parents=[common],
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars; only warnings and the summary")
+    classes = command_classes(command)
+    if command in SINGLE_CLASS:
+        add_dataclass_arguments(parser, classes[0], title=command)
+        return parser
+    if command == "finetune":
+        parser.add_argument(
+            "--resume",
+            metavar="RUN_DIR",
+            type=str,
+            default=None,
+            help="continue the run in RUN_DIR (its output folder) from its last checkpoint, with its saved "
+            "configuration (RUN_DIR/config.yaml); options that would change the result are refused (threads, "
+            "progress, logging and checkpointing may differ)",
+        )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as YAML (a complete --config file) and exit without running",
     )
-    add_dataclass_arguments(export, export_cls, title="export")
+    parser.add_argument(
+        "--preset",
+        type=Literal[tuple(sorted(PRESETS))] | None,  # type: ignore[misc]
+        default=argparse.SUPPRESS,  # absent = DEFAULT_PRESET; kept apart so that --resume sees whether it was given
+        metavar="{" + ",".join(sorted(PRESETS)) + "}",
+        help=f"built-in model, data and settings that the other options override (default: {DEFAULT_PRESET}). "
+        + presets.replace("%", "%%"),
+    )
+    data_cls, run_cls, gora_cls = classes
+    add_dataclass_arguments(parser, data_cls, title="model and data", defaults=preset.data)
+    add_dataclass_arguments(parser, run_cls, title=run_cls.__doc__.splitlines()[0].rstrip("."), defaults=preset.train)
+    add_dataclass_arguments(parser, gora_cls, title="GoRA", defaults=preset.gora)
     return parser
+
+
+def parse(command: str, argv: Sequence[str]) -> Any:
+    """The options of `gora <command> argv...` (what was given, in --config files and on the line).
+
+    Raises:
+        UsageError: an unknown option or file key (named with the nearest valid one), a value of the wrong type, a
+            --config file that cannot be read.
+    """
+    types = field_types(*command_classes(command))
+    return parse_args(build_parser(command), argv, types, config_keys(command), what=f"an option of gora {command}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gora` console script; returns the exit status."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _offline_by_default()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    command = args.command or "finetune"
-    if args.command is None:  # `gora` alone = `gora finetune`
-        args = parser.parse_args(["finetune", *(argv if argv is not None else sys.argv[1:])])
-    _setup_logging(args.quiet)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # `gora` alone = `gora finetune`
+        argv = ["finetune"]
+    command = argv[0]
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch: rank 0 prints
+    if command not in COMMANDS:
+        from jsonargparse import ArgumentError
+
+        try:
+            build_parser().parse_args(argv)  # --help prints the commands (SystemExit 0)
+        except ArgumentError as err:
+            print(f"gora: error: {' '.join(str(err).split())}", file=sys.stderr)
+        else:
+            print(f"gora: error: unknown command {command!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_USAGE
     try:
+        args = parse(command, argv[1:])
+        _setup_logging(args.quiet, main_rank)
         if command == "merge":
             return _merge(args)
         if command == "export":
             return _export(args)
-        return _run(command, args, started)
+        return _run(command, args, started, argv[1:], main_rank)
     except RunStopped as err:  # after training started: what is safe and the resume command, on one line
-        print(f"gora {command}: {err}", file=sys.stderr)
+        if main_rank:
+            print(f"gora {command}: {err}", file=sys.stderr)
         return err.exit_status
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"gora {command}: error: {err}", file=sys.stderr)
+        if main_rank:
+            print(f"gora {command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(
-            f"gora {command}: interrupted before training started; no output folder was left behind", file=sys.stderr
-        )
+        if main_rank:
+            print(
+                f"gora {command}: interrupted before training started; no output folder was left behind",
+                file=sys.stderr,
+            )
         return 130
 
 
-def _setup_logging(quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.INFO
+def _offline_by_default() -> None:
+    """gora never reaches the Hugging Face Hub unless the user says so (HF_HUB_OFFLINE=0, or TRANSFORMERS_OFFLINE=0):
+    models and data come from local folders and the local cache. huggingface_hub reads the variable when it is
+    imported, which `import gora` (transformers) has done before this runs, so its constant is set too."""
+    if "HF_HUB_OFFLINE" in os.environ or "TRANSFORMERS_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+def _setup_logging(quiet: bool, main_rank: bool = True) -> None:
+    level = logging.WARNING if quiet or not main_rank else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gora").setLevel(level)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional QGoRA backend's import-time notices
@@ -156,25 +238,32 @@ def _setup_logging(quiet: bool) -> None:
         pass
 
 
-def _run(command: str, args: argparse.Namespace, started: float) -> int:
+def _run(command: str, args: Any, started: float, argv: Sequence[str], main_rank: bool) -> int:
     from .runconfig import DEFAULT_PRESET, resolve_configs
+    from .runfolder import config_yaml
     from .train import allocate_only, finetune, resume_finetune
 
-    gora_cls, data_cls, train_cls, alloc_cls, _ = _configs()
-    run_cls = train_cls if command == "finetune" else alloc_cls
-    show = not args.quiet
+    data_cls, run_cls, gora_cls = command_classes(command)
+    show = not args.quiet and main_rank
+    given_preset = getattr(args, "preset", None)
     if command == "finetune" and args.resume is not None:
+        if config_files(argv):
+            raise UsageError(
+                f"--resume {args.resume} continues the run with its own configuration ({args.resume}/config.yaml): "
+                f"drop {CONFIG_OPTION}"
+            )
         report = resume_finetune(
             args.resume,
-            preset=args.preset,
+            preset=given_preset,
             data=dataclass_kwargs(data_cls, args),
-            train=dataclass_kwargs(train_cls, args),
+            train=dataclass_kwargs(run_cls, args),
             gora=dataclass_kwargs(gora_cls, args),
             show_progress=show,
         )
-        print_finetune(report, time.perf_counter() - started)
+        if main_rank:
+            print_finetune(report, time.perf_counter() - started)
         return 0
-    preset = args.preset or DEFAULT_PRESET
+    preset = given_preset or DEFAULT_PRESET
     with _options_in_errors(data_cls, run_cls, gora_cls):
         data, run, gora = resolve_configs(
             preset,
@@ -183,12 +272,18 @@ def _run(command: str, args: argparse.Namespace, started: float) -> int:
             dataclass_kwargs(gora_cls, args),
             train_cls=run_cls,
         )
+    if args.print_config:
+        if main_rank:
+            print(config_yaml(command, preset, data, run, gora), end="")
+        return 0
     if command == "finetune":
         report = finetune(data, run, gora, preset=preset, show_progress=show)
-        print_finetune(report, time.perf_counter() - started)
+        if main_rank:
+            print_finetune(report, time.perf_counter() - started)
     else:
         report = allocate_only(data, run, gora, preset=preset, show_progress=show)
-        print_allocation(report, time.perf_counter() - started)
+        if main_rank:
+            print_allocation(report, time.perf_counter() - started)
     return 0
 
 
@@ -201,10 +296,10 @@ def _options_in_errors(*classes: type) -> Iterator[None]:
         raise ValueError(name_options(str(err), *classes)) from err
 
 
-def _merge(args: argparse.Namespace) -> int:
+def _merge(args: Any) -> int:
     from .train import merge_adapter
 
-    _, _, _, _, merge_cls = _configs()
+    (merge_cls,) = command_classes("merge")
     with _options_in_errors(merge_cls):
         config = merge_cls(**dataclass_kwargs(merge_cls, args))
     result = merge_adapter(
@@ -217,10 +312,10 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args: Any) -> int:
     from ..export import export_adapter
 
-    export_cls = _export_config()
+    (export_cls,) = command_classes("export")
     with _options_in_errors(export_cls):
         config = export_cls(**dataclass_kwargs(export_cls, args))
     result = export_adapter(
@@ -255,8 +350,10 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
         if stage in m:
             parts.append(f"{label} {m[stage][metric]:.4f}")
     print(f"{metric}: " + " | ".join(parts))
-    if "before" in m:
+    if "before" in m and metric != "loss":
         print(f"eval loss: {m['before']['loss']:.4f} -> {m['after']['loss']:.4f}")
+    if "generated" in m["after"]:
+        print(f"exact match on {m['after']['generated']} generated answers")
     p = report["params"]
     print(
         f"trainable parameters: {_params_line(p, report['method'])}; all trainable incl. heads "

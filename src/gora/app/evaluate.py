@@ -1,11 +1,15 @@
 """Evaluation of a fine-tune, before and after training: the metrics `gora finetune` reports.
 
 - sequence classification: accuracy (argmax of the logits against the label) and the mean eval loss;
-- causal-LM SFT: exact match of the final answer (after the last `####`, else the last number; numerically where
-  both are numbers) under greedy generation, and the eval loss (mean per batch, on the response tokens only).
+- causal-LM SFT: the eval loss (mean over the learned tokens, whatever the batching) and, with
+  `--eval-metric exact_match`, exact match of the final answer (after the last `####`, else the last number;
+  numerically where both are numbers) under greedy generation, on at most `--max-eval-samples` examples (default
+  `GENERATE_CAP`).
 
-Evaluation runs in eval mode with gradients off and restores the model's training mode (and the tokenizer's padding
-side) afterwards; examples are batched shortest first, which changes padding, not the per-example results.
+Evaluation runs in eval mode with gradients off (under autocast in the model's dtype when it is bfloat16/float16, as
+training runs) and restores the model's training mode (and the tokenizer's padding side) afterwards; examples are
+batched shortest first, which changes padding, not the per-example results. Under torch.distributed every rank
+evaluates its share of the examples and the figures are combined over ranks (parallel.py), each example counted once.
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ import torch
 from torch import nn
 
 from ..batches import eval_mode, model_device, to_device
-from . import assets
-from .data import prompt_and_response_text
+from .parallel import shard, weighted_means
 
 if TYPE_CHECKING:
-    from .data import TaskData
+    from .data import SftExample, TaskData
     from .runconfig import DataConfig, TrainConfig
 
 
@@ -47,24 +50,26 @@ def evaluate_classification(model: nn.Module, dataset: Sequence[dict], collator:
 def evaluate_sft(
     model: nn.Module,
     tokenizer: Any,
-    rows: Sequence[dict[str, Any]],
-    data: DataConfig,
+    examples: Sequence[SftExample],
     *,
     batch_size: int,
     max_new_tokens: int,
 ) -> dict[str, Any]:
-    """{"exact_match", "examples"}: greedy generation on each prompt; a hit when the final answer (after the last
-    `####`, else the last number) equals the reference answer (numerically where both are numbers)."""
+    """{"exact_match", "examples"}: greedy generation from each example's head; a hit when the final answer (after
+    the last `####`, else the last number) equals the example's reference answer (numerically where both are
+    numbers)."""
+    from . import assets
+
     device = model_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    hits, examples = 0, []
+    hits, shown = 0, []
     with eval_mode(model):
         try:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                heads = [prompt_and_response_text(tokenizer, str(r[data.prompt_column]))[0] for r in chunk]
-                special = not getattr(tokenizer, "chat_template", None)
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                heads = [e.head for e in chunk]
+                special = chunk[0].special_tokens
                 inputs = tokenizer(heads, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
                 output = model.generate(
                     **inputs,
@@ -73,41 +78,45 @@ def evaluate_sft(
                     pad_token_id=tokenizer.pad_token_id,
                 )
                 texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                for row, text in zip(chunk, texts):
-                    reference = (
-                        str(row[data.answer_column])
-                        if data.answer_column
-                        else assets.final_answer(str(row[data.response_column]))
-                    )
+                for example, text in zip(chunk, texts):
                     predicted = assets.final_answer(text)
-                    hit = _same_answer(predicted, reference)
+                    hit = _same_answer(predicted, example.answer)
                     hits += hit
-                    if len(examples) < 3:
-                        examples.append(
+                    if len(shown) < 3:
+                        shown.append(
                             {
-                                "prompt": str(row[data.prompt_column])[:200],
+                                "prompt": example.head[:200],
                                 "output": text[-300:],
                                 "predicted": predicted,
-                                "answer": reference,
+                                "answer": example.answer,
                                 "correct": hit,
                             }
                         )
         finally:
             tokenizer.padding_side = side
-    return {"exact_match": hits / len(rows), "examples": examples}
+    return {"exact_match": hits / len(examples), "examples": shown}
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int) -> float:
-    """Mean loss per batch of `model` on an encoded set, in eval mode."""
+    """Mean loss over the learned tokens (labels != -100, after the causal shift) of `model` on an encoded set, in
+    eval mode: the same whatever the batching (each batch's mean weighted by its learned tokens)."""
     device = model_device(model)
-    losses = []
+    loss_sum, tokens = 0.0, 0
     dataset = _by_length(dataset)
     with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             batch = to_device(collator(list(dataset[start : start + batch_size])), device)
-            losses.append(float(model(**batch).loss))
-    return sum(losses) / len(losses)
+            n = learned_tokens(batch["labels"].tolist())
+            loss_sum += float(model(**batch).loss) * n
+            tokens += n
+    return loss_sum / tokens
+
+
+def learned_tokens(labels: Sequence[Sequence[int]]) -> int:
+    """The tokens a causal LM's loss averages over: labels != -100 after the shift (the first position predicts
+    nothing)."""
+    return sum(sum(1 for label in row[1:] if label != -100) for row in labels)
 
 
 def _by_length(dataset: Sequence[dict]) -> list[dict]:
@@ -125,17 +134,50 @@ def _same_answer(predicted: str | None, reference: str | None) -> bool:
         return a == b
 
 
+def headline_metric(data: DataConfig, train: TrainConfig) -> str:
+    """The metric a run reports first: --eval-metric, else accuracy (classification) or the eval loss (SFT)."""
+    return train.eval_metric or ("accuracy" if data.task == "classification" else "loss")
+
+
+def generation_examples(task: TaskData, data: DataConfig) -> list[SftExample]:
+    """The evaluation examples exact match generates for: at most --max-eval-samples, default GENERATE_CAP."""
+    from .runconfig import GENERATE_CAP
+
+    return task.eval_examples[: data.max_eval_samples or GENERATE_CAP]
+
+
 def evaluate(model: nn.Module, task: TaskData, data: DataConfig, train: TrainConfig) -> dict[str, Any]:
-    """The task's metrics: classification {"accuracy", "loss"}; sft {"exact_match", "loss", "examples"}."""
-    if data.task == "classification":
-        return evaluate_classification(model, task.eval_set, task.collator, train.eval_batch_size)
-    loss = evaluate_loss(model, task.eval_set, task.collator, train.eval_batch_size)
-    metrics = evaluate_sft(
-        model,
-        task.tokenizer,
-        task.eval_rows,
-        data,
-        batch_size=train.eval_batch_size,
-        max_new_tokens=train.max_new_tokens,
-    )
-    return {**metrics, "loss": loss}
+    """The task's metrics: classification {"accuracy", "loss"}; sft {"loss"}, with --eval-metric exact_match also
+    {"exact_match", "examples", "generated"}. Under torch.distributed: this rank's share, combined over ranks."""
+    with _autocast(model, data):
+        if data.task == "classification":
+            part = shard(task.eval_set)
+            metrics = evaluate_classification(model, part, task.collator, train.eval_batch_size) if part else {}
+            accuracy, loss = weighted_means(
+                [metrics.get("accuracy", 0.0), metrics.get("loss", 0.0)], len(part), "the evaluation"
+            )
+            return {"accuracy": accuracy, "loss": loss}
+        part = shard(task.eval_set)
+        loss = evaluate_loss(model, part, task.collator, train.eval_batch_size) if part else 0.0
+        (loss,) = weighted_means([loss], learned_tokens([ex["labels"] for ex in part]), "the evaluation")
+        out: dict[str, Any] = {"loss": loss}
+        if headline_metric(data, train) != "exact_match":
+            return out
+        examples = generation_examples(task, data)
+        mine = shard(examples)
+        metrics = {"exact_match": 0.0, "examples": []}
+        if mine:
+            metrics = evaluate_sft(
+                model, task.tokenizer, mine, batch_size=train.eval_batch_size, max_new_tokens=train.max_new_tokens
+            )
+        (exact_match,) = weighted_means([metrics["exact_match"]], len(mine), "the evaluation")
+        return {**out, "exact_match": exact_match, "examples": metrics["examples"], "generated": len(examples)}
+
+
+def _autocast(model: nn.Module, data: DataConfig) -> Any:
+    """Autocast in the model's dtype when it is bfloat16/float16 (as the Trainer trains it), else nothing."""
+    import contextlib
+
+    if data.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(model_device(model).type, dtype=getattr(torch, data.dtype))

@@ -24,6 +24,10 @@ from . import assets
 Task = Literal["classification", "sft"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Method = Literal["gora", "lora", "rslora"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+SftFormat = Literal["auto", "messages", "prompt-completion", "prompt-response"]
+EvalMetric = Literal["accuracy", "loss", "exact_match"]
+GENERATE_CAP = 100  # exact match: answers generated when --max-eval-samples is not set
 TASK_TYPES = {"classification": "SEQ_CLS", "sft": "CAUSAL_LM"}
 
 
@@ -36,10 +40,33 @@ def _check(ok: bool, message: str) -> None:
 class DataConfig:
     """Model and data: a local transformers folder and local data files (default: the preset's)."""
 
-    model: str | None = field(default=None, metadata={"help": "local transformers model folder (default: preset's)"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "local transformers model folder, or a Hugging Face Hub id (downloads need HF_HUB_OFFLINE=0: "
+            "gora runs offline by default; an id already in the local cache works offline) (default: preset's)"
+        },
+    )
+    dtype: Dtype = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the model's weights, and mixed precision for training with bfloat16/float16; GoRA's "
+            "statistics and solves and the adapter stay float32"
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "load the model's linear layers in 4-bit NF4 with bitsandbytes (QGoRA; compute dtype: --dtype; "
+            "pip install 'gora-peft[quant]')"
+        },
+    )
     task: Task = field(
         default="classification",
-        metadata={"help": "sequence classification (encoders) or causal-LM SFT on prompt/response pairs"},
+        metadata={
+            "help": "sequence classification (encoders) or causal-LM SFT (chat messages, prompt/completion or "
+            "prompt/response columns)"
+        },
     )
     train_file: str | None = field(
         default=None,
@@ -59,18 +86,47 @@ class DataConfig:
     num_labels: int | None = field(
         default=None, metadata={"help": "classification: number of classes (default: from the labels)"}
     )
+    sft_format: SftFormat = field(
+        default="auto",
+        metadata={
+            "help": "sft: messages (chat conversations; loss on the assistant turns, through the chat template), "
+            "prompt-completion (TRL's: the prompt and the completion concatenated as they are, loss on the "
+            "completion; or both as lists of messages), prompt-response (the prompt in the chat template's user turn "
+            "if the tokenizer has one, else followed by a newline; loss on the response); auto: the first whose "
+            "columns the data has"
+        },
+    )
+    messages_column: str = field(
+        default="messages", metadata={"help": "sft: column with conversations: lists of {role, content}"}
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "sft: column with the prompt"})
-    response_column: str = field(default="response", metadata={"help": "sft: column with the response to learn"})
+    completion_column: str = field(
+        default="completion", metadata={"help": "sft: column with the completion to learn (prompt-completion)"}
+    )
+    response_column: str = field(
+        default="response", metadata={"help": "sft: column with the response to learn (prompt-response)"}
+    )
     answer_column: str | None = field(
         default=None,
         metadata={"help": "sft: column with the final answer for exact match (default: parsed from the response)"},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training rows"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "use at most this many evaluation rows"})
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "use at most this many evaluation rows (default: all; exact match generates answers for at most "
+            f"{GENERATE_CAP} of them unless this is set)"
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "truncate examples to this many tokens"})
 
     def __post_init__(self) -> None:
         _check(self.task in ("classification", "sft"), f"task={self.task!r} is not one of classification, sft")
+        for name, kind in (("dtype", Dtype), ("sft_format", SftFormat)):
+            choices = kind.__args__  # type: ignore[attr-defined]
+            _check(
+                getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}"
+            )
         _check(
             isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1,
             f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}",
@@ -96,7 +152,18 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output-dir"})
     epochs: float = field(default=1.0, metadata={"help": "training epochs"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides epochs)"})
-    batch_size: int = field(default=16, metadata={"help": "batch size of training and of gradient estimation"})
+    batch_size: int = field(
+        default=16,
+        metadata={"help": "batch size of training and of gradient estimation, per process (torchrun: per rank)"},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "batches per optimizer step (the Trainer's; GoRA's G is the mean over batches either way)"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations in the backward pass of training: less memory, ~30% more time"},
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of evaluation"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate (of lora_A under LoRA+)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -108,6 +175,13 @@ class TrainConfig:
         default=None, metadata={"help": "LoRA+: lr of lora_B = ratio x lr of lora_A (e.g. 16; default: off)"}
     )
     logging_steps: int = field(default=10, metadata={"help": "log the training loss every N steps"})
+    report_to: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "also log training to these Trainer integrations, e.g. tensorboard (logs in <output>/logs; "
+            "pip install tensorboard) (default: none)"
+        },
+    )
     save_strategy: Literal["no", "steps", "epoch"] = field(
         default="epoch",
         metadata={"help": "when to write Trainer checkpoints (under checkpoints/; Ctrl-C writes one in any case)"},
@@ -122,6 +196,14 @@ class TrainConfig:
     )
     train_seed: int = field(default=0, metadata={"help": "seed of the data order, new heads and dropout"})
     eval_before: bool = field(default=True, metadata={"help": "also evaluate before training"})
+    eval_metric: EvalMetric | None = field(
+        default=None,
+        metadata={
+            "help": "the headline metric: accuracy (classification), loss (the eval loss; sft's default), "
+            "exact_match (sft: greedy generation, the final answer compared; for short answers; --max-eval-samples "
+            "caps the generation)"
+        },
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "sft: tokens generated per evaluation problem"})
     threads: int | None = field(
         default=None,
@@ -147,6 +229,10 @@ class TrainConfig:
             self.load_stats is None or self.method == "gora",
             f"load_stats only applies to method='gora' ({self.method} does not estimate gradients): drop it",
         )
+        _check(
+            self.eval_metric is None or self.eval_metric in EvalMetric.__args__,  # type: ignore[attr-defined]
+            f"eval_metric={self.eval_metric!r} is not one of accuracy, loss, exact_match",
+        )
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0 (or unset), got {self.max_steps}")
         _check(self.threads is None or self.threads > 0, f"threads must be a positive integer, got {self.threads}")
@@ -154,7 +240,20 @@ class TrainConfig:
             self.save_total_limit is None or self.save_total_limit > 0,
             f"save_total_limit must be a positive integer (or none: keep every checkpoint), got {self.save_total_limit}",
         )
-        for name in ("batch_size", "eval_batch_size", "logging_steps", "save_steps", "max_new_tokens"):
+        if self.report_to is not None:
+            _check(
+                all(isinstance(r, str) and r for r in self.report_to),
+                f"report_to must be integration names (e.g. tensorboard), got {self.report_to!r}",
+            )
+            object.__setattr__(self, "report_to", tuple(self.report_to) or None)
+        for name in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "eval_batch_size",
+            "logging_steps",
+            "save_steps",
+            "max_new_tokens",
+        ):
             _check(getattr(self, name) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -277,7 +376,14 @@ PRESETS: dict[str, Preset] = {
             "max_train_samples": 64,
             "max_eval_samples": 10,
         },
-        train={"batch_size": 8, "eval_batch_size": 10, "epochs": 1.0, "learning_rate": 2e-4, "max_new_tokens": 200},
+        train={
+            "batch_size": 8,
+            "eval_batch_size": 10,
+            "epochs": 1.0,
+            "learning_rate": 2e-4,
+            "max_new_tokens": 200,
+            "eval_metric": "exact_match",
+        },
         gora={
             "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             "num_batches": 4,
@@ -303,19 +409,23 @@ def resolve_configs(
     targets for that model type. The task type (`lora_kwargs["task_type"]`) follows the task.
     """
     p = PRESETS[preset] if preset else None
+    own_model, own_data = data.get("model") is not None, data.get("train_file") is not None
     data_kw = {**(p.data if p else {}), **data}
-    if p and ("train_file" in data or "model" in data) and "task" not in data:
-        data_kw["task"] = p.data["task"] if "model" not in data else DataConfig.task
-    if p and "train_file" in data:  # the preset's row limits are for its own data
+    if p and (own_data or own_model) and "task" not in data:
+        data_kw["task"] = p.data["task"] if not own_model else DataConfig.task
+    if p and own_data:  # the preset's row limits and scoring are for its own data
         for key in ("max_train_samples", "max_eval_samples", "answer_column"):
             if key not in data:
                 data_kw.pop(key, None)
     gora_kw = {**(p.gora if p else {}), **gora}
-    if p and "model" in data and "target_modules" not in gora:
+    if p and own_model and "target_modules" not in gora:
         gora_kw.pop("target_modules", None)
     data_config = DataConfig(**data_kw)
-    lora_kwargs = dict(gora_kw.pop("lora_kwargs", {}))
+    lora_kwargs = dict(gora_kw.pop("lora_kwargs", None) or {})
     lora_kwargs.setdefault("task_type", TASK_TYPES[data_config.task])
     names = {f.name for f in dataclasses.fields(train_cls)}
-    train_config = train_cls(**{**{k: v for k, v in (p.train if p else {}).items() if k in names}, **train})
+    preset_train = {k: v for k, v in (p.train if p else {}).items() if k in names}
+    if own_data:
+        preset_train.pop("eval_metric", None)
+    train_config = train_cls(**{**preset_train, **train})
     return data_config, train_config, GoraConfig(**gora_kw, lora_kwargs=lora_kwargs)

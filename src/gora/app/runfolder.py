@@ -2,8 +2,9 @@
 
     <output>/
       status.json       state (running, interrupted, failed, finished), stage, step, what failed, the resume command
-      run_config.json   the effective configuration {"preset", "data", "train", "gora"}: the fields of DataConfig,
-                        TrainConfig and GoraConfig, loadable back with `load_run_config`
+      config.yaml       the effective configuration: every option of `gora finetune` (the fields of DataConfig,
+                        TrainConfig and GoraConfig, and the preset), a --config file: `gora finetune --config
+                        <output>/config.yaml` repeats the run, `--resume <output>` reads it back (`load_run_config`)
       progress.json     what the report needs from before and during training: metrics before training and after
                         GoRA's initialization, parameter counts, timings, fingerprints of the model and the data, and
                         (once trained) the training log
@@ -25,19 +26,20 @@ import os
 import re
 import shlex
 import socket
+import typing
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..config import GoraConfig
 from ..fileio import atomic_write_text
-from .cliconfig import name_options, option_name
+from .cliconfig import field_types, name_options, option_name
 from .data import UsageError
 from .runconfig import DataConfig, TrainConfig
 
 STATUS = "status.json"
-CONFIG = "run_config.json"
+CONFIG = "config.yaml"
 PROGRESS = "progress.json"
 INIT = "init"
 CHECKPOINTS = "checkpoints"
@@ -66,6 +68,9 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "rounding); a resumed run never estimates",
     "keep_stats": "whether the statistics were saved in init/ when the run started; a resume neither reads nor "
     "writes them",
+    "gradient_checkpointing": "activations recomputed in the backward pass instead of kept: memory and time (e.g. "
+    "after an out-of-memory error); the gradients are the same computation",
+    "report_to": "where the training log is also sent (tensorboard, ...): logging only",
 }
 
 _EXAMPLES = "it selects the examples that train and evaluate the adapter"
@@ -77,13 +82,26 @@ _GORA = "it sets the adapter's targets, ranks and step-0 initialization (saved i
 RESUME_FIXED: dict[str, str] = {
     "preset": "it selects the built-in model and data",
     "model": "it is the base model the adapter is trained on",
+    "dtype": "it sets the precision of the base model's weights and of training's mixed precision",
+    "load_in_4bit": "it sets the base model the adapter is trained on (its 4-bit quantization)",
     "task": "it is the task the adapter is trained for",
     **dict.fromkeys(("train_file", "eval_file", "eval_fraction", "max_train_samples", "max_eval_samples"), _EXAMPLES),
     **dict.fromkeys(
-        ("text_column", "text_pair_column", "label_column", "num_labels", "prompt_column", "response_column"), _READ
+        (
+            "text_column",
+            "text_pair_column",
+            "label_column",
+            "num_labels",
+            "sft_format",
+            "messages_column",
+            "prompt_column",
+            "completion_column",
+            "response_column",
+        ),
+        _READ,
     ),
     "max_length": _READ,
-    **dict.fromkeys(("answer_column", "max_new_tokens"), _SCORE),
+    **dict.fromkeys(("answer_column", "max_new_tokens", "eval_metric"), _SCORE),
     "eval_before": "the evaluation before training was made (or not) when the run started",
     **dict.fromkeys(
         (
@@ -91,6 +109,7 @@ RESUME_FIXED: dict[str, str] = {
             "epochs",
             "max_steps",
             "batch_size",
+            "gradient_accumulation_steps",
             "learning_rate",
             "weight_decay",
             "warmup_ratio",
@@ -163,16 +182,22 @@ class RunFolder:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        from .parallel import main_process
+
         self.path = Path(path)
+        self.writes = main_process()  # under torchrun, rank 0 alone writes; the others' writes are no-ops
 
     init = property(lambda self: self.path / INIT)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     adapter = property(lambda self: self.path / ADAPTER)
 
-    def resume_command(self, *, absolute: bool = False) -> str:
-        """`gora finetune --resume <folder>`, quoted for a POSIX shell."""
+    def resume_command(self, *, absolute: bool = False, processes: int | None = None) -> str:
+        """`gora finetune --resume <folder>`, quoted for a POSIX shell; for a run of several processes (default:
+        this one's), started the same way: `torchrun --nproc_per_node K -m gora finetune --resume <folder>`."""
+        from .parallel import launch_prefix
+
         folder = self.path.resolve() if absolute else self.path
-        return f"gora finetune --resume {shlex.quote(str(folder))}"
+        return f"{launch_prefix(processes)}gora finetune --resume {shlex.quote(str(folder))}"
 
     def is_run(self) -> bool:
         return (self.path / STATUS).is_file()
@@ -191,7 +216,11 @@ class RunFolder:
             raise UsageError(f"{path} is not valid JSON ({err}): was it edited by hand?") from err
 
     def write(self, name: str, data: Mapping[str, Any]) -> None:
-        atomic_write_text(self.path / name, json.dumps(data, indent=2, default=str) + "\n")
+        self.write_text(name, json.dumps(data, indent=2, default=str) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.writes:
+            atomic_write_text(self.path / name, text)
 
     def status(self) -> dict[str, Any]:
         return self.read(STATUS)
@@ -248,8 +277,9 @@ class RunFolder:
 # --- saving and loading the configuration --------------------------------------------------------------------------
 
 
-def config_dict(preset: str | None, data: DataConfig, train: TrainConfig, gora: GoraConfig) -> dict[str, Any]:
-    """The effective configuration as plain JSON data: {"preset", "data", "train", "gora"} (field -> value)."""
+def config_dict(preset: str | None, data: DataConfig, train: Any, gora: GoraConfig) -> dict[str, Any]:
+    """The effective configuration as plain JSON data: {"preset", "data", "train", "gora"} (field -> value), as
+    report.json carries it."""
     return {
         "preset": preset,
         "data": dataclasses.asdict(data),
@@ -258,22 +288,99 @@ def config_dict(preset: str | None, data: DataConfig, train: TrainConfig, gora: 
     }
 
 
-def load_run_config(saved: Mapping[str, Any]) -> tuple[str | None, DataConfig, TrainConfig, GoraConfig]:
-    """The dataclasses of a saved configuration (`config_dict`'s output, e.g. read from run_config.json).
+def config_yaml(command: str, preset: str | None, data: DataConfig, train: Any, gora: GoraConfig) -> str:
+    """The effective configuration as a `--config` file of `gora <command>`: every option, grouped, commented.
+
+    `output_dir` is left unset (so `--config` on this file starts a new run folder rather than colliding with the
+    one it came from) and `overwrite` off; the PEFT task type that follows `task` is left out of `lora_kwargs`.
+    """
+    import yaml
+
+    from .runconfig import TASK_TYPES
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    def typed(values: dict[str, Any], cls: type) -> dict[str, Any]:  # 16 -> 16.0 for a float field, as parsed back
+        floats = {name for name, tp in field_types(cls).items() if float in _members(tp)}
+        return {
+            k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in values.items()
+        }
+
+    data_fields = typed(dataclasses.asdict(data), type(data))
+    run = typed({**dataclasses.asdict(train), "output_dir": None, "overwrite": False}, type(train))
+    gora_fields = typed(gora.to_dict(), type(gora))
+    lora_kwargs = dict(gora_fields.pop("lora_kwargs"))
+    if lora_kwargs.get("task_type") == TASK_TYPES[data.task]:
+        del lora_kwargs["task_type"]
+    sections = [
+        ("the built-in model, data and settings under the options below", {"preset": preset}),
+        ("model and data (DataConfig)", data_fields),
+        (f"{type(train).__doc__.splitlines()[0].rstrip('.').lower()} ({type(train).__name__})", run),
+        ("GoRA (GoraConfig)", {**gora_fields, "lora_kwargs": lora_kwargs}),
+    ]
+    lines = [
+        f"# gora {command}: the effective configuration. Repeat the run: gora {command} --config <this file>",
+        "# (options given on the command line override it; output_dir is unset: a new folder each time).",
+    ]
+    for title, values in sections:
+        lines.append(f"\n# {title}")
+        dumped = yaml.dump(plain(values), Dumper=_flow_list_dumper(), sort_keys=False, width=1000)
+        lines.append(dumped.rstrip("\n"))
+    return "\n".join(lines) + "\n"
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_args(tp) and typing.get_origin(tp) is not Literal else (tp,)
+
+
+def _flow_list_dumper() -> type:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """Block mappings, lists on one line (`target_modules: [q_proj, v_proj]`)."""
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    return Dumper
+
+
+def load_run_config(path: str | os.PathLike[str]) -> tuple[str | None, DataConfig, TrainConfig, GoraConfig]:
+    """The dataclasses of a saved configuration (`config_yaml`'s output, e.g. <run>/config.yaml), read exactly as
+    `gora finetune --config <path>` reads it.
 
     Raises:
-        UsageError: fields this version does not know, or values it refuses (a run_config.json of another version).
+        UsageError: no such file, keys this version does not know, or values it refuses (a config.yaml of another
+            version).
     """
-    try:
-        return (
-            saved.get("preset"),
-            DataConfig(**saved["data"]),
-            TrainConfig(**saved["train"]),
-            GoraConfig(**saved["gora"]),
-        )
-    except (KeyError, TypeError, ValueError) as err:
+    from .cli import command_classes, parse
+    from .cliconfig import dataclass_kwargs
+    from .runconfig import TASK_TYPES
+
+    if not Path(path).is_file():
         raise UsageError(
-            f"the saved configuration ({CONFIG}) cannot be read by this version of gora ({err}): resume it with the "
+            f"{str(Path(path).parent)!r} has no {CONFIG}: give --resume the output folder of a `gora finetune` run"
+        )
+    try:
+        args = parse("finetune", ["--config", str(path)])
+        data_cls, train_cls, gora_cls = command_classes("finetune")
+        data = data_cls(**dataclass_kwargs(data_cls, args))
+        gora_kw = dataclass_kwargs(gora_cls, args)
+        lora_kwargs = dict(gora_kw.pop("lora_kwargs", None) or {})
+        lora_kwargs.setdefault("task_type", TASK_TYPES[data.task])
+        return (
+            getattr(args, "preset", None),
+            data,
+            train_cls(**dataclass_kwargs(train_cls, args)),
+            gora_cls(**gora_kw, lora_kwargs=lora_kwargs),
+        )
+    except (TypeError, ValueError) as err:
+        raise UsageError(
+            f"the saved configuration ({path}) cannot be read by this version of gora ({err}): resume it with the "
             "gora version that started it"
         ) from err
 
@@ -290,14 +397,14 @@ def resume_configs(
     layered over it. `train["output_dir"]` is the run's folder.
 
     Args:
-        run: The run folder (its run_config.json is read).
+        run: The run folder (its config.yaml is read).
         preset, data, train, gora: What the user gave for this resume (field -> value; only what was given).
 
     Raises:
         UsageError: one message naming every given option that would change the result (`RESUME_FIXED`), with the
             saved value and why; or an allowed value that is not valid.
     """
-    saved_preset, *saved = load_run_config(run.read(CONFIG))
+    saved_preset, *saved = load_run_config(run.path / CONFIG)
     given = [dict(data or {}), dict(train or {}), dict(gora or {})]
     given_train = given[1]
     if "output_dir" in given_train and Path(given_train["output_dir"]).resolve() == run.path.resolve():

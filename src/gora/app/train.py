@@ -4,7 +4,7 @@
         → load_task        (data.py: model folder + rows → tokenizer, model, encoded train/eval sets; input checked first)
         → evaluate         (before; evaluate.py: accuracy / exact match of the final answer, eval loss)
         → GoRA             (estimate → allocate → init; or a plain LoRA/rsLoRA adapter at the same r)
-        ── the run folder appears (runfolder.py): status.json, run_config.json, init/ (step-0 adapter + statistics)
+        ── the run folder appears (runfolder.py): status.json, config.yaml, init/ (step-0 adapter + statistics)
         → transformers.Trainer (checkpoints/; optionally a LoRA+ optimizer: make_optimizer; SIGINT/SIGTERM:
                            callbacks.py) → adapter/ (written as soon as training ends)
         → export_adapter   (adapter-serving/: the same adapter as plain LoRA for vLLM and llama.cpp, written with
@@ -13,8 +13,11 @@
 
 `resume_finetune` (`gora finetune --resume`) continues a run that stopped, from its saved configuration, step-0
 adapter and last checkpoint. The `gora` command (cli.py) builds the dataclasses from its options; the same functions
-serve Python callers. Tasks: sequence classification (accuracy) and causal-LM supervised fine-tuning on
-prompt/response pairs (loss on the response only; exact match of the final answer under greedy generation).
+serve Python callers. Tasks: sequence classification (accuracy) and causal-LM supervised fine-tuning (chat messages,
+prompt/completion or prompt/response; loss on what the model should write; eval loss, or exact match of the final
+answer under greedy generation). The model may be bfloat16/float16 (mixed-precision training) or 4-bit
+(bitsandbytes; the library estimates through module hooks); under torchrun / accelerate launch every rank runs this
+and rank 0 writes (parallel.py).
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ import torch
 from torch import nn
 
 from ..config import GoraConfig
+from ..distributed import world_size
 from ..export import DTYPES, export_adapter
 from ..fileio import staged_folder
 from ..model import attach_record
 from ..record import RECORD_NAME, GoraRecord
 from .callbacks import GracefulStop, SignalStop, StatusCallback, signal_name
 from .data import TaskData, UsageError, load_task
-from .evaluate import evaluate
+from .evaluate import evaluate, headline_metric
+from .parallel import launched, on_main, same_on_all_ranks, shard
 from .report import loss_curve
 from .runconfig import DEFAULT_PRESET, PRESETS, AllocateConfig, DataConfig, Method, TrainConfig
 from .runfolder import (
@@ -60,6 +65,7 @@ from .runfolder import (
     RunStopped,
     check_resumable,
     config_dict,
+    config_yaml,
     first_line,
     now,
     resume_configs,
@@ -121,6 +127,23 @@ def lora_model(model: nn.Module, config: GoraConfig, method: Method) -> Any:
     return peft_model
 
 
+# --- bitsandbytes 4-bit bases (--load-in-4bit) ---------------------------------------------------------------------
+# The one place where the command adapts the library to a model loaded in 4-bit: today `get_gora_model` and its stages
+# refuse quantized targets, so they run on a view of the model whose target Linear4bit layers are swapped for
+# nn.Linear layers holding the dequantized weights (what `gora.get_qgora_model` does for a pre-quantized model); the
+# adapter is then built on the 4-bit model itself. Once the library takes bitsandbytes layers directly, this becomes
+# `contextlib.nullcontext()` (and the statistics can be kept in init/, see `_create_run_folder`).
+
+
+def float32_trainables(peft_model: Any) -> None:
+    """Keep every trained parameter in float32 (the LoRA weights are already, through PEFT's autocast_adapter_dtype;
+    this also covers modules_to_save, e.g. a new classification head, on a bfloat16/float16 model), so the optimizer
+    and fp16 loss scaling work in float32 while the frozen base stays in its dtype."""
+    for param in peft_model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 # --- the whole run -------------------------------------------------------------------------------------------------
 
 
@@ -134,7 +157,50 @@ def estimation_loader(task: TaskData, batch_size: int, seed: int) -> torch.utils
     (so the batches after the first N, which gamma='auto' takes as held-out batches, never repeat gradient ones)."""
     order = torch.randperm(len(task.train_set), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = [task.train_set[i] for i in order]
-    return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=task.collator)
+    # under torch.distributed rank r takes batches r, r + K, ...: the K ranks' i-th batches together are the i-th
+    # batch of one process with batch size K x batch_size (as the Trainer's data-parallel batches are)
+    batches = shard([rows[i : i + batch_size] for i in range(0, len(rows), batch_size)])
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, collate_fn=task.collator)
+
+
+def check_run(data: DataConfig, train: TrainConfig) -> None:
+    """Refuse option combinations the dataclasses cannot judge alone (each sees its own fields).
+
+    Raises:
+        UsageError: an --eval-metric the task does not have, a --report-to integration that is not installed.
+    """
+    if train.eval_metric == "exact_match" and data.task != "sft":
+        raise UsageError("--eval-metric exact_match scores generated answers, which needs --task sft")
+    if train.eval_metric == "accuracy" and data.task != "classification":
+        raise UsageError("--eval-metric accuracy needs --task classification; sft has loss and exact_match")
+    if train.report_to:
+        from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+        for name in train.report_to:
+            if name not in INTEGRATION_TO_CALLBACK:
+                raise UsageError(
+                    f"--report-to {name}: not a Trainer integration (one of {', '.join(sorted(INTEGRATION_TO_CALLBACK))})"
+                )
+            if name not in get_available_reporting_integrations():
+                raise UsageError(f"--report-to {name}: {name} is not installed: pip install {name}")
+
+
+def start_processes(data: DataConfig, train: TrainConfig | AllocateConfig, show_progress: bool) -> torch.device:
+    """This process's device, with torch.distributed started first when torchrun / accelerate launch started
+    several processes (parallel.py): the Trainer's own device logic (`TrainingArguments.device`).
+
+    Raises:
+        UsageError: a --dtype this device cannot train in (`check_precision`).
+    """
+    from .data import check_precision
+
+    check_precision(data, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if not isinstance(train, TrainConfig):
+        train = TrainConfig(batch_size=train.batch_size, train_seed=train.train_seed, threads=train.threads)
+    device = _training_arguments(train, Path("."), show_progress, data).device
+    if launched() and not torch.distributed.is_initialized():
+        raise UsageError("started by torchrun / accelerate launch, but torch.distributed did not start")
+    return device
 
 
 def finetune(
@@ -158,7 +224,9 @@ def finetune(
         RunStopped: the run stopped after training started (a signal, a failure); the message says what is safe
             and how to resume.
     """
-    output_dir = train.output_dir or default_output_dir(train, data)
+    check_run(data, train)
+    device = start_processes(data, train, show_progress)
+    output_dir = same_on_all_ranks(train.output_dir or default_output_dir(train, data))
     train = dataclasses.replace(train, output_dir=output_dir)
     existing = RunFolder(output_dir)
     if existing.is_run() and not train.overwrite:
@@ -167,18 +235,17 @@ def finetune(
             f"output folder {output_dir!r} holds a gora finetune run ({state}): continue it with "
             f"`{existing.resume_command()}`, choose another --output-dir, or pass --overwrite to replace it"
         )
-    task, stats, timings = _start_run(data, train, gora, preset, output_dir)
+    task, stats, timings = _start_run(data, train, gora, preset, output_dir, device)
     fingerprints = _fingerprints(task, gora)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task.model.to(device)
     logger.info(
-        "%s: %d training / %d evaluation examples from %s",
+        "%s: %d training / %d evaluation examples from %s%s",
         data.task,
         len(task.train_set),
         len(task.eval_set),
         task.sources["train"],
+        f" ({task.sources['format']})" if "format" in task.sources else "",
     )
-    _training_arguments(train, existing.checkpoints, show_progress)  # refused settings found before any writing
+    _training_arguments(train, existing.checkpoints, show_progress, data)  # refused settings found before writing
     metrics: dict[str, Any] = {}
     if train.eval_before:
         start = time.perf_counter()
@@ -197,10 +264,15 @@ def finetune(
         "fingerprints": fingerprints,
         "log_history": [],
         "sessions": 1,
+        "processes": world_size(),
     }
-    config = config_dict(preset, data, train, gora)
+    config = config_yaml("finetune", preset, data, train, gora)
     kept = stats if train.keep_stats else None
-    run = _create_run_folder(output_dir, train.overwrite, config, progress, peft_model, kept)
+    on_main(
+        lambda: _create_run_folder(output_dir, train.overwrite, config, progress, peft_model, kept),
+        "writing the run folder",
+    )
+    run = RunFolder(output_dir)
     return _run_session(run, task, peft_model, data, train, gora, preset, show_progress)
 
 
@@ -233,21 +305,32 @@ def resume_finetune(
     preset, data_config, train_config, gora_config = resume_configs(
         run, preset=preset, data=data, train=train, gora=gora
     )
+    device = start_processes(data_config, train_config, show_progress)
     progress = run.progress()
-    task = load_task(data_config, train_config, PRESETS[preset] if preset else None)
+    started_with = progress.get("processes", 1)
+    if started_with != world_size():
+        raise UsageError(
+            f"--resume {run.path}: the run was started with {started_with} process(es) and this is {world_size()}; "
+            "the batch size is per process, so another number would train another adapter: resume with "
+            f"`{run.resume_command(processes=started_with)}`"
+        )
+    task = load_task(data_config, train_config, PRESETS[preset] if preset else None, device)
     _check_fingerprints(run, progress.get("fingerprints", {}), _fingerprints(task, gora_config))
-    _training_arguments(train_config, run.checkpoints, show_progress)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task.model.to(device)
+    _training_arguments(train_config, run.checkpoints, show_progress, data_config)
     # the trained adapter when training had finished; else the step-0 adapter, which the checkpoint then updates
     source = run.adapter if progress["trained"] else run.init
     peft_model = PeftModel.from_pretrained(task.model, str(source), is_trainable=not progress["trained"])
+    float32_trainables(peft_model)
     if (source / RECORD_NAME).is_file():
         attach_record(peft_model, GoraRecord.load(source))
-    for folder in run.incomplete_checkpoints():
-        logger.warning("removing %s: a checkpoint whose writing was cut off (no %s)", folder, TRAINER_STATE)
-        shutil.rmtree(folder)
-    run.update_progress(sessions=progress.get("sessions", 1) + 1)
+
+    def start_session() -> None:  # after every rank has checked the run (check_resumable reads status.json)
+        for folder in run.incomplete_checkpoints():
+            logger.warning("removing %s: a checkpoint whose writing was cut off (no %s)", folder, TRAINER_STATE)
+            shutil.rmtree(folder)
+        run.update_progress(sessions=progress.get("sessions", 1) + 1)
+
+    on_main(start_session, "starting the resumed session")
     return _run_session(run, task, peft_model, data_config, train_config, gora_config, preset, show_progress)
 
 
@@ -262,8 +345,9 @@ def _fingerprints(task: TaskData, gora: GoraConfig) -> dict[str, str]:
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
+    model = model_fingerprint(task.model, find_targets(task.model, gora))
     return {
-        "model": model_fingerprint(task.model, find_targets(task.model, gora)),
+        "model": model,
         "train": digest(task.train_set),
         "eval": digest([task.eval_set, task.eval_rows]),
     }
@@ -282,7 +366,7 @@ def _check_fingerprints(run: RunFolder, saved: dict[str, str], now: dict[str, st
 def _create_run_folder(
     output_dir: str,
     overwrite: bool,
-    config: dict[str, Any],
+    config: str,
     progress: dict[str, Any],
     peft_model: Any,
     stats: GradientStats | None,
@@ -296,7 +380,7 @@ def _create_run_folder(
     run = RunFolder(output_dir)
     with staged_folder(output_dir, overwrite) as tmp:
         staged = RunFolder(tmp)
-        staged.write(CONFIG, config)
+        staged.write_text(CONFIG, config)
         staged.write(PROGRESS, progress)
         peft_model.save_pretrained(staged.init)
         if stats is not None:
@@ -345,7 +429,7 @@ def _run_session(
     run.update_status(state=RUNNING, error=None, traceback=None, sessions=progress.get("sessions", 1))
     with GracefulStop() as stop:
         if not progress["trained"]:
-            log_history = _train_stage(run, task, peft_model, train, show_progress, stop, timings)
+            log_history = _train_stage(run, task, peft_model, data, train, show_progress, stop, timings)
             progress = run.progress()
         else:
             log_history = progress["log_history"]
@@ -360,7 +444,7 @@ def _run_session(
             run.update_status(stage="report", message=f"writing the report; the adapter is in {run.adapter}")
             record = getattr(peft_model, "gora_records", {}).get("default")
             report = _finetune_report(data, train, gora, preset, task, metrics, progress, timings, log_history, record)
-            report["outputs"] = _write_report(report, run, log_history)
+            report["outputs"] = on_main(lambda: _write_report(report, run, log_history), "writing the report") or {}
         except BaseException as err:
             what = "the evaluation" if "after" not in metrics else "writing the report"
             raise _stopped_after_training(run, what, err) from err
@@ -374,6 +458,7 @@ def _train_stage(
     run: RunFolder,
     task: TaskData,
     peft_model: Any,
+    data: DataConfig,
     train: TrainConfig,
     show_progress: bool,
     stop: GracefulStop,
@@ -403,7 +488,7 @@ def _train_stage(
             log_history = json.loads((checkpoint / TRAINER_STATE).read_text())["log_history"]
             step = total = start_step
         else:
-            trainer = _trainer(peft_model, task, train, run, show_progress, callbacks=[stop, StatusCallback(run)])
+            trainer = _trainer(peft_model, task, data, train, run, show_progress, [stop, StatusCallback(run)])
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             log_history = list(trainer.state.log_history)
             step, total = trainer.state.global_step, trainer.state.max_steps
@@ -423,12 +508,16 @@ def _train_stage(
     run.update_status(stage="save", message="training finished; writing the adapter")
     try:
         start = time.perf_counter()
-        serving: dict[str, Any] = {}
-        for name, write in _final_folders(peft_model, task, run, serving).items():
-            with staged_folder(run.path / name, overwrite=True) as tmp:
-                write(tmp)
-        timings["save_s"] = time.perf_counter() - start
-        run.update_progress(trained=True, log_history=log_history, timings_s=timings, serving=serving)
+
+        def write_final_folders() -> None:
+            serving: dict[str, Any] = {}
+            for name, write in _final_folders(peft_model, task, run, serving).items():
+                with staged_folder(run.path / name, overwrite=True) as tmp:
+                    write(tmp)
+            timings["save_s"] = time.perf_counter() - start
+            run.update_progress(trained=True, log_history=log_history, timings_s=timings, serving=serving)
+
+        on_main(write_final_folders, "writing the trained adapter")
     except BaseException as err:
         raise _stopped_in_training(run, "writing the trained adapter", err, step, total, stop) from err
     if stop.signum is not None:  # the signal came with the last step: training is complete, the adapter written
@@ -505,7 +594,12 @@ def _stopped_after_training(run: RunFolder, what: str, err: BaseException) -> Ru
 
 
 def _start_run(
-    data: DataConfig, run: TrainConfig | AllocateConfig, gora: GoraConfig, preset: str | None, output_dir: str
+    data: DataConfig,
+    run: TrainConfig | AllocateConfig,
+    gora: GoraConfig,
+    preset: str | None,
+    output_dir: str,
+    device: torch.device,
 ) -> tuple[TaskData, GradientStats | None, dict[str, float]]:
     """The first steps of `finetune` and `allocate_only`: the cheap checks (output folder, `run.load_stats` file),
     then the task and, with `run.load_stats`, the saved gradient statistics, timed ("load_s", "load_stats_s").
@@ -519,7 +613,7 @@ def _start_run(
         raise UsageError(f"--load-stats {run.load_stats!r}: no such file (write one with gora allocate --save-stats)")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    task = load_task(data, run, PRESETS[preset] if preset else None)
+    task = load_task(data, run, PRESETS[preset] if preset else None, device)
     timings["load_s"] = time.perf_counter() - start
     if run.load_stats is None:
         return task, None, timings
@@ -592,6 +686,7 @@ def _adapt(
         ranks = dict.fromkeys(shapes, gora.r)
         adapter = lora = gora.r * sum(m + n for m, n in shapes.values())
         timings[f"{train.method}_init_s"] = time.perf_counter() - start
+    float32_trainables(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     params = {
         "adapter": adapter,
@@ -605,20 +700,27 @@ def _adapt(
     return peft_model, params, stats
 
 
-def _training_arguments(train: TrainConfig, folder: Path, show_progress: bool) -> Any:
+def _training_arguments(train: TrainConfig, folder: Path, show_progress: bool, data: DataConfig) -> Any:
     """The Trainer's settings (checkpoints in `folder`); built before the run folder is written, so settings the
-    Trainer refuses are bad input like any other."""
+    Trainer refuses are bad input like any other. Mixed precision follows --dtype (bf16 / fp16 autocast; the adapter
+    and the other trained parameters stay float32)."""
     from transformers import TrainingArguments
 
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
     # transformers 5 takes the warmup share as a float warmup_steps < 1 (warmup_ratio is gone); 4.x as warmup_ratio
-    v5 = "warmup_ratio" not in {f.name for f in dataclasses.fields(TrainingArguments)}
+    v5 = "warmup_ratio" not in names
     warmup = {"warmup_steps": train.warmup_ratio} if v5 else {"warmup_ratio": train.warmup_ratio}
+    # later 5.x name gradient checkpointing activation_checkpointing (the old names warn)
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    checkpointing = {ckpt: train.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}}
     return TrainingArguments(
         output_dir=str(folder),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        **checkpointing,  # non-reentrant: the frozen base's inputs need no grad
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         **warmup,
@@ -628,19 +730,30 @@ def _training_arguments(train: TrainConfig, folder: Path, show_progress: bool) -
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         seed=train.train_seed,
-        report_to=[],
+        report_to=list(train.report_to or []) or "none",
+        bf16=data.dtype == "bfloat16",
+        fp16=data.dtype == "float16",
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=not show_progress,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trained parameter is used in every step
     )
 
 
 def _trainer(
-    peft_model: Any, task: TaskData, train: TrainConfig, run: RunFolder, show_progress: bool, callbacks: list[Any]
+    peft_model: Any,
+    task: TaskData,
+    data: DataConfig,
+    train: TrainConfig,
+    run: RunFolder,
+    show_progress: bool,
+    callbacks: list[Any],
 ) -> Any:
-    """transformers' Trainer for the run: checkpoints under <run>/checkpoints/, the LoRA+ optimizer if asked."""
+    """transformers' Trainer for the run: checkpoints under <run>/checkpoints/, the LoRA+ optimizer if asked,
+    TensorBoard logs (--report-to tensorboard) under <run>/logs/ unless TENSORBOARD_LOGGING_DIR says otherwise."""
     from transformers import Trainer
+    from transformers.integrations import TensorBoardCallback
 
     optimizer = make_optimizer(
         peft_model,
@@ -648,14 +761,26 @@ def _trainer(
         weight_decay=train.weight_decay,
         loraplus_lr_ratio=train.loraplus_lr_ratio,
     )
-    return Trainer(
+    trainer = Trainer(
         model=peft_model,
-        args=_training_arguments(train, run.checkpoints, show_progress),
+        args=_training_arguments(train, run.checkpoints, show_progress, data),
         train_dataset=task.train_set,
         data_collator=task.collator,
         optimizers=(optimizer, None),
         callbacks=callbacks,
     )
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(run.path / "logs")
+    if data.task == "classification":
+        # transformers 5: sequence-classification models take **kwargs, so the Trainer hands them num_items_in_batch
+        # and then expects a loss normalized by it: it skips its division by the gradient-accumulation steps and
+        # multiplies by the number of processes. Their loss is a plain mean that ignores num_items_in_batch
+        # (measured on BERT, transformers 5.24: --gradient-accumulation-steps 2 doubled the loss and gradients).
+        # Off, the Trainer divides by the accumulation steps and DDP averages the ranks' means: the mean over the
+        # global batch. (Causal LMs do use num_items_in_batch: the loss is then the mean over all learned tokens.)
+        trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def _finetune_report(
@@ -672,7 +797,7 @@ def _finetune_report(
 ) -> dict[str, Any]:
     from .report import rank_table
 
-    metric = "accuracy" if data.task == "classification" else "exact_match"
+    metric = headline_metric(data, train)
     params = progress["params"]
     return {
         "task": data.task,
@@ -751,9 +876,11 @@ def allocate_only(
     from ..importance import compute_importances
     from .report import rank_table
 
+    device = start_processes(data, alloc, show_progress)
     output_dir = alloc.output_dir or os.path.join("outputs", f"allocate-{datetime.now():%Y%m%d-%H%M%S}")
+    output_dir = same_on_all_ranks(output_dir)
     load_stats, save_stats = alloc.load_stats, alloc.save_stats
-    task, stats, timings = _start_run(data, alloc, gora, preset, output_dir)
+    task, stats, timings = _start_run(data, alloc, gora, preset, output_dir, device)
     if stats is None:
         start = time.perf_counter()
         loader = estimation_loader(task, alloc.batch_size, alloc.train_seed)
@@ -779,20 +906,26 @@ def allocate_only(
         "sources": task.sources,
         "config": {"data": dataclasses.asdict(data), "gora": gora.to_dict()},
     }
-    with staged_folder(output_dir, alloc.overwrite) as tmp:
+    report["outputs"] = {
+        "folder": output_dir,
+        "rank_heatmap": os.path.join(output_dir, "ranks.png"),
+        "report": os.path.join(output_dir, "report.json"),
+        "config": os.path.join(output_dir, CONFIG),
+    }
+
+    def write() -> None:
         from .report import plot_rank_heatmap, write_json
 
-        plot_rank_heatmap(rank_table(allocation.ranks), tmp / "ranks.png", title=f"GoRA ranks (r={gora.r})")
-        report["outputs"] = {
-            "folder": output_dir,
-            "rank_heatmap": os.path.join(output_dir, "ranks.png"),
-            "report": os.path.join(output_dir, "report.json"),
-        }
-        write_json(report, tmp / "report.json")
-    if save_stats is not None:
-        from .. import save_gradient_stats
+        with staged_folder(output_dir, alloc.overwrite) as tmp:
+            plot_rank_heatmap(rank_table(allocation.ranks), tmp / "ranks.png", title=f"GoRA ranks (r={gora.r})")
+            write_json(report, tmp / "report.json")
+            (tmp / CONFIG).write_text(config_yaml("allocate", preset, data, alloc, gora))
+        if save_stats is not None:
+            from .. import save_gradient_stats
 
-        save_gradient_stats(stats, save_stats, task.model)
+            save_gradient_stats(stats, save_stats, task.model)
+
+    on_main(write, "writing the output folder")
     return report
 
 
