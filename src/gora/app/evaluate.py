@@ -1,11 +1,13 @@
 """Evaluation of a fine-tune, before and after training: the metrics `gora finetune` reports.
 
 - sequence classification: accuracy (argmax of the logits against the label) and the mean eval loss;
-- causal-LM SFT: exact match of the final answer (after the last `####`, else the last number; numerically where
-  both are numbers) under greedy generation, and the eval loss (mean per batch, on the response tokens only).
+- causal-LM SFT: exact match of the final answer under greedy generation (after the last `####`; else, for a numeric
+  reference, the last number, and for a word reference, the first line; numerically where both are numbers, else
+  ignoring case), and the eval loss (mean per batch, on the response tokens only).
 
 Evaluation runs in eval mode with gradients off and restores the model's training mode (and the tokenizer's padding
-side) afterwards; examples are batched shortest first, which changes padding, not the per-example results.
+side) afterwards; examples are batched shortest first, which changes padding, not the per-example results. With
+`keep_predictions=True` the per-example predictions come back too, in the order of the input (for paired tests).
 """
 
 from __future__ import annotations
@@ -26,24 +28,35 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def evaluate_classification(model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int) -> dict:
-    """{"accuracy", "loss"} of `model` on an encoded classification set, in eval mode."""
+def evaluate_classification(
+    model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int, *, keep_predictions: bool = False
+) -> dict:
+    """{"accuracy", "loss"} of `model` on an encoded classification set, in eval mode; with `keep_predictions`
+    also "predictions", the predicted class id of every example in the order of `dataset`."""
     correct, loss_sum, count = 0, 0.0, 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    dataset = _by_length(dataset)
+    order = _by_length(dataset)
+    predictions: list[int] = [0] * len(dataset)
     try:
-        for start in range(0, len(dataset), batch_size):
-            batch = {k: v.to(device) for k, v in collator(list(dataset[start : start + batch_size])).items()}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collator([dataset[i] for i in chunk]).items()}
             out = model(**batch)
             n = batch["labels"].shape[0]
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            predicted = out.logits.argmax(-1)
+            correct += int((predicted == batch["labels"]).sum())
             loss_sum += float(out.loss) * n
             count += n
+            for i, label in zip(chunk, predicted.tolist()):
+                predictions[i] = label
     finally:
         model.train(was_training)
-    return {"accuracy": correct / count, "loss": loss_sum / count}
+    metrics: dict[str, Any] = {"accuracy": correct / count, "loss": loss_sum / count}
+    if keep_predictions:
+        metrics["predictions"] = predictions
+    return metrics
 
 
 @torch.no_grad()
@@ -55,14 +68,17 @@ def evaluate_sft(
     *,
     batch_size: int,
     max_new_tokens: int,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
-    """{"exact_match", "examples"}: greedy generation on each prompt; a hit when the final answer (after the last
-    `####`, else the last number) equals the reference answer (numerically where both are numbers)."""
+    """{"exact_match", "examples"}: greedy generation on each prompt; a hit when the answer of the generation
+    (`answer_of`) equals the reference answer (numerically where both are numbers, else ignoring case). With
+    `keep_predictions` also "predictions" (the answer read from each generation, or None) and "correct" (bools), in
+    the order of `rows`."""
     device = next(model.parameters()).device
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
-    hits, examples = 0, []
+    hits, examples, predictions, correct = 0, [], [], []
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -70,7 +86,8 @@ def evaluate_sft(
             special = not getattr(tokenizer, "chat_template", None)
             inputs = tokenizer(heads, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
             output = model.generate(
-                **inputs,
+                input_ids=inputs["input_ids"],  # not token_type_ids (BERT-style tokenizers): causal LMs refuse them
+                attention_mask=inputs["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
@@ -82,9 +99,11 @@ def evaluate_sft(
                     if data.answer_column
                     else assets.final_answer(str(row[data.response_column]))
                 )
-                predicted = assets.final_answer(text)
+                predicted = answer_of(text, reference)
                 hit = _same_answer(predicted, reference)
                 hits += hit
+                predictions.append(predicted)
+                correct.append(hit)
                 if len(examples) < 3:
                     examples.append(
                         {
@@ -98,7 +117,10 @@ def evaluate_sft(
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
-    return {"exact_match": hits / len(rows), "examples": examples}
+    metrics: dict[str, Any] = {"exact_match": hits / len(rows), "examples": examples}
+    if keep_predictions:
+        metrics.update(predictions=predictions, correct=correct)
+    return metrics
 
 
 @torch.no_grad()
@@ -108,19 +130,38 @@ def evaluate_loss(model: nn.Module, dataset: Sequence[dict], collator: Any, batc
     was_training = model.training
     model.eval()
     losses = []
-    dataset = _by_length(dataset)
+    order = _by_length(dataset)
     try:
-        for start in range(0, len(dataset), batch_size):
-            batch = {k: v.to(device) for k, v in collator(list(dataset[start : start + batch_size])).items()}
+        for start in range(0, len(order), batch_size):
+            chunk = [dataset[i] for i in order[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collator(chunk).items()}
             losses.append(float(model(**batch).loss))
     finally:
         model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def _by_length(dataset: Sequence[dict]) -> list[dict]:
-    """The examples shortest first, so evaluation batches carry little padding (per-example results are unchanged)."""
-    return sorted(dataset, key=lambda ex: len(ex["input_ids"]))
+def _by_length(dataset: Sequence[dict]) -> list[int]:
+    """Indices of the examples, shortest first, so evaluation batches carry little padding (per-example results are
+    unchanged)."""
+    return sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def answer_of(text: str, reference: str | None) -> str | None:
+    """The answer a generation gives: what follows the last `####`, else, for a numeric (or missing) reference, the
+    last number in the text (`assets.final_answer`), and for a word reference the first non-empty line."""
+    if "####" in text or reference is None or _is_number(reference.strip().rstrip(".")):
+        return assets.final_answer(text)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else None
 
 
 def _same_answer(predicted: str | None, reference: str | None) -> bool:
@@ -130,7 +171,7 @@ def _same_answer(predicted: str | None, reference: str | None) -> bool:
     try:
         return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
     except ValueError:
-        return a == b
+        return a.casefold() == b.casefold()
 
 
 def evaluate(model: nn.Module, task: TaskData, data: DataConfig, train: TrainConfig) -> dict[str, Any]:
