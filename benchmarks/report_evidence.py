@@ -42,16 +42,14 @@ COMPARISONS = [
     ("gora", "eva-rs", "GoRA vs baseline"),
     ("gora", "adalora", "GoRA vs baseline"),
 ]
-# cuts made to fit the whole protocol into ~6 hours of one CPU thread (besides each block's own note)
+# cuts made to fit the whole protocol into ~6 hours of one CPU thread (besides each block's own note and setting)
 PROTOCOL_CUTS = [
-    "MiniLM-L6 (22.7M parameters) and SmolLM2-135M instead of the paper's T5-base / Llama-3.1-8B; r = 8 and r = 2 "
-    "only.",
-    "evidence-nlu: 640 training reviews per seed, 3 epochs (120 steps of 16); 4 learning rates, 2 tuning seeds; "
-    "controls run at GoRA's lr instead of their own.",
-    "evidence-nlg: no lr tuning (one lr per method, chosen before the run; see the setting), 2 seeds, 800 training "
-    "problems in one epoch.",
-    "No full fine-tuning, DoRA, LoRA+ or γ/importance ablations in the evidence suites (the historic tables below "
-    "have them at one lr).",
+    "Small models (MiniLM-L6, 22.7M parameters; SmolLM2-135M) instead of the paper's T5-base / Llama-3.1-8B; budgets "
+    "r = 8 and r = 2 only; a few hundred training examples per seed, so each run takes minutes on one CPU thread.",
+    "4 learning rates (about 3x apart) and 2 tuning seeds; the controls (γ = 0, fixed rank, random layers) run at "
+    "GoRA's chosen lr instead of their own.",
+    "No full fine-tuning, DoRA, LoRA+ or γ / importance ablations here (the historic tables below have them at one "
+    "lr).",
 ]
 
 

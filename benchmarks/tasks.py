@@ -23,6 +23,7 @@ same calibration batches (the first `num_batches` training batches).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -94,11 +95,17 @@ def training_batches(encoded: list[dict], collator: Any, batch_size: int, epochs
 # ----------------------------------------------------------------------------------------------------------- NLU
 
 
-def rt_split(train_size: int, val_size: int, test_size: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, validation, test) rows of the evidence split: test and validation fixed, training drawn by `seed`."""
+@functools.lru_cache(maxsize=1)
+def _rt_rows() -> tuple[dict, ...]:
+    """The corpus, read once per process (runs in one process share it; the rows are never modified)."""
     from gora.app.assets import rotten_tomatoes_rows
 
-    rows = rotten_tomatoes_rows()
+    return tuple(rotten_tomatoes_rows())
+
+
+def rt_split(train_size: int, val_size: int, test_size: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) rows of the evidence split: test and validation fixed, training drawn by `seed`."""
+    rows = list(_rt_rows())
     random.Random(RT_SPLIT_SEED).shuffle(rows)
     test, pool = rows[:test_size], rows[test_size:]
     val, pool = pool[:val_size], pool[val_size:]

@@ -85,7 +85,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         model.train()
         model(**task.calib_batches[0]).loss.backward()
         model.zero_grad(set_to_none=True)
-        plain_s = M.plain_fwd_bwd(model, task.calib_batches) if method.kind in M.DATA_DRIVEN else None
+        # the cost ratio of data-driven inits (historic suites; the evidence suites skip it to save time)
+        measure = method.kind in M.DATA_DRIVEN and "stage" not in spec
+        plain_s = M.plain_fwd_bwd(model, task.calib_batches) if measure else None
         lora_ref = M.lora_reference_params(model, task.target_modules, spec["r"])
         total_params = sum(p.numel() for p in model.parameters())
         rss_before_init = maxrss_mb()
