@@ -278,9 +278,12 @@ EVIDENCE: dict[str, list[Block]] = {
             ("lora", "rslora", "gora"),
             seeds=(0, 1),
             tune_seeds=(),
-            fixed_lr={"lora": 2e-3, "rslora": 1e-3, "gora": 1e-3},
+            # no tuning: one lr per method at an equal effective step s·lr = 3.4e-3 (rsLoRA and GoRA s = α/√8 at
+            # 6e-4; LoRA s = α/8 at √8 times that), between the two pilot runs that trained well (LoRA and GoRA at
+            # 1e-3, i.e. s·lr = 2e-3 and 5.7e-3)
+            fixed_lr={"lora": 1.7e-3, "rslora": 6e-4, "gora": 6e-4},
             overrides=R8,
-            note="3 methods, 2 seeds, no lr tuning",
+            note="evidence-nlg: lora, rslora and gora only, 2 seeds, no lr tuning (equal s·lr instead)",
         ),
     ],
     "evidence-smoke": [
