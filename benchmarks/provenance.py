@@ -35,15 +35,29 @@ def _git(*args: str) -> str:
     return out.stdout
 
 
-def git_state() -> dict[str, Any]:
+# outputs, not code: results being appended, the generated report, logs
+NOT_CODE = ("benchmarks/results", "docs")
+
+
+def git_state(outputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """{"commit", "dirty", "diff_sha256"}: HEAD, whether tracked or untracked (not ignored) files differ from it, and
-    the sha256 of `git diff HEAD` plus the untracked files' names and contents (None when clean)."""
+    the sha256 of `git diff HEAD` plus the untracked files' names and contents (None when clean).
+
+    The results folder, docs/, `*.log` files and `outputs` (e.g. a results folder inside the checkout) are not code:
+    a suite that appends its results there, or a log written beside it, leaves the tree clean.
+    """
+    excluded = [*NOT_CODE]
+    for path in outputs:
+        path = Path(path).resolve()
+        if path.is_relative_to(ROOT):
+            excluded.append(str(path.relative_to(ROOT)))
+    spec = [".", *(f":(exclude){p}" for p in excluded), ":(exclude,glob)**/*.log"]
     commit = _git("rev-parse", "HEAD").strip()
-    status = _git("status", "--porcelain", "--untracked-files=all")
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", *spec)
     dirty = bool(status.strip())
     digest = None
     if dirty:
-        h = hashlib.sha256(_git("diff", "HEAD", "--binary").encode())
+        h = hashlib.sha256(_git("diff", "HEAD", "--binary", "--", *spec).encode())
         for line in status.splitlines():
             if line.startswith("??"):
                 path = ROOT / line[3:].strip()
@@ -76,10 +90,10 @@ def command_line(argv: list[str]) -> str:
     return "python -m benchmarks.run " + shlex.join(argv)
 
 
-def current(argv: list[str], threads: int | None) -> tuple[dict[str, Any], str]:
-    """(the provenance of this invocation, its pip freeze)."""
+def current(argv: list[str], threads: int | None, out: Path | None = None) -> tuple[dict[str, Any], str]:
+    """(the provenance of this invocation, its pip freeze); `out` is the results folder (not code)."""
     freeze = pip_freeze()
-    state = git_state()
+    state = git_state((out,) if out is not None else ())
     return (
         {
             **state,

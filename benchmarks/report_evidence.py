@@ -138,7 +138,8 @@ def main_table(methods: dict[str, dict[int, Record]], order: list[str], pct: boo
         ok = [r for r in rs if not r.get("diverged")]
         lrs = sorted({r["lr"] for r in rs})
         source = rs[0].get("lr_from")
-        lr_text = "/".join(f"{lr:g}" for lr in lrs) + (f" (= {source}'s)" if source not in (None, method) else "")
+        borrowed = source not in (None, method, "fixed")
+        lr_text = "/".join(f"{lr:g}" for lr in lrs) + (f" (= {source}'s)" if borrowed else "")
         ratio = [r["adapter_params"] / r["lora_adapter_params_ref"] for r in ok if r.get("adapter_params")]
         ends = [_epoch_losses(r) for r in ok]
         diverged = len(rs) - len(ok)
@@ -295,7 +296,9 @@ def evidence_section(suite: str, records: list[Record]) -> list[str]:
         + ". A seed fixes the training rows, their order in every epoch, the head and dropout for every method; A0 "
         "is drawn from seed + 1000. Verdicts: paired bootstrap 95% interval of A − B (4,000 replicates resampling "
         "seeds and test examples), **better** / **worse** when the interval excludes 0, else **tied**; McNemar: "
-        "exact binomial test on the examples exactly one of A, B gets right, pooled over the paired seeds.",
+        "exact binomial test on the examples exactly one of A, B gets right, pooled over the paired seeds (it treats the "
+        "seed × example pairs as independent, though each test example recurs once per seed: the interval, which "
+        "resamples examples across seeds together, is the verdict).",
         "",
         *[f"- {_setting(b)}" for b in blocks],
         "",

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         runner = None
     else:
-        prov, freeze = provenance.current(argv, args.threads)
+        prov, freeze = provenance.current(argv, args.threads, args.out)
         if prov["dirty"] and not args.allow_dirty and args.suite not in SMOKE_SUITES:
             print(
                 "the working tree has uncommitted changes: commit them (the records name the commit) or pass "

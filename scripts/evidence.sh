@@ -5,6 +5,8 @@
 # lock the commit and environment they started with). Run it from a clean checkout's root, after scripts/setup.sh:
 #
 #     nohup bash scripts/evidence.sh > evidence.log 2>&1 &
+#
+# (results go to benchmarks/results/evidence-*.jsonl; they, docs/ and *.log files do not count as changes to the code)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

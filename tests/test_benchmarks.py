@@ -317,3 +317,24 @@ def test_report_has_a_verdict_per_regime(evidence_results: Path, tmp_path: Path)
     assert "### Compute" in text and "### What was cut to fit this machine" in text
     assert report.main(["--results", str(evidence_results), "--out", str(doc)]) == 0
     assert doc.read_text() == text
+
+
+def test_results_docs_and_logs_do_not_make_the_tree_dirty():
+    """Protects resumption: appending results under benchmarks/results, regenerating docs or writing a log beside
+    the checkout does not change the locked code state (else a suite would refuse to resume after its own runs)."""
+    from benchmarks import provenance
+
+    before = provenance.git_state()
+    probes = [ROOT / "benchmarks" / "results" / "_probe.jsonl", ROOT / "_probe.log", ROOT / "docs" / "_probe.md"]
+    try:
+        for p in probes:
+            p.write_text("{}\n")
+        assert provenance.git_state() == before
+        code = ROOT / "benchmarks" / "_probe.py"
+        probes.append(code)
+        code.write_text("x = 1\n")
+        after = provenance.git_state()
+        assert after["dirty"] and after["diff_sha256"] != before["diff_sha256"]
+    finally:
+        for p in probes:
+            p.unlink(missing_ok=True)
