@@ -207,7 +207,8 @@ def run_evidence(suite: str, args: argparse.Namespace, runner: Runner | None, pa
         main = _filter(main_specs(suite, block, lrs), args)
         if runner is None:
             pending = [m for m in block.methods if block.tune_seeds and lrs.get(block.source(m)) is None]
-            print(f"# {block.name}: {len(main)} main runs listed; waiting for tuning: {pending or 'none'}")
+            total = len(block.methods) * len(block.seeds)
+            print(f"# {block.name}: {len(main)} of {total} main runs listed; waiting for tuning: {pending or 'none'}")
             for spec in main:
                 if run_id(spec) not in done_ids(path):
                     print("main", run_id(spec))
