@@ -1,6 +1,6 @@
 """Memory of gradient estimation: gora "full" vs "sketch" vs PEFT's LoRA-GA preprocessing, and scaling with width.
 
-    python benchmarks/memory.py [--batches 8] [--out benchmarks/results/memory.json]
+    python -m benchmarks.memory [--batches 8] [--out benchmarks/results/memory.json]
 
 Part 1 runs each configuration in its own subprocess on SmolLM2-135M-Instruct (all linear layers, float32), so
 each peak resident set size (ru_maxrss) is clean:
@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # also runnable as `python benchmarks/memory.py`
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.measure import maxrss_mb  # noqa: E402
+
 TOKENS, BATCH = 64, 4
 
 
@@ -57,10 +61,6 @@ def _batches(tokenizer, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def worker(kind: str, n: int, out: Path) -> None:
     """One configuration in a fresh process; writes a JSON line (and, for full/sketch, the adapters) to `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,7 +74,7 @@ def worker(kind: str, n: int, out: Path) -> None:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     batches = _batches(tokenizer, n)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    rss_loaded = _peak_rss_mb()
+    rss_loaded = maxrss_mb()
     config = gora.GoraConfig(
         target_modules="all-linear", num_batches=n, gradient_store="sketch" if kind == "sketch" else "full"
     )
@@ -121,7 +121,7 @@ def worker(kind: str, n: int, out: Path) -> None:
             if hasattr(m, "_peft_loraga_grad")
         )
     result["seconds"] = time.perf_counter() - start
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = maxrss_mb()
     with open(out, "a") as handle:
         handle.write(json.dumps(result) + "\n")
 
@@ -246,7 +246,8 @@ def main() -> None:
         for kind in ("model", "full", "sketch", "loraga"):
             cmd = [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.memory",
                 "--worker",
                 kind,
                 "--worker-out",
@@ -254,7 +255,7 @@ def main() -> None:
                 "--batches",
                 str(args.batches),
             ]
-            subprocess.run(cmd, check=True, env=env)
+            subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         runs = {r["kind"]: r for r in map(json.loads, lines.read_text().splitlines())}
         comparison = compare(runs["full"], runs["sketch"], lines)
     sweep = sample_sweep(args.batches, args.samples, args.seeds)

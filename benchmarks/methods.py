@@ -4,15 +4,24 @@ A method is a name plus options (`METHODS`). `build(method, task, spec)` turns t
 train and returns the wall time of its data-driven estimation (`estimate_s`: gradients, activations) and of the
 rest of its construction (`init_s`: allocation, SVDs, initialization, PEFT wrapping).
 
-Budgets: every LoRA-type method targets the same modules at r = spec["r"] (8). GoRA allocates ranks at LoRA's
+Budgets: every LoRA-type method targets the same modules at r = spec["r"]. GoRA allocates ranks at LoRA's
 budget (its rounding lands within ±10%); `gora-matched` raises GoRA's reference rank until its count is the one
 closest to LoRA's; EVA redistributes the same total rank (rho = 2); AdaLoRA starts at init_r = 1.5 r and prunes
 to a final average of r (its own convention: the final budget is LoRA's, the count reported is at the start).
+`spec["gora_min_rank"]`, when set, replaces GoRA's default min_rank (4) in every GoRA variant but `gora-fixed`.
+
+Scaling: the `-rs` baselines (PiSSA, LoRA-GA, EVA) use rsLoRA's α/√r_i like GoRA, so that they differ from GoRA in
+their initialization and allocation, not in the size of their steps. PEFT applies the scaling consistently in
+them: PiSSA divides the singular values by the scaling before splitting them and subtracts s·B·A from W0, LoRA-GA
+subtracts s·B·A from W0 (both start at the base model's function; tests/test_benchmarks.py checks it), EVA starts at
+B = 0 and, with adjust_scaling_factors=False, keeps α for every rank, so s_i = α/√r_i.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +48,31 @@ METHODS: dict[str, Method] = {
     "lora": Method("lora", "LoRA (PEFT default init, alpha/r scaling)"),
     "rslora": Method("lora", "rsLoRA (alpha/sqrt(r) scaling)", {"use_rslora": True}),
     "pissa": Method("lora", "PiSSA (init_lora_weights='pissa'; modifies W0)", {"init_lora_weights": "pissa"}),
+    "pissa-rs": Method(
+        "lora",
+        "PiSSA with rsLoRA scaling (alpha/sqrt(r); modifies W0)",
+        {"init_lora_weights": "pissa", "use_rslora": True},
+    ),
     "loraga": Method("loraga", "LoRA-GA (preprocess_loraga + init_lora_weights='lora_ga'; modifies W0)"),
-    "adalora": Method("adalora", "AdaLoRA (init_r=1.5r -> target_r=r, update_and_allocate every step)"),
+    "loraga-rs": Method("loraga", "LoRA-GA with rsLoRA scaling (alpha/sqrt(r); modifies W0)", {"use_rslora": True}),
+    "adalora": Method(
+        "adalora",
+        "AdaLoRA (init_r=1.5r -> target_r=r; tinit 10%, final phase 20% of the steps; update_and_allocate every step)",
+    ),
     "eva": Method("eva", "EVA (init_lora_weights='eva', rho=2, initialize_lora_eva_weights)"),
+    "eva-rs": Method(
+        "eva",
+        "EVA with rsLoRA scaling (alpha/sqrt(r_i), adjust_scaling_factors=False; rho=2)",
+        {"use_rslora": True, "adjust_scaling_factors": False},
+    ),
     "gora": Method("gora", "GoRA (ranks 4..32, gamma 5e-2, mean|W*G|)"),
     "gora-gamma0": Method("gora", "GoRA, gamma=0: allocation only (B0 = 0)", {"gamma": 0.0}),
     "gora-fixed": Method("gora", "GoRA, min_rank=max_rank=r: initialization only", {"fixed_rank": True}),
+    "gora-random": Method(
+        "gora",
+        "GoRA's ranks shuffled among layers of the same shape (seeded): allocation without its choice of layer",
+        {"shuffle": True},
+    ),
     "gora-matched": Method(
         "gora", "GoRA, reference rank set so that its count is the closest to LoRA's", {"match": True}
     ),
@@ -68,6 +96,8 @@ METHODS: dict[str, Method] = {
 
 DATA_DRIVEN = {"loraga", "eva", "gora"}
 ALPHA = 16
+ADALORA_TINIT = 0.1  # share of the steps before AdaLoRA starts pruning
+ADALORA_TFINAL = 0.2  # share of the steps at the end with the budget fixed
 
 
 def count_trainable(model: torch.nn.Module) -> int:
@@ -113,9 +143,11 @@ def _gora_config(task: TaskData, spec: dict[str, Any], options: dict[str, Any], 
         "r": r,
         "lora_alpha": ALPHA,
         "num_batches": spec["num_batches"],
-        "seed": spec["seed"],
+        "seed": spec.get("init_seed", spec["seed"]),
         "lora_kwargs": {"task_type": task.task_type},
     }
+    if spec.get("gora_min_rank") is not None:
+        kwargs["min_rank"] = spec["gora_min_rank"]
     for key in ("gamma", "min_rank", "max_rank", "importance"):
         if key in options:
             kwargs[key] = options[key]
@@ -129,7 +161,19 @@ def build_gora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) ->
 
     r = spec["r"]
     info: dict[str, Any] = {}
-    if not options.get("match"):
+    if options.get("shuffle"):
+        config = _gora_config(task, spec, options, r)
+        with Timer() as t_est:
+            stats = gora.estimate_gradients(task.model, config, task.calib_batches, show_progress=False)
+        with Timer() as t_init:
+            importances = gora.compute_importances(task.model, stats, config.importance)
+            allocation = gora.allocate_ranks(importances, stats.shapes, config)
+            ranks = shuffled_ranks(allocation.ranks, stats.shapes, spec.get("init_seed", spec["seed"]))
+            model = gora.build_gora_model(task.model, config, stats, dataclasses.replace(allocation, ranks=ranks))
+        record = model.gora_records["default"]
+        moved = sum(ranks[k] != allocation.ranks[k] for k in ranks)
+        info.update(estimate_s=t_est.s, init_s=t_init.s, shuffled_layers=moved, gora_ranks=allocation.ranks)
+    elif not options.get("match"):
         config = _gora_config(task, spec, options, r)
         with Timer() as t:
             model = gora.get_gora_model(task.model, config, task.calib_batches, show_progress=False)
@@ -166,6 +210,21 @@ def build_gora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) ->
     return model, info
 
 
+def shuffled_ranks(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], seed: int) -> dict[str, int]:
+    """GoRA's ranks permuted at random among layers of the same shape (m, n), so the parameter count and the
+    multiset of ranks stay exactly GoRA's and only which layer gets which rank changes."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name in sorted(ranks):
+        groups.setdefault(tuple(shapes[name]), []).append(name)
+    rng = random.Random(seed)
+    out: dict[str, int] = {}
+    for names in groups.values():
+        values = [ranks[n] for n in names]
+        rng.shuffle(values)
+        out.update(zip(names, values))
+    return {name: out[name] for name in ranks}
+
+
 def build_lora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from peft import LoraConfig, get_peft_model
 
@@ -189,6 +248,7 @@ def build_loraga(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) 
         task_type=task.task_type,
         init_lora_weights="lora_ga",
         lora_ga_config=LoraGAConfig(),
+        **options,
     )
     base = task.model
 
@@ -221,7 +281,13 @@ def build_eva(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> 
         target_modules=task.target_modules,
         task_type=task.task_type,
         init_lora_weights="eva",
-        eva_config=EvaConfig(rho=2.0, tau=spec.get("eva_tau", 0.99), use_label_mask=task.task_type == "CAUSAL_LM"),
+        eva_config=EvaConfig(
+            rho=2.0,
+            tau=spec.get("eva_tau", 0.99),
+            use_label_mask=task.task_type == "CAUSAL_LM",
+            adjust_scaling_factors=options.get("adjust_scaling_factors", True),
+        ),
+        use_rslora=options.get("use_rslora", False),
     )
     with Timer() as t_init:
         model = get_peft_model(task.model, config)
@@ -239,8 +305,8 @@ def build_adalora(task: TaskData, spec: dict[str, Any], options: dict[str, Any])
     config = AdaLoraConfig(
         init_r=round(1.5 * spec["r"]),
         target_r=spec["r"],
-        tinit=max(1, total // 10),
-        tfinal=max(1, total // 5),
+        tinit=max(1, round(ADALORA_TINIT * total)),
+        tfinal=max(1, round(ADALORA_TFINAL * total)),
         deltaT=max(1, total // 25),
         total_step=total,
         lora_alpha=ALPHA,
@@ -272,6 +338,20 @@ def build(name: str, task: TaskData, spec: dict[str, Any]) -> tuple[Any, dict[st
     """Build method `name` on `task.model`; returns (model to train, info with estimate_s and init_s)."""
     method = METHODS[name]
     return BUILDERS[method.kind](task, spec, method.options)
+
+
+def scalings(model: Any) -> dict[str, float]:
+    """rank -> the adapter scaling s of the LoRA layers with that rank (one value per rank; a conflict raises)."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, float] = {}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter, r in module.r.items():
+                s = float(module.scaling[adapter])
+                if out.setdefault(str(r), s) != s:
+                    raise ValueError(f"rank {r} has two scalings, {out[str(r)]} and {s}")
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def adalora_rank_total(model: Any, capacity: bool = False) -> int:

@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
-from .suites import ABLATION_METHODS, BASE, GRID_LRS, GRID_METHODS, GRID_SIZES, LORAPLUS_METHODS, MAIN_METHODS
+from .report_evidence import evidence_section
+from .suites import (
+    ABLATION_METHODS,
+    BASE,
+    EVIDENCE,
+    GRID_LRS,
+    GRID_METHODS,
+    GRID_SIZES,
+    LORAPLUS_METHODS,
+    MAIN_METHODS,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "# Benchmarks"
@@ -36,10 +46,13 @@ Record = dict[str, Any]
 
 
 def load(results: Path) -> dict[str, list[Record]]:
-    """suite -> records, from every results file except memory.* and *.errors.jsonl."""
+    """suite -> records, from the results file of each suite (`<suite>.jsonl`; other benchmarks' files, e.g.
+    init_overhead.jsonl or memory.json, have sections of their own)."""
+    from .suites import SUITES
+
     out: dict[str, list[Record]] = {}
     for path in sorted(results.glob("*.jsonl")):
-        if path.name.startswith("memory") or path.name.endswith(".errors.jsonl"):
+        if path.stem not in SUITES:
             continue
         rows, seen = [], set()
         for line in path.read_text().splitlines():
@@ -509,17 +522,31 @@ def render(results: Path, img_dir: Path, doc: Path) -> str:
         *[f"| `{name}` | {m.description} |" for name, m in METHODS.items()],
         "",
     ]
+    evidence = [s for s in EVIDENCE if s in data]
+    for suite in evidence:
+        lines += evidence_section(suite, data[suite])
+    historic = {s: rows for s, rows in data.items() if s not in EVIDENCE}
+    if evidence and historic:
+        lines += [
+            "## Historic results",
+            "",
+            "Everything from here to the memory section is historic: one learning rate for every method, one epoch, "
+            "3 seeds, 1,000 test reviews, no per-example predictions (the evidence suites above supersede it).",
+            "",
+        ]
     notes = Path(__file__).resolve().parent / "notes.md"
     if notes.is_file() and "nlu" in data:
         lines += [notes.read_text().strip(), ""]
-    all_records = [r for rows in data.values() for r in rows]
+    all_records = [r for rows in historic.values() for r in rows]
     if all_records:
         lines += ["## Machine and versions", "", *environment(all_records), ""]
-    for suite in sorted(data, key=lambda s: ("smoke", "nlu", "nlg").index(s) if s in ("smoke", "nlu", "nlg") else 9):
+    for suite in sorted(
+        historic, key=lambda s: ("smoke", "nlu", "nlg").index(s) if s in ("smoke", "nlu", "nlg") else 9
+    ):
         lines += suite_section(suite, data[suite], img_dir, str(img_rel))
     errors = sorted(results.glob("*.errors.jsonl"))
     if errors:
-        done = {r["run_id"] for r in all_records}
+        done = {r["run_id"] for rows in data.values() for r in rows}
         failed = {json.loads(line)["run_id"] for p in errors for line in p.read_text().splitlines() if line.strip()}
         failed -= done
         if failed:

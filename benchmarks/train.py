@@ -1,15 +1,22 @@
-"""The one training loop every method shares: AdamW, linear warmup + decay (transformers' `get_scheduler`),
-gradient clipping at 1.0, the same batches in the same order, and — for AdaLoRA — PEFT's `update_and_allocate`
-after every optimizer step (before `zero_grad`, as PEFT documents it)."""
+"""The one training loop every method shares: AdamW (weight decay 0; with LoRA+ `gora.app.train.make_optimizer`,
+i.e. PEFT's `create_loraplus_optimizer`), linear warmup + decay (transformers' `get_scheduler`), gradient clipping at
+1.0, the same batches in the same order, and — for AdaLoRA — PEFT's `update_and_allocate` after every optimizer
+step (before `zero_grad`, as PEFT documents it).
+
+A non-finite loss stops training: the result says `diverged` (a learning rate that diverges is a result of the
+tuning, not an error to retry).
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from gora.app.train import make_optimizer
 
 from .tasks import Batch
 
@@ -19,19 +26,10 @@ class TrainResult:
     train_s: float
     step_s: float  # median seconds per optimizer step (robust to the shared machine's noise)
     steps: int
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    loss_curve: list[tuple[int, float | None]] = field(default_factory=list)
     adalora_calls: int = 0
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, loraplus_ratio: float | None) -> torch.optim.Optimizer:
-    """AdamW (weight decay 0) on the trainable parameters; with LoRA+ PEFT's `create_loraplus_optimizer`."""
-    if loraplus_ratio:
-        from peft.optimizers import create_loraplus_optimizer
-
-        return create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_ratio, weight_decay=0.0
-        )
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    diverged: bool = False
+    train_cpu_s: float = 0.0  # CPU time of this process while training (less sensitive to a busy machine)
 
 
 def train(
@@ -45,21 +43,29 @@ def train(
     adalora: bool = False,
     max_grad_norm: float = 1.0,
 ) -> TrainResult:
-    """One pass over `batches` (one optimizer step per batch)."""
+    """One optimizer step per batch of `batches` (every epoch, in order)."""
     from transformers import get_scheduler
 
     steps = len(batches)
-    optimizer = make_optimizer(model, lr, loraplus_ratio)
-    sched = get_scheduler(scheduler, optimizer, num_warmup_steps=round(warmup_ratio * steps), num_training_steps=steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, learning_rate=lr, loraplus_lr_ratio=loraplus_ratio) or torch.optim.AdamW(
+        params, lr=lr, weight_decay=0.0
+    )
+    sched = get_scheduler(scheduler, optimizer, num_warmup_steps=round(warmup_ratio * steps), num_training_steps=steps)
     model.train()
-    curve: list[tuple[int, float]] = []
+    curve: list[tuple[int, float | None]] = []
     step_times: list[float] = []
     calls = 0
-    start = time.perf_counter()
+    diverged = False
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step, batch in enumerate(batches):
         t0 = time.perf_counter()
         loss = model(**batch).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            curve.append((step + 1, None))  # JSON has no NaN
+            diverged = True
+            break
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
@@ -69,14 +75,8 @@ def train(
             calls += 1
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
-        value = float(loss.detach())
-        if not torch.isfinite(torch.tensor(value)):
-            raise FloatingPointError(f"loss is {value} at step {step}")
         curve.append((step + 1, round(value, 5)))
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     timed = step_times[1:] if len(step_times) > 1 else step_times
-    return TrainResult(train_s, statistics.median(timed), steps, curve, calls)
-
-
-def describe(result: TrainResult) -> dict[str, Any]:
-    return {"train_s": result.train_s, "step_s": result.step_s, "steps": result.steps}
+    step_s = statistics.median(timed) if timed else math.nan
+    return TrainResult(train_s, step_s, len(step_times), curve, calls, diverged, train_cpu_s)

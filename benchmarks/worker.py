@@ -11,6 +11,7 @@ import logging
 import os
 import statistics
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -46,10 +47,17 @@ REQUIRED_FIELDS = (
 )
 
 
+# spec keys that say where a run is listed, not what it computes: every other key is part of the run's id
+NOT_IN_RUN_ID = ("groups", "suite", "block", "lr_from")
+
+
 def run_id(spec: dict[str, Any]) -> str:
-    """What identifies a run: the same id in any suite group means the same numbers (reused, not re-run)."""
-    keys = ("task", "method", "seed", "lr", "train_size", "batch_size", "num_batches", "r", "max_length")
-    return "|".join(f"{k}={spec.get(k)}" for k in keys)
+    """What identifies a run: every spec key that can change its numbers (task, method, seeds, lr, sizes, epochs,
+    evaluation split, max_new_tokens, torch threads — they change float summation order — ...), sorted; the same id
+    in any suite group means the same numbers (reused, not re-run). The code version and the environment are not in
+    it: one results file holds one of each (`benchmarks.provenance`)."""
+    keys = sorted(k for k in spec if k not in NOT_IN_RUN_ID)
+    return "|".join(f"{k}={json.dumps(spec[k], sort_keys=True)}" for k in keys)
 
 
 def _quiet() -> None:
@@ -63,6 +71,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one spec (see `benchmarks.suites`) and return its record."""
     if spec.get("method") == "init-cost":
         return run_init_cost(spec)
+    started, cpu_started = time.perf_counter(), time.process_time()
     _quiet()
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     method = M.METHODS[spec["method"]]
@@ -71,20 +80,23 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         with sampler.phase("load"):
             task = load_task(spec)
         model = task.model
-        spec = {**spec, "steps": len(task.train_batches)}
+        build_spec = {**spec, "steps": len(task.train_batches)}  # AdaLoRA's schedule needs the step count
         # one untimed forward+backward so that every method's timings start from a warm allocator
         model.train()
         model(**task.calib_batches[0]).loss.backward()
         model.zero_grad(set_to_none=True)
-        plain_s = M.plain_fwd_bwd(model, task.calib_batches) if method.kind in M.DATA_DRIVEN else None
+        # the cost ratio of data-driven inits (historic suites; the evidence suites skip it to save time)
+        measure = method.kind in M.DATA_DRIVEN and "stage" not in spec
+        plain_s = M.plain_fwd_bwd(model, task.calib_batches) if measure else None
         lora_ref = M.lora_reference_params(model, task.target_modules, spec["r"])
         total_params = sum(p.numel() for p in model.parameters())
         rss_before_init = maxrss_mb()
-        torch.manual_seed(spec["seed"])
+        torch.manual_seed(spec.get("init_seed", spec["seed"]))  # PEFT's A0 draws (GoRA: GoraConfig.seed)
         with sampler.phase("init"):
-            model, info = M.build(spec["method"], task, spec)
+            model, info = M.build(spec["method"], task, build_spec)
         rss_after_init = maxrss_mb()
         trainable = M.count_trainable(model)
+        info["scalings"] = M.scalings(model) if method.kind != "full" else {}
         adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
         extra: dict[str, Any] = {}
         if method.kind == "adalora":
@@ -105,11 +117,12 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             extra["adalora_rank_total_end"] = M.adalora_rank_total(model)
             extra["adalora_update_calls"] = result.adalora_calls
         with sampler.phase("eval"), Timer() as t_eval:
-            metrics = task.evaluate(model)
+            metrics = task.evaluate(model) if not result.diverged else {task.metric_name: None, "eval_loss": None}
     finally:
         sampler.close()
     estimate_s = float(info.pop("estimate_s"))
     init_s = float(info.pop("init_s"))
+    per_example = {k: metrics.pop(k) for k in ("predictions", "correct") if k in metrics}
     record: dict[str, Any] = {
         "suite": spec["suite"],
         "task": spec["task"],
@@ -119,7 +132,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "seed": spec["seed"],
         "metric_name": task.metric_name,
         "metric": metrics[task.metric_name],
+        "eval_loss": metrics.get("eval_loss"),
         "metrics": metrics,
+        "diverged": result.diverged,
         "trainable_params": trainable,
         "adapter_params": adapter,
         "lora_adapter_params_ref": lora_ref,
@@ -152,11 +167,23 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "loss_curve": result.loss_curve,
         "info": {**info, **extra},
         "groups": spec.get("groups", []),
+        "spec": spec,
         "run_id": run_id(spec),
+        "threads": torch.get_num_threads(),
         "versions": versions(),
         "machine": machine(),
         "date": now(),
     }
+    for key in ("stage", "block", "regime", "eval_split", "epochs", "val_size", "init_seed", "lr_from"):
+        if key in spec:
+            record[key] = spec[key]
+    if "epochs" in spec:
+        record["steps_per_epoch"] = task.steps_per_epoch
+    record["eval_size"] = task.eval_size
+    record.update(per_example)
+    record["wall_s"] = time.perf_counter() - started
+    record["cpu_s"] = time.process_time() - cpu_started  # with 1 thread: the wall time on an otherwise idle core
+    record["train_cpu_s"] = result.train_cpu_s
     return record
 
 
@@ -216,6 +243,7 @@ def run_init_cost(spec: dict[str, Any]) -> dict[str, Any]:
         },
         "groups": spec.get("groups", []),
         "run_id": run_id(spec),
+        "threads": torch.get_num_threads(),
         "versions": versions(),
         "machine": machine(),
         "date": now(),

@@ -1,4 +1,6 @@
-"""The benchmark harness end to end on the `smoke` suite (tiny config-built models, a few steps), and the report."""
+"""The benchmark harness: the statistics of the evidence protocol (bootstrap, McNemar, lr selection, run ids), the
+baselines' initial functions, the random-allocation control, and the `smoke` / `evidence-smoke` suites end to end on
+tiny config-built models (a few steps), with the report."""
 
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import report, run  # noqa: E402
-from benchmarks.suites import ABLATION_METHODS, MAIN_METHODS  # noqa: E402
-from benchmarks.worker import REQUIRED_FIELDS  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from benchmarks import methods, report, run, stats, suites  # noqa: E402
+from benchmarks.suites import ABLATION_METHODS, EVIDENCE, MAIN_METHODS  # noqa: E402
+from benchmarks.worker import NOT_IN_RUN_ID, REQUIRED_FIELDS, run_id  # noqa: E402
+
+from helpers import cls_batches, make_bert  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,3 +79,262 @@ def test_report_renders_and_keeps_text_outside_its_markers(smoke_results: Path, 
     assert report.main(["--results", str(smoke_results), "--out", str(doc)]) == 0
     assert doc.read_text() == first  # idempotent, memory section untouched
     assert (doc.parent / "img" / "loss_smoke-nlu.png").is_file()
+
+
+# --- statistics ------------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_of_a_constant_difference_is_that_constant():
+    """Protects the interval's centre: identical per-example differences give a zero-width interval at that value."""
+    mean, low, high = stats.paired_bootstrap(np.full((8, 500), 1.0), n_boot=200)
+    assert mean == low == high == 1.0
+
+
+def test_bootstrap_over_examples_matches_the_normal_interval():
+    """Protects the example resampling: with one seed, the 95% interval of a mean of 0/1 differences is close to
+    mean ± 1.96·sd/√n (n = 4,000, a known case)."""
+    rng = np.random.default_rng(1)
+    d = rng.choice([-1, 0, 1], size=(1, 4000), p=[0.1, 0.75, 0.15]).astype(float)
+    mean, low, high = stats.paired_bootstrap(d, n_boot=4000, seed=2)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)
+    assert mean == pytest.approx(d.mean())
+    assert low == pytest.approx(mean - half, abs=0.15 * half) and high == pytest.approx(mean + half, abs=0.15 * half)
+
+
+def test_bootstrap_resamples_seeds_too():
+    """Protects the seed resampling: when seeds disagree (+1 on half, −1 on the other half, no example noise) the
+    interval is wide and covers 0; one value per seed (1-D) is bootstrapped over seeds alone."""
+    d = np.vstack([np.ones((4, 300)), -np.ones((4, 300))])
+    _, low, high = stats.paired_bootstrap(d, n_boot=2000)
+    assert low < -0.3 and high > 0.3
+    _, low1, high1 = stats.paired_bootstrap(np.array([1.0, -1.0] * 4), n_boot=2000)
+    assert low1 < 0 < high1
+
+
+def test_mcnemar_on_hand_computed_tables():
+    """Protects the exact test: b = 10, c = 2 gives 2·(C(12,0)+C(12,1)+C(12,2))/2^12 = 158/4096; b = 5, c = 0 gives
+    2/32; no discordant pair or b = c gives 1."""
+    assert stats.mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
+    assert stats.mcnemar_exact(2, 10) == pytest.approx(158 / 4096)
+    assert stats.mcnemar_exact(5, 0) == pytest.approx(2 / 32)
+    assert stats.mcnemar_exact(0, 0) == 1.0 and stats.mcnemar_exact(7, 7) == 1.0
+    assert stats.discordant([[1, 1, 0, 0]], [[1, 0, 1, 0]]) == (1, 1)
+
+
+def test_verdict_from_the_interval():
+    assert stats.verdict(0.001, 0.02) == "better"
+    assert stats.verdict(-0.02, -0.001) == "worse"
+    assert stats.verdict(-0.01, 0.01) == "tied" and stats.verdict(0.0, 0.01) == "tied"
+
+
+def _tune(lr, seed, metric, loss=0.5, diverged=False):
+    return {"lr": lr, "seed": seed, "metric": None if diverged else metric, "eval_loss": loss, "diverged": diverged}
+
+
+def test_select_lr_rule():
+    """Protects the lr selection rule: the best mean validation metric over the tuning seeds wins; a tie goes to the
+    lower mean validation loss, then to the smaller lr; an lr with a diverged or missing seed is not eligible."""
+    lrs, seeds = [1e-4, 1e-3, 4e-3], [0, 1]
+    recs = [_tune(1e-4, 0, 0.70), _tune(1e-4, 1, 0.72), _tune(1e-3, 0, 0.80), _tune(1e-3, 1, 0.78)]
+    recs += [_tune(4e-3, 0, 0.90), _tune(4e-3, 1, 0.0, diverged=True)]
+    choice = stats.select_lr(recs, lrs, seeds)
+    assert choice.lr == 1e-3 and choice.table[1e-3][0] == pytest.approx(0.79)
+    tie = [_tune(1e-4, s, 0.8, loss=0.40) for s in seeds] + [_tune(1e-3, s, 0.8, loss=0.45) for s in seeds]
+    assert stats.select_lr(tie, lrs[:2], seeds).lr == 1e-4
+    tie = [_tune(1e-3, s, 0.8, loss=0.4) for s in seeds] + [_tune(1e-4, s, 0.8, loss=0.4) for s in seeds]
+    assert stats.select_lr(tie, lrs[:2], seeds).lr == 1e-4
+    assert stats.select_lr([_tune(1e-4, 0, 0.9)], lrs, seeds).lr is None  # seed 1 missing
+
+
+def test_run_id_covers_every_field_that_changes_a_result():
+    """Protects resumption and pairing: every spec key but where a run is listed (groups, suite, block, lr_from) is
+    in run_id — threads, test size, max_new_tokens, epochs, lr, seeds, evaluation split included."""
+    block = EVIDENCE["evidence-nlg"][0]
+    spec = suites.main_specs("evidence-nlg", block, {})[0]
+    for key in ("threads", "test_size", "max_new_tokens", "epochs", "lr", "seed", "init_seed", "eval_split", "r"):
+        assert key in spec
+    for key, value in spec.items():
+        changed = {**spec, key: [value, "changed"]}
+        assert (run_id(changed) == run_id(spec)) == (key in NOT_IN_RUN_ID), key
+    tune = suites.tune_specs("evidence-nlu", EVIDENCE["evidence-nlu"][0])
+    assert len({run_id(s) for s in tune}) == len(tune)
+
+
+def test_tuning_seeds_are_not_main_seeds_and_controls_borrow_gora_lr():
+    for blocks in EVIDENCE.values():
+        for block in blocks:
+            assert not set(block.tune_seeds) & set(block.seeds), block.name
+            specs = suites.main_specs("x", block, {m: 1e-3 * (i + 1) for i, m in enumerate(block.tuned)})
+            for spec in specs:
+                source = block.source(spec["method"])
+                if block.tune_seeds:
+                    assert spec["lr"] == 1e-3 * (block.tuned.index(source) + 1)
+
+
+# --- methods ---------------------------------------------------------------------------------------------------------
+
+
+def _task(model):
+    from benchmarks.tasks import TaskData
+
+    batches = cls_batches(n=2, batch=4, length=10)
+    return TaskData(
+        model=model,
+        tokenizer=None,
+        train_batches=batches,
+        calib_batches=batches,
+        evaluate=lambda m: {},
+        metric_name="accuracy",
+        model_name="tiny-bert",
+        target_modules=["query", "key", "value", "dense"],
+        task_type="SEQ_CLS",
+        steps_per_epoch=2,
+        eval_size=0,
+    )
+
+
+@pytest.mark.parametrize("name", ["pissa-rs", "loraga-rs", "gora-fixed"])
+def test_baselines_with_rslora_start_at_the_base_function_with_rslora_scaling(name):
+    """Protects the matched-scaling baselines: PiSSA and LoRA-GA move s·B·A out of W0 with the rsLoRA scaling
+    s = α/√r, so the adapted model computes the base model's function at step 0. GoRA (fixed rank) does not: its B0
+    is a gradient step. Every adapted layer uses s = α/√r_i (EVA's: in the evidence smoke test)."""
+    import math
+
+    batch = cls_batches(n=1, batch=4, length=10, seed=5)[0]
+    base = make_bert(seed=1)
+    with torch.no_grad():
+        want = base(**batch).logits.clone()
+    spec = {"r": 4, "num_batches": 2, "seed": 0, "init_seed": 1000, "eva_tau": 0.5, "steps": 10}
+    torch.manual_seed(1000)
+    model, _ = methods.build(name, _task(base), spec)
+    model.eval()
+    with torch.no_grad():
+        got = model(**batch).logits
+    scale = float(want.abs().max())
+    if name == "gora-fixed":
+        assert not torch.allclose(got, want, atol=1e-4 * scale)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=0)
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    for layer in layers:
+        r = layer.r["default"]
+        assert layer.scaling["default"] == pytest.approx(methods.ALPHA / math.sqrt(r))
+
+
+def test_shuffled_ranks_permute_within_layers_of_one_shape():
+    """Protects the random-allocation control: ranks move only among layers of the same (m, n), so the multiset of
+    ranks and the parameter count Σ r·(m + n) are GoRA's; the permutation depends on the seed."""
+    shapes = {f"l{i}.q": (32, 32) for i in range(6)} | {f"l{i}.up": (64, 32) for i in range(6)}
+    ranks = {name: i + 1 for i, name in enumerate(sorted(shapes))}
+    a = methods.shuffled_ranks(ranks, shapes, seed=1)
+    b = methods.shuffled_ranks(ranks, shapes, seed=2)
+    assert a != ranks and a != b and list(a) == list(ranks)
+    for shape in ((32, 32), (64, 32)):
+        names = [n for n in shapes if shapes[n] == shape]
+        assert sorted(a[n] for n in names) == sorted(ranks[n] for n in names)
+    params = lambda rk: sum(r * sum(shapes[n]) for n, r in rk.items())  # noqa: E731
+    assert params(a) == params(ranks)
+
+
+# --- the evidence protocol end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evidence_results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evidence")
+    assert run.main(["evidence-smoke", "--out", str(out)]) == 0, (out / "evidence-smoke.errors.jsonl").read_text()
+    return out
+
+
+def test_evidence_smoke_tunes_selects_and_runs_paired_seeds(evidence_results: Path):
+    """Protects the protocol: tuning runs evaluate on the validation split, main runs on the test split at the lr
+    select_lr picks from the tuning records (controls at GoRA's), and every record keeps its per-example results and
+    its provenance."""
+    records = run.read_records(evidence_results / "evidence-smoke.jsonl")
+    base = suites.BASE["smoke-rt-sentiment"]
+    for block in EVIDENCE["evidence-smoke"]:
+        rs = [r for r in records if r["block"] == block.name]
+        tune = [r for r in rs if r["stage"] == "tune"]
+        main = [r for r in rs if r["stage"] == "main"]
+        assert len(tune) == len(block.tuned) * len(block.lrs) * len(block.tune_seeds)
+        assert len(main) == len(block.methods) * len(block.seeds)
+        for method in block.tuned:
+            choice = stats.select_lr([r for r in tune if r["method"] == method], block.lrs, block.tune_seeds)
+            for r in main:
+                if block.source(r["method"]) == method:
+                    assert r["lr"] == choice.lr, (block.name, r["method"])
+        for r in rs:
+            assert r["eval_split"] == ("val" if r["stage"] == "tune" else "test")
+            assert len(r["correct"]) == r["eval_size"] and set(r["correct"]) <= {"0", "1"}
+            assert sum(map(int, r["correct"])) / r["eval_size"] == pytest.approx(r["metric"])
+            assert r["provenance"]["commit"] and r["provenance"]["command"].startswith("python -m benchmarks.run")
+            assert r["threads"] == 1 and r["init_seed"] == r["seed"] + suites.INIT_SEED_OFFSET
+            if r["task"] == "smoke-rt-sentiment":
+                assert r["eval_size"] == (base["val_size"] if r["stage"] == "tune" else base["test_size"])
+    # matched scaling: α/√r_i for every layer of the rsLoRA-scaled methods (EVA's ranks differ by layer), α/r for LoRA
+    for r in records:
+        for rank, scale in r["info"]["scalings"].items():
+            if r["method"] in ("rslora", "eva-rs", "pissa-rs", "loraga-rs") or r["method"].startswith("gora"):
+                assert scale == pytest.approx(methods.ALPHA / int(rank) ** 0.5), (r["method"], rank)
+            elif r["method"] == "lora":
+                assert scale == pytest.approx(methods.ALPHA / int(rank))
+    assert any(len(r["info"]["scalings"]) > 1 for r in records if r["method"] == "eva-rs")
+    # paired: every method saw the same training batches for a seed (same data order), shown by equal loss at step 1
+    first = {}
+    for r in records:
+        if r["block"] == "smoke-r4" and r["stage"] == "main" and r["method"] in ("lora", "rslora", "eva-rs"):
+            first.setdefault(r["seed"], set()).add(r["loss_curve"][0][1])
+    assert all(len(v) == 1 for v in first.values())
+    assert (evidence_results / "evidence-smoke.lock.json").is_file()
+    assert (evidence_results / "evidence-smoke.freeze.txt").read_text().strip()
+
+
+def test_evidence_resume_skips_done_runs_and_refuses_another_environment(evidence_results: Path):
+    path = evidence_results / "evidence-smoke.jsonl"
+    before = path.read_text()
+    assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 0
+    assert path.read_text() == before
+    lock = evidence_results / "evidence-smoke.lock.json"
+    saved = lock.read_text()
+    try:
+        lock.write_text(saved.replace('"commit": "', '"commit": "0000'))
+        assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 2
+    finally:
+        lock.write_text(saved)
+    assert run.main(["evidence-smoke", "--out", str(evidence_results), "--threads", "2", "--blocks", "smoke-nlg"]) == 2
+    assert path.read_text() == before
+
+
+def test_report_has_a_verdict_per_regime(evidence_results: Path, tmp_path: Path):
+    doc = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(evidence_results), "--out", str(doc)]) == 0
+    text = doc.read_text()
+    assert "## Suite `evidence-smoke`" in text and "### smoke-rt-sentiment, regime r2" in text
+    assert "| GoRA vs its scaling baseline | `gora` − `rslora` |" in text and "McNemar" in text
+    assert "### Compute" in text and "### What was cut to fit this machine" in text
+    assert report.main(["--results", str(evidence_results), "--out", str(doc)]) == 0
+    assert doc.read_text() == text
+
+
+def test_results_docs_and_logs_do_not_make_the_tree_dirty():
+    """Protects resumption: appending results under benchmarks/results, regenerating docs or writing a log beside
+    the checkout does not change the locked code state (else a suite would refuse to resume after its own runs)."""
+    from benchmarks import provenance
+
+    before = provenance.git_state()
+    probes = [ROOT / "benchmarks" / "results" / "_probe.jsonl", ROOT / "_probe.log", ROOT / "docs" / "_probe.md"]
+    try:
+        for p in probes:
+            p.write_text("{}\n")
+        assert provenance.git_state() == before
+        code = ROOT / "benchmarks" / "_probe.py"
+        probes.append(code)
+        code.write_text("x = 1\n")
+        after = provenance.git_state()
+        assert after["dirty"] and after["diff_sha256"] != before["diff_sha256"]
+    finally:
+        for p in probes:
+            p.unlink(missing_ok=True)

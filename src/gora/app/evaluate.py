@@ -2,14 +2,15 @@
 
 - sequence classification: accuracy (argmax of the logits against the label) and the mean eval loss;
 - causal-LM SFT: the eval loss (mean over the learned tokens, whatever the batching) and, with
-  `--eval-metric exact_match`, exact match of the final answer (after the last `####`, else the last number;
-  numerically where both are numbers) under greedy generation, on at most `--max-eval-samples` examples (default
-  `GENERATE_CAP`).
+  `--eval-metric exact_match`, exact match of the final answer under greedy generation (after the last `####`; else,
+  for a numeric reference, the last number, and for a word reference, the first line; numerically where both are
+  numbers, else ignoring case), on at most `--max-eval-samples` examples (default `GENERATE_CAP`).
 
 Evaluation runs in eval mode with gradients off (under autocast in the model's dtype when it is bfloat16/float16, as
 training runs) and restores the model's training mode (and the tokenizer's padding side) afterwards; examples are
 batched shortest first, which changes padding, not the per-example results. Under torch.distributed every rank
 evaluates its share of the examples and the figures are combined over ranks (parallel.py), each example counted once.
+With `keep_predictions=True` the per-example predictions come back too, in the order of the input (for paired tests).
 """
 
 from __future__ import annotations
@@ -30,20 +31,31 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def evaluate_classification(model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int) -> dict:
-    """{"accuracy", "loss"} of `model` on an encoded classification set, in eval mode."""
+def evaluate_classification(
+    model: nn.Module, dataset: Sequence[dict], collator: Any, batch_size: int, *, keep_predictions: bool = False
+) -> dict:
+    """{"accuracy", "loss"} of `model` on an encoded classification set, in eval mode; with `keep_predictions`
+    also "predictions", the predicted class id of every example in the order of `dataset`."""
     correct, loss_sum, count = 0, 0.0, 0
     device = model_device(model)
-    dataset = _by_length(dataset)
+    order = _by_length(dataset)
+    predictions: list[int] = [0] * len(dataset)
     with eval_mode(model):
-        for start in range(0, len(dataset), batch_size):
-            batch = to_device(collator(list(dataset[start : start + batch_size])), device)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = to_device(collator([dataset[i] for i in chunk]), device)
             out = model(**batch)
             n = batch["labels"].shape[0]
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            predicted = out.logits.argmax(-1)
+            correct += int((predicted == batch["labels"]).sum())
             loss_sum += float(out.loss) * n
             count += n
-    return {"accuracy": correct / count, "loss": loss_sum / count}
+            for i, label in zip(chunk, predicted.tolist()):
+                predictions[i] = label
+    metrics: dict[str, Any] = {"accuracy": correct / count, "loss": loss_sum / count}
+    if keep_predictions:
+        metrics["predictions"] = predictions
+    return metrics
 
 
 @torch.no_grad()
@@ -54,16 +66,16 @@ def evaluate_sft(
     *,
     batch_size: int,
     max_new_tokens: int,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
-    """{"exact_match", "examples"}: greedy generation from each example's head; a hit when the final answer (after
-    the last `####`, else the last number) equals the example's reference answer (numerically where both are
-    numbers)."""
-    from . import assets
-
+    """{"exact_match", "examples"}: greedy generation from each example's head; a hit when the answer of the
+    generation (`answer_of`) equals the example's reference answer (numerically where both are numbers, else ignoring
+    case). With `keep_predictions` also "predictions" (the answer read from each generation, or None) and "correct"
+    (bools), in the order of `examples`."""
     device = model_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    hits, shown = 0, []
+    hits, shown, predictions, correct = 0, [], [], []
     with eval_mode(model):
         try:
             for start in range(0, len(examples), batch_size):
@@ -72,16 +84,21 @@ def evaluate_sft(
                 special = chunk[0].special_tokens
                 inputs = tokenizer(heads, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
                 output = model.generate(
-                    **inputs,
+                    input_ids=inputs[
+                        "input_ids"
+                    ],  # not token_type_ids (BERT-style tokenizers): causal LMs refuse them
+                    attention_mask=inputs["attention_mask"],
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                 )
                 texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 for example, text in zip(chunk, texts):
-                    predicted = assets.final_answer(text)
+                    predicted = answer_of(text, example.answer)
                     hit = _same_answer(predicted, example.answer)
                     hits += hit
+                    predictions.append(predicted)
+                    correct.append(hit)
                     if len(shown) < 3:
                         shown.append(
                             {
@@ -94,7 +111,10 @@ def evaluate_sft(
                         )
         finally:
             tokenizer.padding_side = side
-    return {"exact_match": hits / len(examples), "examples": shown}
+    metrics: dict[str, Any] = {"exact_match": hits / len(examples), "examples": shown}
+    if keep_predictions:
+        metrics.update(predictions=predictions, correct=correct)
+    return metrics
 
 
 @torch.no_grad()
@@ -103,10 +123,10 @@ def evaluate_loss(model: nn.Module, dataset: Sequence[dict], collator: Any, batc
     eval mode: the same whatever the batching (each batch's mean weighted by its learned tokens)."""
     device = model_device(model)
     loss_sum, tokens = 0.0, 0
-    dataset = _by_length(dataset)
+    order = _by_length(dataset)
     with eval_mode(model):
-        for start in range(0, len(dataset), batch_size):
-            batch = to_device(collator(list(dataset[start : start + batch_size])), device)
+        for start in range(0, len(order), batch_size):
+            batch = to_device(collator([dataset[i] for i in order[start : start + batch_size]]), device)
             n = learned_tokens(batch["labels"].tolist())
             loss_sum += float(model(**batch).loss) * n
             tokens += n
@@ -119,9 +139,29 @@ def learned_tokens(labels: Sequence[Sequence[int]]) -> int:
     return sum(sum(1 for label in row[1:] if label != -100) for row in labels)
 
 
-def _by_length(dataset: Sequence[dict]) -> list[dict]:
-    """The examples shortest first, so evaluation batches carry little padding (per-example results are unchanged)."""
-    return sorted(dataset, key=lambda ex: len(ex["input_ids"]))
+def _by_length(dataset: Sequence[dict]) -> list[int]:
+    """Indices of the examples, shortest first, so evaluation batches carry little padding (per-example results are
+    unchanged)."""
+    return sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def answer_of(text: str, reference: str | None) -> str | None:
+    """The answer a generation gives: what follows the last `####`, else, for a numeric (or missing) reference, the
+    last number in the text (`assets.final_answer`), and for a word reference the first non-empty line."""
+    from . import assets
+
+    if "####" in text or reference is None or _is_number(reference.strip().rstrip(".")):
+        return assets.final_answer(text)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else None
 
 
 def _same_answer(predicted: str | None, reference: str | None) -> bool:
@@ -131,7 +171,7 @@ def _same_answer(predicted: str | None, reference: str | None) -> bool:
     try:
         return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
     except ValueError:
-        return a == b
+        return a.casefold() == b.casefold()
 
 
 def headline_metric(data: DataConfig, train: TrainConfig) -> str:
