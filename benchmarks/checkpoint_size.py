@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.init_overhead import git_commit
-from benchmarks.measure import machine, now, versions
+from benchmarks.measure import stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["-q", "--r", "8", "--num-batches", "2", "--max-steps", "1", "--save-strategy", "steps", "--save-steps", "1"]
@@ -70,10 +69,7 @@ def main() -> None:
         runs = {name: measure(name, options, Path(tmp)) for name, options in CASES.items()}
     result = {
         "benchmark": "checkpoint_size",
-        "date": now(),
-        "machine": machine(),
-        "versions": versions(),
-        "git": git_commit(),
+        **stamp(),
         "common_options": COMMON,
         "runs": runs,
     }

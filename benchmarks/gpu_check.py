@@ -274,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     global DEVICE
     DEVICE = args.device
     sys.path.insert(0, str(ROOT))
-    from benchmarks.init_overhead import git_commit
-    from benchmarks.measure import machine, now, versions
+    from benchmarks.measure import stamp
 
     checks: dict[str, Callable[[Path], dict[str, Any]]] = {
         "cuda": lambda work: cuda(),
@@ -312,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "what": "gora finetune bf16 / fp16 / 4-bit paths on one GPU (benchmarks/gpu_check.py)",
         "results": results,
-        "machine": machine(),
-        "versions": versions(),
-        "date": now(),
-        "git": git_commit(),
+        **stamp(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -158,8 +158,7 @@ def main() -> int:
 
     import torch
 
-    from .init_overhead import git_commit
-    from .measure import machine, now, versions
+    from .measure import stamp
 
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -202,10 +201,8 @@ def main() -> int:
         "note": args.note,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else None,
-        "git": git_commit(),
-        "versions": {**versions(), "cuda": torch.version.cuda},
-        "machine": machine(),
-        "date": now(),
+        **stamp(),
+        "cuda": torch.version.cuda,
     }
     if args.dry_run:
         print("dry run on the CPU: every configuration ran; nothing written")

@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from .init_overhead import git_commit
-from .measure import machine, now, versions
+from .measure import stamp
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hook_route.json"  # a list of runs (not *.jsonl: no suite)
 
@@ -128,10 +127,7 @@ def main() -> int:
         "setting": {"batches": args.batches, "repeats": args.repeats, "threads": args.threads},
         "rows": rows,
         "note": args.note,
-        "git": git_commit(),
-        "versions": versions(),
-        "machine": machine(),
-        "date": now(),
+        **stamp(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(args.out.read_text()) if args.out.is_file() else []

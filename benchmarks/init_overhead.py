@@ -24,30 +24,16 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .measure import machine, now, versions
+from .measure import stamp
 
 RESULTS = Path(__file__).resolve().parent / "results" / "init_overhead.jsonl"
 TARGETS = ["query", "key", "value", "dense"]
-
-
-def git_commit() -> dict[str, Any]:
-    """The checkout's commit and whether the working tree differs from it."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
 def batches(n: int, batch_size: int, length: int) -> tuple[Any, list[dict[str, torch.Tensor]]]:
@@ -170,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_paired_ratio_median": paired,
         "load_avg_1m": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "note": args.note,
-        "git": git_commit(),
-        "versions": versions(),
-        "machine": machine(),
-        "date": now(),
+        **stamp(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as handle:

@@ -125,3 +125,10 @@ def machine() -> dict[str, Any]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def stamp() -> dict[str, Any]:
+    """What every benchmark record carries: the code ({"commit", "dirty"}), the versions, the machine, the date."""
+    from .provenance import git_commit
+
+    return {"git": git_commit(), "versions": versions(), "machine": machine(), "date": now()}

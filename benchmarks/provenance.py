@@ -130,3 +130,13 @@ def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None
             f"{lock_path} was started under another code version or environment ({'; '.join(diffs)}){hint}: "
             f"resume from that commit and environment, or start a new results folder with --out"
         )
+
+
+def git_commit() -> dict[str, Any]:
+    """{"commit", "dirty"} of the checkout the benchmark runs from (results, docs and logs are not code, as for
+    the lock); None for both outside a git checkout."""
+    try:
+        state = git_state()
+    except (OSError, RuntimeError):
+        return {"commit": None, "dirty": None}
+    return {"commit": state["commit"], "dirty": state["dirty"]}

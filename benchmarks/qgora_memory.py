@@ -301,8 +301,7 @@ def main() -> int:
         print(table(json.loads(args.out.read_text())))
         return 0
 
-    from .init_overhead import git_commit
-    from .measure import machine, now, versions
+    from .measure import stamp
 
     runs = [(w, args.batch, k) for w in map(int, args.widths.split(",")) for k in args.kinds.split(",")]
     runs = [(w, b, k) for w, b, k in runs if not (k == "full" and w > args.full_max_width)]
@@ -345,10 +344,7 @@ def main() -> int:
         "rows": rows,
         "projections": projections(),
         "note": args.note,
-        "git": git_commit(),
-        "versions": versions(),
-        "machine": machine(),
-        "date": now(),
+        **stamp(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
