@@ -191,6 +191,37 @@ def test_4bit_base_is_qgora(folders, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
+def test_8bit_base_trains_lora_over_linear8bitlt(folders, tmp_path):
+    """Protects --load-in-8bit: the linear layers are loaded in bitsandbytes LLM.int8, GoRA estimates through the
+    module hooks, training works, and the adapter loads in plain PEFT onto a base transformers quantized the same way
+    (PEFT's 8-bit LoRA layers), computing what the run's final evaluation saw (its eval loss)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from gora.app.data import load_task
+    from gora.app.evaluate import evaluate_loss
+    from gora.app.runfolder import load_run_config
+
+    out = tmp_path / "q8"
+    argv = ["finetune", *FAST, *_sft(folders, "llama64"), "--target-modules", "q_proj", "v_proj", "--max-steps", "2"]
+    assert main([*argv, "--load-in-8bit", "--output-dir", str(out)]) == 0
+    _, data, train, _ = load_run_config(out / "config.yaml")
+    task = load_task(data, train, None)
+    assert isinstance(task.model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    base = AutoModelForCausalLM.from_pretrained(
+        folders["llama64"], quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
+    reloaded = PeftModel.from_pretrained(base, out / "adapter")
+    assert isinstance(reloaded.get_base_model().model.layers[0].self_attn.q_proj, LoraLinear8bitLt)
+    report = json.loads((out / "report.json").read_text())
+    loss = evaluate_loss(reloaded, task.eval_set, task.collator, train.eval_batch_size)
+    assert loss == pytest.approx(report["metrics"]["after"]["loss"], rel=1e-5)
+    assert main([*argv, "--load-in-8bit", "--load-in-4bit", "--output-dir", str(tmp_path / "both")]) == 2
+    assert not (tmp_path / "both").exists()
+
+
 def test_report_to_tensorboard(folders, tmp_path):
     """Protects --report-to: the Trainer's TensorBoard integration writes its event file into <output>/logs."""
     pytest.importorskip("tensorboard")

@@ -574,13 +574,13 @@ def _hub_message(model_id: str, err: BaseException) -> str:
     )
 
 
-def check_bitsandbytes() -> None:
-    """Raise UsageError unless bitsandbytes (the 4-bit backend of --load-in-4bit) can be imported."""
+def check_bitsandbytes(option: str = "--load-in-4bit") -> None:
+    """Raise UsageError unless bitsandbytes (the backend of --load-in-4bit / --load-in-8bit) can be imported."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
         raise UsageError(
-            "--load-in-4bit needs bitsandbytes, which is not installed: pip install 'gora-peft[quant]' (or "
+            f"{option} needs bitsandbytes, which is not installed: pip install 'gora-peft[quant]' (or "
             "pip install bitsandbytes)"
         ) from err
 
@@ -692,8 +692,8 @@ def load_task(
     model_path = data.model if data.model is not None else (preset.model() if preset else None)
     if model_path is None:
         raise UsageError("no model: pass --model (a local transformers folder) or a --preset")
-    if data.load_in_4bit:
-        check_bitsandbytes()
+    if data.load_in_4bit or data.load_in_8bit:
+        check_bitsandbytes("--load-in-4bit" if data.load_in_4bit else "--load-in-8bit")
     check_precision(data, device)
     model_config = check_model(model_path, data.task)
     train_rows, eval_rows, sources = load_rows(data, preset, train.train_seed)
@@ -773,7 +773,8 @@ def _load_tokenizer(path: str, task: Task) -> Any:
 
 def _load_model(path: str, data: DataConfig, model_config: Any, labels: Any, device: Any) -> nn.Module:
     """The model in `data.dtype` on `device`; with `data.load_in_4bit` its linear layers in bitsandbytes NF4
-    (compute dtype `data.dtype`), loaded straight onto `device` as bitsandbytes requires."""
+    (compute dtype `data.dtype`), with `data.load_in_8bit` in LLM.int8, loaded straight onto `device` as
+    bitsandbytes requires."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -785,6 +786,11 @@ def _load_model(path: str, data: DataConfig, model_config: Any, labels: Any, dev
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
+        kwargs["device_map"] = {"": device}
+    elif data.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
     if data.task == "sft":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -803,7 +809,7 @@ def _load_model(path: str, data: DataConfig, model_config: Any, labels: Any, dev
             model.config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id or 0
     if data.load_in_4bit:
         _keep_4bit_trainable(model, device)
-    else:
+    elif not data.load_in_8bit:
         model.to(device)
     return model
 

@@ -61,6 +61,13 @@ class DataConfig:
             "pip install 'gora-peft[quant]')"
         },
     )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "load the model's linear layers in 8-bit (LLM.int8) with bitsandbytes "
+            "(pip install 'gora-peft[quant]')"
+        },
+    )
     task: Task = field(
         default="classification",
         metadata={
@@ -136,6 +143,10 @@ class DataConfig:
             value = getattr(self, name)
             _check(value is None or value > 0, f"{name} must be a positive integer (or unset), got {value}")
         _check(self.num_labels is None or self.num_labels >= 2, "num_labels must be >= 2 for classification")
+        _check(
+            not (self.load_in_4bit and self.load_in_8bit),
+            "load_in_4bit and load_in_8bit both set: choose one quantization of the base model",
+        )
 
 
 @dataclass(frozen=True)

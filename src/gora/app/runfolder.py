@@ -84,6 +84,7 @@ RESUME_FIXED: dict[str, str] = {
     "model": "it is the base model the adapter is trained on",
     "dtype": "it sets the precision of the base model's weights and of training's mixed precision",
     "load_in_4bit": "it sets the base model the adapter is trained on (its 4-bit quantization)",
+    "load_in_8bit": "it sets the base model the adapter is trained on (its 8-bit quantization)",
     "task": "it is the task the adapter is trained for",
     **dict.fromkeys(("train_file", "eval_file", "eval_fraction", "max_train_samples", "max_eval_samples"), _EXAMPLES),
     **dict.fromkeys(
