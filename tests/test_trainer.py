@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -183,3 +184,40 @@ def test_refusals_leave_the_trainer_as_it_was(tmp_path):
     )
     with pytest.raises(ValueError, match="no peft_config"):
         gora.prepare_trainer(with_peft, _config(), show_progress=False)
+
+
+def test_two_processes_estimate_on_their_shards_and_equal_one_process_over_both(tmp_path):
+    """Property: under torchrun (2 gloo processes, the process group started by the Trainer's own arguments) each
+    rank estimates on its own shard of the trainer's batches, the statistics are summed once, so both ranks build the
+    same adapter (bit for bit) and it equals one process run over both ranks' batches (A0 exactly, B0 up to float
+    rounding); DDP then trains it identically on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _trainer_worker import NUM_BATCHES, config, make_model
+
+    worker = Path(__file__).with_name("_trainer_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["world"] == 2 and ranks[0]["num_batches"] == ranks[1]["num_batches"] == 2 * NUM_BATCHES
+    for key in ranks[0]["init"]:  # same code on the same all-reduced sums: bit for bit
+        assert torch.equal(ranks[0]["init"][key], ranks[1]["init"][key]), key
+        assert torch.equal(ranks[0]["trained"][key], ranks[1]["trained"][key]), key
+    assert ranks[0]["batches"][0]["input_ids"].shape != ranks[1]["batches"][0]["input_ids"].shape or not torch.equal(
+        ranks[0]["batches"][0]["input_ids"], ranks[1]["batches"][0]["input_ids"]
+    ), "the ranks should estimate on different shards"
+    batches = [b for rank in ranks for b in rank["batches"][:NUM_BATCHES]]
+    single_config = dataclasses.replace(config(), num_batches=2 * NUM_BATCHES, lora_kwargs={"task_type": "CAUSAL_LM"})
+    single = gora.get_gora_model(make_model(), single_config, batches, show_progress=False)
+    expected = {k: v for k, v in single.named_parameters() if "lora_" in k}
+    assert expected.keys() == ranks[0]["init"].keys()
+    for key, value in expected.items():
+        if "lora_A" in key:
+            assert torch.equal(ranks[0]["init"][key], value), key  # drawn from (seed, name) by the same generator
+        else:
+            assert_close(ranks[0]["init"][key], value.detach(), rtol=1e-4, msg=key)  # other summation order
