@@ -105,6 +105,7 @@ def test_finetune_prints_the_summary(bert_dir, cls_file, tmp_path, capsys):
     assert "accuracy: before training" in text and "after training" in text
     assert "vs LoRA at r" in text and "time: load" in text and f"folder {out}" in text
     assert "attention.self.query" in text  # the rank table
+    assert "'loss'" not in text  # -q: the Trainer's log lines are in report.json, not printed
     deploy = text[text.index("deploy:") :]
     assert f"PEFT -> {out / 'adapter'}" in deploy and f"vLLM and llama.cpp -> {out / 'adapter-serving'}" in deploy
     assert "vLLM: NOT servable: modules_to_save" in deploy  # a classification head

@@ -780,6 +780,10 @@ def _trainer(
         # Off, the Trainer divides by the accumulation steps and DDP averages the ranks' means: the mean over the
         # global batch. (Causal LMs do use num_items_in_batch: the loss is then the mean over all learned tokens.)
         trainer.model_accepts_loss_kwargs = False
+    if not show_progress:  # -q: without tqdm the Trainer prints every log dict instead; the report keeps them
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     return trainer
 
 
