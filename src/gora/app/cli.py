@@ -234,6 +234,8 @@ def _setup_logging(quiet: bool, main_rank: bool = True) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        if quiet or not main_rank:  # also the "Loading weights" bar of from_pretrained
+            transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
 
