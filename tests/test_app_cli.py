@@ -522,6 +522,7 @@ def bad_serving_inputs(tmp_path_factory, llama_dir):
     BertForSequenceClassification(bert_config(2, hidden_size=48, intermediate_size=96)).save_pretrained(
         folder / "wide"
     )
+    save_bert(folder / "other-weights", seed=1)  # the gora_run base's architecture and shapes, other weights
     return folder
 
 
@@ -541,6 +542,10 @@ BAD_SERVING = {  # name: (argv with {dir}, {run}, {llama}, expected text in the 
         "does not match",
     ),
     "merge: base of other sizes": (["merge", "--adapter", "{run}/adapter", "--base", "{dir}/wide"], "does not match"),
+    "merge: base of other weights": (
+        ["merge", "--adapter", "{run}/adapter", "--base", "{dir}/other-weights"],
+        "not the base model the adapter was made on",
+    ),
     "merge: non-empty output folder": (["merge", "--adapter", "{run}/adapter", "--out", "{dir}/full"], "--overwrite"),
 }
 

@@ -177,6 +177,28 @@ def test_merge_and_unload_gives_the_same_outputs_and_leaves_no_adapter():
     )
 
 
+def test_record_refuses_another_base_with_the_same_shapes(tmp_path):
+    """The saved record identifies the base the adapter was made on: the same checkpoint passes in any dtype (values
+    compared rounded to bfloat16), before or after PEFT wraps it; other weights of the same shapes are refused, and a
+    record without the base (an older gora) says it cannot tell."""
+    config = GoraConfig(target_modules=LLAMA_TARGETS, num_batches=2)
+    peft_model = gora.get_gora_model(make_llama(), config, lm_batches(2), show_progress=False)
+    peft_model.save_pretrained(tmp_path)
+    record = gora.GoraRecord.load(tmp_path)
+    assert len(record.base_model["modules"]) == 4 and record.base_model["quantized"] is False
+    assert record.check_base(make_llama()) and record.check_base(make_llama().to(torch.bfloat16))
+    assert record.check_base(peft_model)  # a PeftModel: its base layers are read
+    with pytest.raises(ValueError, match="not the base model the adapter was made on"):
+        record.check_base(make_llama(seed=1))
+    nudged = make_llama()
+    with torch.no_grad():  # one recorded value moved by more than bfloat16 rounding
+        nudged.get_submodule(record.base_model["modules"][-1]).weight[0, 0] += 0.05
+    with pytest.raises(ValueError, match="differ"):
+        record.check_base(nudged)
+    record.base_model = {}
+    assert record.check_base(make_llama(seed=1)) is False
+
+
 def test_base_weights_are_never_modified():
     model = make_llama()
     reference = {k: v.clone() for k, v in make_llama().state_dict().items()}

@@ -29,7 +29,7 @@ from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
 from .qlayers import bnb_kind
 from .record import GoraRecord
-from .stats import GradientStats
+from .stats import GradientStats, base_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def build_gora_model(
         )
     weights = init_gora_weights(stats, allocation, unit_gamma_config(config) if auto else config)  # auto: B0 at γ=1
     lora_config = make_lora_config(config, allocation, stats)
+    base_model = base_fingerprint(model, list(allocation.adapted))  # before PEFT wraps the targets
     init_s = time.perf_counter() - start
     base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if auto else 0.0  # L(0)
     with _quantized_flags(model):  # PEFT's bnb LoRA layers for bitsandbytes bases
@@ -109,7 +110,7 @@ def build_gora_model(
     timings = {**(timings or {}), "init_s": (timings or {}).get("init_s", 0.0) + init_s}
     if auto:
         timings["gamma_s"] = time.perf_counter() - start - init_s  # L(0) and the search, with PEFT's wrapping
-    record = make_record(config, stats, allocation, timings)
+    record = make_record(config, stats, allocation, timings, base_model=base_model)
     if search is not None:
         search.apply_to(record)
     attach_record(peft_model, record, adapter_name)
@@ -261,7 +262,12 @@ def build_estimated(model: nn.Module, config: GoraConfig, estimated: Estimated, 
 
 
 def make_record(
-    config: GoraConfig, stats: GradientStats, allocation: Allocation, timings: dict[str, float] | None = None
+    config: GoraConfig,
+    stats: GradientStats,
+    allocation: Allocation,
+    timings: dict[str, float] | None = None,
+    *,
+    base_model: dict[str, Any] | None = None,
 ) -> GoraRecord:
     shapes = stats.shapes
     return GoraRecord(
@@ -280,6 +286,7 @@ def make_record(
         gamma=config.gamma,
         timings_s=dict(timings or {}),
         extra={"estimation": dict(stats.info)} if stats.info else {},
+        base_model=dict(base_model or {}),
     )
 
 

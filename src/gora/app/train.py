@@ -981,6 +981,7 @@ def merge_adapter(
     model = loader.from_pretrained(base, **kwargs)
     if peft_config.peft_type == PeftType.LORA and (Path(adapter) / "adapter_model.safetensors").is_file():
         _check_base_fits(model, adapter, base)
+    _check_base_weights(model, adapter, base)
     try:
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as err:  # what PEFT raises for a base it cannot load the adapter on
@@ -1024,6 +1025,27 @@ def _check_base_fits(model: nn.Module, adapter: str, base: str) -> None:
         raise UsageError(
             f"base model {base!r} does not match the adapter {adapter!r}: {'; '.join(problems[:2])}{more}. Pass "
             "--base, the folder of the model the adapter was made on"
+        )
+
+
+def _check_base_weights(model: nn.Module, adapter: str, base: str) -> None:
+    """The base's weights are those the GoRA adapter was made on (`GoraRecord.check_base`), where it can tell.
+
+    Raises:
+        UsageError: they differ (nothing is written).
+    """
+    if not (Path(adapter) / RECORD_NAME).is_file():
+        logger.info("%s has no %s: the base model's weights are not checked, only its shapes", adapter, RECORD_NAME)
+        return
+    try:
+        checked = GoraRecord.load(adapter).check_base(model)
+    except ValueError as err:
+        raise UsageError(f"{err} (base model {base!r}, adapter {adapter!r}): pass --base, its folder") from err
+    if not checked:
+        logger.warning(
+            "the base model's weights are not checked against the adapter's record (it was made on a quantized base "
+            "or by an older gora): make sure %r is the model the adapter was made on",
+            base,
         )
 
 
