@@ -274,3 +274,17 @@ def test_failure_before_training_leaves_no_folder(options, tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         _run(["finetune", *options, "--output-dir", str(tmp_path / "run")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_checkpoints_every_save_steps_and_every_epoch_end(options, tmp_path):
+    """Protects what a run killed outright (SIGKILL, power loss) can lose under the default --save-strategy auto: at
+    most min(--save-steps, one epoch) steps. 14 steps over 11-step epochs with --save-steps 4: checkpoints at
+    4, 8, 12 (every 4 steps), 11 (the epoch's end) and 14 (the last step), each written once."""
+    argv = [o for o in options if o != "--save-strategy" and o != "steps"]
+    argv[argv.index("--max-steps") + 1] = "14"
+    out = tmp_path / "run"
+    assert _run(["finetune", *argv, "--save-total-limit", "none", "--output-dir", str(out)])[0] == 0
+    steps = sorted(int(name.split("-")[1]) for name in _checkpoints(out))
+    assert steps == [4, 8, 11, 12, 14]
+    history = json.loads((out / "checkpoints/checkpoint-14/trainer_state.json").read_text())
+    assert history["global_step"] == 14 and history["epoch"] > 1

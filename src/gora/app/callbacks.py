@@ -108,7 +108,24 @@ class GracefulStop(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.signum is not None and self._saved_step == state.global_step:
-            control.should_save = False  # save_strategy="epoch" would write this step's checkpoint a second time
+            control.should_save = False  # "epoch" / "auto" would write this step's checkpoint a second time
+        return control
+
+
+class EpochEndSave(TrainerCallback):
+    """--save-strategy auto: the Trainer saves every `save_steps` steps (its "steps" strategy, which also saves the
+    last step); this adds a checkpoint at the end of every epoch that does not end on a saved step. So a run killed
+    outright (SIGKILL, power loss) loses at most min(save_steps, one epoch) steps, for short and long epochs alike."""
+
+    def __init__(self) -> None:
+        self._saved_step = -1
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._saved_step = state.global_step
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._saved_step != state.global_step:
+            control.should_save = True
         return control
 
 

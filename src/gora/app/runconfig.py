@@ -193,11 +193,14 @@ class TrainConfig:
             "pip install tensorboard) (default: none)"
         },
     )
-    save_strategy: Literal["no", "steps", "epoch"] = field(
-        default="epoch",
-        metadata={"help": "when to write Trainer checkpoints (under checkpoints/; Ctrl-C writes one in any case)"},
+    save_strategy: Literal["auto", "no", "steps", "epoch"] = field(
+        default="auto",
+        metadata={
+            "help": "when to write Trainer checkpoints (under checkpoints/): auto = every --save-steps steps and at "
+            "the end of every epoch; Ctrl-C / SIGTERM writes one in any case"
+        },
     )
-    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps with --save-strategy steps"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (--save-strategy auto or steps)"})
     save_total_limit: int | None = field(
         default=2,
         metadata={

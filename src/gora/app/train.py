@@ -43,7 +43,7 @@ from ..export import DTYPES, export_adapter
 from ..fileio import staged_folder
 from ..model import attach_record
 from ..record import RECORD_NAME, GoraRecord
-from .callbacks import GracefulStop, SignalStop, StatusCallback, signal_name
+from .callbacks import EpochEndSave, GracefulStop, SignalStop, StatusCallback, signal_name
 from .data import TaskData, UsageError, load_task
 from .evaluate import evaluate, headline_metric
 from .parallel import launched, on_main, same_on_all_ranks, shard
@@ -488,7 +488,8 @@ def _train_stage(
             log_history = json.loads((checkpoint / TRAINER_STATE).read_text())["log_history"]
             step = total = start_step
         else:
-            trainer = _trainer(peft_model, task, data, train, run, show_progress, [stop, StatusCallback(run)])
+            callbacks = [stop, StatusCallback(run), *([EpochEndSave()] if train.save_strategy == "auto" else [])]
+            trainer = _trainer(peft_model, task, data, train, run, show_progress, callbacks)
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             log_history = list(trainer.state.log_history)
             step, total = trainer.state.global_step, trainer.state.max_steps
@@ -726,7 +727,7 @@ def _training_arguments(train: TrainConfig, folder: Path, show_progress: bool, d
         **warmup,
         lr_scheduler_type=train.lr_scheduler,
         logging_steps=train.logging_steps,
-        save_strategy=train.save_strategy,
+        save_strategy="steps" if train.save_strategy == "auto" else train.save_strategy,  # auto: + EpochEndSave
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         seed=train.train_seed,
