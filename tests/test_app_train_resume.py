@@ -229,6 +229,9 @@ def test_failure_after_training_keeps_the_trained_adapter(eval_failed, reference
     out = tmp_path / "run"
     shutil.copytree(failed, out)
     adapter, checkpoints = _files(out / "adapter"), _files(out / "checkpoints")
+    (out / ".adapter-serving.partial-k1ll3d").mkdir()  # what a kill during the final writes leaves (fileio)
+    (out / ".adapter-serving.partial-k1ll3d" / "adapter_config.json").write_text("{")
+    (out / ".report.k1ll3d.tmp.json").write_text("{")
     allowed = ["--eval-batch-size", "8", "--threads", "1", "--logging-steps", "2", "--save-total-limit", "1"]
     assert _run(["finetune", "--resume", str(out), *allowed, "-q"])[0] == 0
     assert _files(out / "adapter") == adapter and _files(out / "checkpoints") == checkpoints  # no training
@@ -236,6 +239,7 @@ def test_failure_after_training_keeps_the_trained_adapter(eval_failed, reference
     assert report["sessions"] == 2 and set(report["metrics"]) == {"before", "init", "after"}
     assert report["config"]["train"]["eval_batch_size"] == 8
     assert _status(out)["state"] == "finished"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the cut-off writes were removed
 
 
 def test_resume_refuses_options_that_change_the_result(eval_failed, tmp_path):

@@ -271,6 +271,14 @@ class RunFolder:
         complete = set(self.checkpoint_steps().values())
         return sorted(p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p not in complete)
 
+    def cut_off_writes(self) -> list[Path]:
+        """What a write cut off by a kill leaves in the run folder: a staged folder (`.adapter.partial-*`, see
+        `gora.fileio.staged_folder`) or an atomic file's temporary (`.report.*.tmp.json`). Never part of a result;
+        a resume removes them once it knows the run is not running."""
+        return sorted(
+            p for p in self.path.iterdir() if p.name.startswith(".") and (".partial-" in p.name or ".tmp" in p.name)
+        )
+
     def relative(self, path: Path | None) -> str | None:
         return None if path is None else str(path.relative_to(self.path))
 

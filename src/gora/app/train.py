@@ -328,6 +328,12 @@ def resume_finetune(
         for folder in run.incomplete_checkpoints():
             logger.warning("removing %s: a checkpoint whose writing was cut off (no %s)", folder, TRAINER_STATE)
             shutil.rmtree(folder)
+        for path in run.cut_off_writes():
+            logger.warning("removing %s: left by a write that was cut off", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         run.update_progress(sessions=progress.get("sessions", 1) + 1)
 
     on_main(start_session, "starting the resumed session")
