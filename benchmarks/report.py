@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import METHODS
-from .report_evidence import evidence_section
+from .report_evidence import discussion, evidence_section
 from .suites import (
     ABLATION_METHODS,
     BASE,
@@ -525,6 +525,8 @@ def render(results: Path, img_dir: Path, doc: Path) -> str:
     evidence = [s for s in EVIDENCE if s in data]
     for suite in evidence:
         lines += evidence_section(suite, data[suite])
+    if evidence:
+        lines += discussion()
     historic = {s: rows for s, rows in data.items() if s not in EVIDENCE}
     if evidence and historic:
         lines += [

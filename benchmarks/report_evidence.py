@@ -6,7 +6,8 @@ Per suite: the setting and protocol, provenance, and per regime (records paired 
   each a paired bootstrap 95% interval of the difference (seeds and test examples resampled together), a verdict
   (better / tied / worse), and McNemar's exact test on the discordant examples pooled over the paired seeds;
 - the tuning table (mean validation metric per lr, the chosen one marked);
-then the compute each block cost, what was cut to fit the machine, and the discussion (`notes_evidence.md`).
+then the compute each block cost and what was cut to fit the machine; after the last suite, once, the discussion
+(`notes_evidence.md`, `discussion`).
 """
 
 from __future__ import annotations
@@ -339,6 +340,9 @@ def evidence_section(suite: str, records: list[Record]) -> list[str]:
     out += ["### Compute", "", *compute_table(records, blocks), ""]
     cuts = [b.note for b in blocks if b.note]
     out += ["### What was cut to fit this machine", "", *[f"- {c}" for c in PROTOCOL_CUTS + cuts], ""]
-    if NOTES.is_file():
-        out += [NOTES.read_text().strip(), ""]
     return out
+
+
+def discussion() -> list[str]:
+    """The hand-written discussion of all evidence suites (`notes_evidence.md`), once after the last of them."""
+    return [NOTES.read_text().strip(), ""] if NOTES.is_file() else []
