@@ -285,7 +285,9 @@ def evidence_section(suite: str, records: list[Record]) -> list[str]:
     blocks = list(_blocks(suite).values())
     tests = sorted({r["eval_size"] for r in records if r.get("stage") == "main" and r.get("eval_size")})
     out = [
-        f"## Suite `{suite}`: learning rate tuned per method, paired seeds",
+        f"## Suite `{suite}`: "
+        + ("learning rate tuned per method" if any(b.tune_seeds for b in blocks) else "one fixed lr per method")
+        + ", paired seeds",
         "",
         f"Model: {', '.join(sorted({r['model'] for r in records}))}. Reproduce: `python -m benchmarks.run {suite} && python -m benchmarks.report` "
         "(resumable; one command runs tuning, lr selection and the main runs).",
