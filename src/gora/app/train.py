@@ -552,52 +552,62 @@ def _stopped_in_training(
 ) -> RunStopped:
     """Mark the run interrupted (a signal: stopped at once) or failed (an error) during `what` (training, or
     writing the trained adapter), and say which checkpoint a resume continues from."""
-    import traceback
-
     at = f"step {step} of {total}" if total else f"step {step}"
     last = run.last_checkpoint()
     resume_from = f"checkpoint {last}" if last is not None else "step 0 (no checkpoint was written yet)"
-    if isinstance(err, KeyboardInterrupt):
-        signum = err.signum if isinstance(err, SignalStop) else signal.SIGINT
-        again = "a second " if stop.signum is not None else ""
-        message = (
-            f"stopped at once by {again}{signal_name(signum)} at {at}; nothing was deleted; a resume continues from "
-            f"{resume_from}: {run.resume_command()}"
-        )
-        run.update_status(state=INTERRUPTED, step=step, message=message)
-        return RunStopped(message, 128 + signum)
-    message = (
-        f"{what} failed at {at} ({first_line(err)}); the step-0 adapter and the checkpoints in {run.path} are kept; "
-        f"once the cause is fixed, resume from {resume_from} with: {run.resume_command()} (traceback in "
-        f"{run.path / STATUS})"
+    again = "a second " if stop.signum is not None else ""
+    return _run_stopped(
+        run,
+        err,
+        on_signal=lambda name: (
+            f"stopped at once by {again}{name} at {at}; nothing was deleted; a resume continues from {resume_from}: "
+            f"{run.resume_command()}"
+        ),
+        on_error=(
+            f"{what} failed at {at} ({first_line(err)}); the step-0 adapter and the checkpoints in {run.path} are "
+            f"kept; once the cause is fixed, resume from {resume_from} with: {run.resume_command()} (traceback in "
+            f"{run.path / STATUS})"
+        ),
+        step=step,
     )
-    run.update_status(
-        state=FAILED, step=step, message=message, error=first_line(err), traceback=traceback.format_exc()
-    )
-    return RunStopped(message, 1)
 
 
 def _stopped_after_training(run: RunFolder, what: str, err: BaseException) -> RunStopped:
     """Mark a run whose training finished (the adapter is written) interrupted or failed during `what`."""
+    again = "to evaluate and write the report"
+    return _run_stopped(
+        run,
+        err,
+        on_signal=lambda name: (
+            f"stopped by {name} during {what}, after training finished; the trained adapter is safe in "
+            f"{run.adapter}; resume with: {run.resume_command()} ({again})"
+        ),
+        on_error=(
+            f"training finished but {what} failed ({first_line(err)}); the trained adapter is safe in {run.adapter}; "
+            f"once the cause is fixed, resume with: {run.resume_command()} ({again}; traceback in {run.path / STATUS})"
+        ),
+        adapter_safe=True,
+    )
+
+
+def _run_stopped(
+    run: RunFolder, err: BaseException, on_signal: Callable[[str], str], on_error: str, **status: Any
+) -> RunStopped:
+    """Record in status.json how the run stopped and return the RunStopped to raise: a signal (KeyboardInterrupt,
+    SignalStop) marks it interrupted, exit status 128 + the signal number, message `on_signal(signal name)`; any
+    other error marks it failed, exit status 1, with the error's first line and traceback. `status`: further
+    status.json fields."""
     import traceback
 
-    again = "to evaluate and write the report"
     if isinstance(err, KeyboardInterrupt):
         signum = err.signum if isinstance(err, SignalStop) else signal.SIGINT
-        message = (
-            f"stopped by {signal_name(signum)} during {what}, after training finished; the trained adapter is safe in "
-            f"{run.adapter}; resume with: {run.resume_command()} ({again})"
-        )
-        run.update_status(state=INTERRUPTED, adapter_safe=True, message=message)
+        message = on_signal(signal_name(signum))
+        run.update_status(state=INTERRUPTED, message=message, **status)
         return RunStopped(message, 128 + signum)
-    message = (
-        f"training finished but {what} failed ({first_line(err)}); the trained adapter is safe in {run.adapter}; "
-        f"once the cause is fixed, resume with: {run.resume_command()} ({again}; traceback in {run.path / STATUS})"
-    )
     run.update_status(
-        state=FAILED, adapter_safe=True, message=message, error=first_line(err), traceback=traceback.format_exc()
+        state=FAILED, message=on_error, error=first_line(err), traceback=traceback.format_exc(), **status
     )
-    return RunStopped(message, 1)
+    return RunStopped(on_error, 1)
 
 
 def _start_run(
