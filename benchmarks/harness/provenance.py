@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOCK_KEYS = ("commit", "dirty", "diff_sha256", "freeze_sha256", "threads", "python")
 
 
@@ -87,7 +87,7 @@ def pip_freeze() -> str:
 
 def command_line(argv: list[str]) -> str:
     """The command as a user would type it from the checkout's root."""
-    return "python -m benchmarks.run " + shlex.join(argv)
+    return "python -m benchmarks.harness.run " + shlex.join(argv)
 
 
 def current(argv: list[str], threads: int | None, out: Path | None = None) -> tuple[dict[str, Any], str]:
