@@ -5,6 +5,8 @@ tiny config-built models (a few steps), with the report."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,13 +18,42 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchmarks.harness import methods, paired_stats, report_doc, run, suites  # noqa: E402
+from benchmarks.harness import methods, paired_stats, provenance, report_doc, run, suites  # noqa: E402
 from benchmarks.harness.suites import ABLATION_METHODS, EVIDENCE, MAIN_METHODS  # noqa: E402
 from benchmarks.harness.worker import NOT_IN_RUN_ID, REQUIRED_FIELDS, run_id  # noqa: E402
 
 from helpers import cls_batches, make_bert  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    identity = ["-c", "user.name=gora-tests", "-c", "user.email=tests@localhost", "-c", "commit.gpgsign=false"]
+    return subprocess.run(
+        ["git", *identity, *args], cwd=repo, env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _make_repository(repo: Path) -> Path:
+    """A git repository with one committed code file (code.py) and nothing else."""
+    repo.mkdir(parents=True, exist_ok=True)
+    _git(repo, "init", "-q")
+    (repo / "code.py").write_text("x = 0\n")
+    _git(repo, "add", "code.py")
+    _git(repo, "commit", "-q", "-m", "code")
+    return repo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_repository(tmp_path_factory):
+    """The suites lock the code state of the git checkout they run from; here that is a repository of the tests' own,
+    never the checkout the tests live in (which may hold anything: the suite's own log, a half-edited file, another
+    run's outputs, a second test session)."""
+    repo = _make_repository(tmp_path_factory.mktemp("repo"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(provenance, "ROOT", repo)
+        yield repo
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +92,9 @@ def test_smoke_suite_gives_every_method_a_complete_line(smoke_results: Path) -> 
     assert set(nlu["init-cost"]["cost"]["ratio_to_plain"]) == {"gora", "gora_estimate", "loraga", "eva"}
 
 
-def test_rerun_skips_finished_runs(smoke_results: Path) -> None:
+def test_rerun_skips_finished_runs(smoke_results: Path, own_repository: Path) -> None:
     before = len(_records(smoke_results))
+    (own_repository / "log.txt").write_text("a log written into the checkout between two runs\n")
     assert run.main(["smoke", "--out", str(smoke_results), "--methods", "lora"]) == 0
     assert len(_records(smoke_results)) == before
 
@@ -292,9 +324,10 @@ def test_evidence_smoke_tunes_selects_and_runs_paired_seeds(evidence_results: Pa
     assert (evidence_results / "evidence-smoke.freeze.txt").read_text().strip()
 
 
-def test_evidence_resume_skips_done_runs_and_refuses_another_environment(evidence_results: Path):
+def test_evidence_resume_skips_done_runs_and_refuses_another_environment(evidence_results: Path, own_repository):
     path = evidence_results / "evidence-smoke.jsonl"
     before = path.read_text()
+    (own_repository / "notes.txt").write_text("an untracked file appears: not code, the resume goes on\n")
     assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 0
     assert path.read_text() == before
     lock = evidence_results / "evidence-smoke.lock.json"
@@ -319,22 +352,28 @@ def test_report_has_a_verdict_per_regime(evidence_results: Path, tmp_path: Path)
     assert doc.read_text() == text
 
 
-def test_results_docs_and_logs_do_not_make_the_tree_dirty():
-    """Protects resumption: appending results under benchmarks/results, regenerating docs or writing a log beside
-    the checkout does not change the locked code state (else a suite would refuse to resume after its own runs)."""
-    from benchmarks.harness import provenance
-
-    before = provenance.git_state()
-    probes = [ROOT / "benchmarks" / "results" / "_probe.jsonl", ROOT / "_probe.log", ROOT / "docs" / "_probe.md"]
-    try:
-        for p in probes:
-            p.write_text("{}\n")
-        assert provenance.git_state() == before
-        code = ROOT / "benchmarks" / "_probe.py"
-        probes.append(code)
-        code.write_text("x = 1\n")
-        after = provenance.git_state()
-        assert after["dirty"] and after["diff_sha256"] != before["diff_sha256"]
-    finally:
-        for p in probes:
-            p.unlink(missing_ok=True)
+def test_the_lock_counts_tracked_code_and_names_what_it_left_out(tmp_path: Path):
+    """Protects resumption: appending results under benchmarks/results, regenerating docs, writing a log or any other
+    untracked file into the checkout does not change the locked code state (else a suite would refuse to resume
+    after its own runs); untracked files are named; a change to a tracked file is counted by its diff."""
+    repo = _make_repository(tmp_path / "repo")
+    code_keys = ("commit", "dirty", "diff_sha256")
+    before = provenance.git_state(root=repo)
+    assert not before["dirty"] and before["diff_sha256"] is None and before["not_counted"]["untracked"] == 0
+    for name in ("benchmarks/results/_probe.jsonl", "_probe.log", "docs/_probe.md", "scratch.py", "log.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("{}\n")
+    after = provenance.git_state(root=repo)
+    assert {k: after[k] for k in code_keys} == {k: before[k] for k in code_keys}
+    assert after["not_counted"]["untracked"] == 2
+    assert sorted(after["not_counted"]["untracked_named"]) == ["log.txt", "scratch.py"]
+    assert {"benchmarks/results", "docs", "**/*.log"} <= set(after["not_counted"]["paths"])
+    (repo / "code.py").write_text("x = 1\n")
+    one = provenance.git_state(root=repo)
+    assert one["dirty"] and one["diff_sha256"] and one["commit"] == before["commit"]
+    (repo / "code.py").write_text("x = 2\n")
+    assert provenance.git_state(root=repo)["diff_sha256"] not in (None, one["diff_sha256"])
+    _git(repo, "add", "scratch.py")  # a new file counts once it is tracked
+    (repo / "code.py").write_text("x = 0\n")
+    staged = provenance.git_state(root=repo)
+    assert staged["dirty"] and staged["not_counted"]["untracked"] == 1

@@ -245,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         runner = None
     else:
         prov, freeze = provenance.current(argv, args.threads, args.out)
+        if prov["not_counted"]["untracked"]:
+            logger.info(
+                "%d untracked files are not counted as code (%s): `git add` one to count it",
+                prov["not_counted"]["untracked"],
+                ", ".join(prov["not_counted"]["untracked_named"]),
+            )
         if prov["dirty"] and not args.allow_dirty and args.suite not in SMOKE_SUITES:
             print(
                 "the working tree has uncommitted changes: commit them (the records name the commit) or pass "
