@@ -365,7 +365,7 @@ def test_merge_dtype_writes_a_plain_transformers_folder(gora_run, tmp_path):
             print(json.dumps(model(**batch).logits.float().tolist()))
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     got = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
     want = _adapted_logits(gora_run, TEXTS)
@@ -482,7 +482,7 @@ def test_the_command_is_offline_unless_told_otherwise(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 2, result.stderr[-2000:]

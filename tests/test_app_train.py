@@ -45,7 +45,7 @@ def test_no_loraplus_ratio_means_trainer_default():
 
 
 # --- the command on the stacks people train with: precision, 4-bit bases, accumulation, checkpointing, logging -----
-# (CPU here; benchmarks/gpu_check.py runs the bf16 and 4-bit paths on a GPU)
+# (CPU here; benchmarks/studies/gpu_check.py runs the bf16 and 4-bit paths on a GPU)
 
 FAST = ["-q", "--threads", "1", "--no-eval-before", "--save-strategy", "no", "--logging-steps", "1"]
 

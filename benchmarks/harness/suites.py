@@ -1,16 +1,16 @@
 """Which runs make up each suite, in the order they run (the most important first, so partial runs are useful).
 
-A spec is a flat dict; `benchmarks.worker.run_id` says which of its keys identify a run, so a run shared by two
+A spec is a flat dict; `benchmarks.harness.worker.run_id` says which of its keys identify a run, so a run shared by two
 groups (e.g. GoRA at the main setting is also a cell of the grid) runs once.
 
 Historic suites (`smoke`, `nlu`, `nlg`): flat lists of runs at one learning rate (their records are in
 benchmarks/results/{nlu,nlg}.jsonl). Evidence suites (`evidence-nlu`, `evidence-nlg`, `evidence-smoke`): the
-protocol below, in blocks; `benchmarks.run` runs each block's two stages in order:
+protocol below, in blocks; `benchmarks.harness.run` runs each block's two stages in order:
 
 1. tune: every method of `Block.tuned` at every learning rate of `Block.lrs` on the tuning seeds, trained on the
    seed's training rows and evaluated on the fixed validation split (carved from the training pool, never the test
    split);
-2. main: every method at the learning rate `benchmarks.stats.select_lr` picks from its tuning runs (best mean
+2. main: every method at the learning rate `benchmarks.harness.paired_stats.select_lr` picks from its tuning runs (best mean
    validation metric; ties: lower validation loss, then the smaller lr) — the controls of `Block.borrowed` at the
    lr picked for the method they control (GoRA's) — on the main seeds, evaluated on the test split with per-example
    predictions saved.

@@ -1,6 +1,6 @@
 """Peak memory of GoRA on a 4-bit base, measured against `gora.memory.estimate_peak_bytes`, plus projections.
 
-    python -m benchmarks.qgora_memory [--widths 512,1024,2048,4096] [--layers 4] [--batch 2] [--length 256]
+    python -m benchmarks.studies.qgora_memory [--widths 512,1024,2048,4096] [--layers 4] [--batch 2] [--length 256]
 
 Config-built Llama models of growing width (hidden 512 → 4096, intermediate 3.5x hidden, head size 128, 4 query
 heads per KV head: Llama-3's proportions; 4 layers; vocabulary 32000), every linear layer of the decoder quantized
@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results" / "qgora_memory.json"
-ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "qgora_memory.json"
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 32000
 KINDS = ("plain", "qlora", "sketch", "full")
 
@@ -301,7 +301,7 @@ def main() -> int:
         print(table(json.loads(args.out.read_text())))
         return 0
 
-    from .measure import stamp
+    from benchmarks.harness.measure import stamp
 
     runs = [(w, args.batch, k) for w in map(int, args.widths.split(",")) for k in args.kinds.split(",")]
     runs = [(w, b, k) for w, b, k in runs if not (k == "full" and w > args.full_max_width)]
@@ -313,7 +313,7 @@ def main() -> int:
     for width, batch, kind in runs:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
             out = Path(handle.name)
-        command = [sys.executable, "-m", "benchmarks.qgora_memory", "--worker", "--width", str(width)]
+        command = [sys.executable, "-m", "benchmarks.studies.qgora_memory", "--worker", "--width", str(width)]
         command += ["--kind", kind, "--layers", str(args.layers), "--batch", str(batch), "--length", str(args.length)]
         command += ["--batches", str(args.batches), "--out", str(out)]
         loads = os.getloadavg()[0]

@@ -1,8 +1,8 @@
 """GoRA on a 4-bit base on one GPU: time and peak GPU memory against a plain QLoRA step, and the memory model.
 
-    python -m benchmarks.gpu_qgora                                  # Llama-3-8B shapes, random 4-bit weights
-    python -m benchmarks.gpu_qgora --shape llama-3-70b --batch 1 --length 1024
-    python -m benchmarks.gpu_qgora --model /path/to/a/llama/checkpoint  # a real model, quantized at load
+    python -m benchmarks.studies.gpu_qgora                                  # Llama-3-8B shapes, random 4-bit weights
+    python -m benchmarks.studies.gpu_qgora --shape llama-3-70b --batch 1 --length 1024
+    python -m benchmarks.studies.gpu_qgora --model /path/to/a/llama/checkpoint  # a real model, quantized at load
 
 Prepared for issue #14 item 4; **not yet run** (no GPU was available where it was written). Needs torch with CUDA,
 bitsandbytes, transformers, peft and this checkout (`pip install -e .`); nothing is downloaded: without `--model`
@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results" / "gpu_qgora.json"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "gpu_qgora.json"
 KINDS = ("plain", "qlora", "sketch")
 
 
@@ -158,7 +158,7 @@ def main() -> int:
 
     import torch
 
-    from .measure import stamp
+    from benchmarks.harness.measure import stamp
 
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -167,7 +167,7 @@ def main() -> int:
     for kind in args.kinds.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
             out = Path(handle.name)
-        command = [sys.executable, "-m", "benchmarks.gpu_qgora", "--worker", "--kind", kind, "--out", str(out)]
+        command = [sys.executable, "-m", "benchmarks.studies.gpu_qgora", "--worker", "--kind", kind, "--out", str(out)]
         command += ["--device", device]
         for flag in ("shape", "model", "layers", "batch", "length", "batches"):
             value = getattr(args, flag)

@@ -1,6 +1,6 @@
 """Speed of the two estimation routes on plain (full-precision) layers: weight gradients vs module hooks.
 
-    python -m benchmarks.hook_route [--repeats 3] [--batches 3] [--threads 1]
+    python -m benchmarks.studies.hook_route [--repeats 3] [--batches 3] [--threads 1]
 
 `GoraConfig(gradient_route="weights")` reads each target's gradient from its weight (a post-accumulate-grad hook);
 `"hooks"` forms Σ_tokens dyᵀx from module hooks, the route bitsandbytes layers must take. The question is whether
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from .measure import stamp
+from benchmarks.harness.measure import stamp
 
-RESULTS = Path(__file__).resolve().parent / "results" / "hook_route.json"  # a list of runs (not *.jsonl: no suite)
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "hook_route.json"  # a list of runs (not *.jsonl: no suite)
 
 
 def minilm_like(n: int) -> tuple[Any, list[dict[str, torch.Tensor]], list[str]]:

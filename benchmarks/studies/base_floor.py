@@ -1,12 +1,12 @@
 """Where the generative evidence suite starts: the untouched base model's exact match and eval loss.
 
-    python -m benchmarks.base_floor [--threads 2] [--out benchmarks/results/base_floor.json]
+    python -m benchmarks.studies.base_floor [--threads 2] [--out benchmarks/results/base_floor.json]
 
-Evaluates SmolLM2-135M-Instruct without any adapter through the suite's own task (`benchmarks.tasks.load_task` on the
+Evaluates SmolLM2-135M-Instruct without any adapter through the suite's own task (`benchmarks.harness.tasks.load_task` on the
 `evidence-nlg` / `nlg-core` spec: the same 300 fixed test problems, chat prompt, greedy generation of at most
 `max_new_tokens`, answer parsing and response-token loss), so the methods' exact match in docs/BENCHMARKS.md reads
 against the model's own starting point. Per task and per example (as a bit string) too. The record carries machine,
-versions, date and commit (`benchmarks.measure.stamp`).
+versions, date and commit (`benchmarks.harness.measure.stamp`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import stamp
-from benchmarks.suites import EVIDENCE, main_specs
-from benchmarks.tasks import load_task
+from benchmarks.harness.measure import stamp
+from benchmarks.harness.suites import EVIDENCE, main_specs
+from benchmarks.harness.tasks import load_task
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.base_floor", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.base_floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", default="evidence-nlg")
     parser.add_argument("--block", default="nlg-core")
     parser.add_argument("--threads", type=int, default=1)

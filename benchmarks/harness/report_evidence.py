@@ -1,4 +1,4 @@
-"""The evidence suites' part of docs/BENCHMARKS.md (called by `benchmarks.report`).
+"""The evidence suites' part of docs/BENCHMARKS.md (called by `benchmarks.harness.report_doc`).
 
 Per suite: the setting and protocol, provenance, and per regime (records paired across blocks by seed):
 - the main table (each method at its chosen lr: mean ± std over seeds, eval loss, budget, convergence);
@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .stats import discordant, mcnemar_exact, paired_bootstrap, select_lr, unbits, verdict
+from .paired_stats import discordant, mcnemar_exact, paired_bootstrap, select_lr, unbits, verdict
 from .suites import BASE, EVIDENCE, Block
 
 Record = dict[str, Any]
-NOTES = Path(__file__).resolve().parent / "notes_evidence.md"
+NOTES = Path(__file__).resolve().parents[1] / "notes_evidence.md"
 # (method, reference) pairs tested in each regime, in order, when both have records
 COMPARISONS = [
     ("gora", "rslora", "GoRA vs its scaling baseline"),
@@ -289,7 +289,7 @@ def evidence_section(suite: str, records: list[Record]) -> list[str]:
         + ("learning rate tuned per method" if any(b.tune_seeds for b in blocks) else "one fixed lr per method")
         + ", paired seeds",
         "",
-        f"Model: {', '.join(sorted({r['model'] for r in records}))}. Reproduce: `python -m benchmarks.run {suite} && python -m benchmarks.report` "
+        f"Model: {', '.join(sorted({r['model'] for r in records}))}. Reproduce: `python -m benchmarks.harness.run {suite} && python -m benchmarks.harness.report_doc` "
         "(resumable; one command runs tuning, lr selection and the main runs).",
         "",
         "Protocol: per method, the lr with the best mean validation metric over the tuning seeds (ties: lower "

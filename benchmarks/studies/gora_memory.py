@@ -1,6 +1,6 @@
 """Memory of gradient estimation: gora "full" vs "sketch" vs PEFT's LoRA-GA preprocessing, and scaling with width.
 
-    python -m benchmarks.memory [--batches 8] [--out benchmarks/results/memory.json]
+    python -m benchmarks.studies.gora_memory [--batches 8] [--out benchmarks/results/memory.json]
 
 Part 1 runs each configuration in its own subprocess on SmolLM2-135M-Instruct (all linear layers, float32), so
 each peak resident set size (ru_maxrss) is clean:
@@ -27,11 +27,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # also runnable as `python benchmarks/memory.py`
-    sys.path.insert(0, str(ROOT))
+from benchmarks.harness.measure import maxrss_mb
 
-from benchmarks.measure import maxrss_mb  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 TOKENS, BATCH = 64, 4
 
@@ -247,7 +245,7 @@ def main() -> None:
             cmd = [
                 sys.executable,
                 "-m",
-                "benchmarks.memory",
+                "benchmarks.studies.gora_memory",
                 "--worker",
                 kind,
                 "--worker-out",

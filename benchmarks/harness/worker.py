@@ -1,7 +1,7 @@
 """One run: load the task, build the method, train, evaluate, and return (or write) one JSON record.
 
-`python -m benchmarks.worker SPEC_JSON OUT_JSON` runs a spec in a fresh process (clean peak-RSS numbers) and writes
-its record to OUT_JSON; `benchmarks.run` calls it once per run.
+`python -m benchmarks.harness.worker SPEC_JSON OUT_JSON` runs a spec in a fresh process (clean peak-RSS numbers) and writes
+its record to OUT_JSON; `benchmarks.harness.run` calls it once per run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from . import methods as M
 from .measure import RssSampler, Timer, machine, maxrss_mb, now, versions
 from .tasks import load_task
-from .train import train
+from .training import train
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run_id(spec: dict[str, Any]) -> str:
     """What identifies a run: every spec key that can change its numbers (task, method, seeds, lr, sizes, epochs,
     evaluation split, max_new_tokens, torch threads — they change float summation order — ...), sorted; the same id
     in any suite group means the same numbers (reused, not re-run). The code version and the environment are not in
-    it: one results file holds one of each (`benchmarks.provenance`)."""
+    it: one results file holds one of each (`benchmarks.harness.provenance`)."""
     keys = sorted(k for k in spec if k not in NOT_IN_RUN_ID)
     return "|".join(f"{k}={json.dumps(spec[k], sort_keys=True)}" for k in keys)
 
@@ -68,7 +68,7 @@ def _quiet() -> None:
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one spec (see `benchmarks.suites`) and return its record."""
+    """Run one spec (see `benchmarks.harness.suites`) and return its record."""
     if spec.get("method") == "init-cost":
         return run_init_cost(spec)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -253,7 +253,7 @@ def run_init_cost(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m benchmarks.worker SPEC_JSON OUT_JSON", file=sys.stderr)
+        print("usage: python -m benchmarks.harness.worker SPEC_JSON OUT_JSON", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     record = run_spec(json.loads(args[0]))

@@ -1,6 +1,6 @@
 """GoRA's initialization overhead against the floor of any gradient-based initializer, and against PEFT's LoRA-GA.
 
-    python -m benchmarks.init_overhead [--repeats 3] [--batches 16] [--batch-size 32] [--length 64] [--threads 1]
+    python -m benchmarks.studies.init_overhead [--repeats 3] [--batches 16] [--batch-size 32] [--length 64] [--threads 1]
 
 Side by side in one process, on the same batches (all-MiniLM-L6-v2, Rotten Tomatoes reviews padded to `length`
 tokens, targets query/key/value/dense as the embedded default):
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from .measure import stamp
+from benchmarks.harness.measure import stamp
 
-RESULTS = Path(__file__).resolve().parent / "results" / "init_overhead.jsonl"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "init_overhead.jsonl"
 TARGETS = ["query", "key", "value", "dense"]
 
 
@@ -101,7 +101,7 @@ METHODS = {"floor": floor, "gora": gora_init, "loraga": loraga_init}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.init_overhead", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.init_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)

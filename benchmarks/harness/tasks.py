@@ -128,7 +128,7 @@ def load_nlu(spec: dict[str, Any]) -> TaskData:
     from gora.app.data import encode_classification, label_space
     from gora.app.evaluate import evaluate_classification
 
-    from .stats import bits
+    from .paired_stats import bits
 
     tokenizer = _minilm_tokenizer()
     if kind(spec["task"]) == "nlu":
@@ -234,7 +234,7 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
     from gora.app.evaluate import evaluate_loss, evaluate_sft
     from gora.app.runconfig import DataConfig
 
-    from .stats import bits
+    from .paired_stats import bits
 
     if kind(spec["task"]) == "nlg":
         test_size = spec.get("test_size") or NLG_TEST_SIZE

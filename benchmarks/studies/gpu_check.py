@@ -1,8 +1,8 @@
 """`gora finetune` on one GPU, end to end: bfloat16, float16 and 4-bit bases (issue #13, item 3). A few minutes.
 
-    python -m benchmarks.gpu_check                       # config-built tiny Llama: bf16, fp16, 4-bit
-    python -m benchmarks.gpu_check --smollm2             # also SmolLM2-135M-Instruct (bf16 and 4-bit), if installed
-    python -m benchmarks.gpu_check --device cpu          # a dry run of this script on a CPU (bf16 and 4-bit only)
+    python -m benchmarks.studies.gpu_check                       # config-built tiny Llama: bf16, fp16, 4-bit
+    python -m benchmarks.studies.gpu_check --smollm2             # also SmolLM2-135M-Instruct (bf16 and 4-bit), if installed
+    python -m benchmarks.studies.gpu_check --device cpu          # a dry run of this script on a CPU (bf16 and 4-bit only)
 
 Prepared, **not yet run**: no GPU was available where it was written (the same paths ran on CPU in
 tests/test_app_train.py: bfloat16 on an AVX512-BF16 CPU, 4-bit with bitsandbytes' CPU backend; float16 is refused on
@@ -44,8 +44,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "gpu_check.json"
 WORDS = [
     "the",
     "what",
@@ -273,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.measure import stamp
+    from benchmarks.harness.measure import stamp
 
     checks: dict[str, Callable[[Path], dict[str, Any]]] = {
         "cuda": lambda work: cuda(),
@@ -309,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "cuda" and not results[name]["ok"]:
             break
     record = {
-        "what": "gora finetune bf16 / fp16 / 4-bit paths on one GPU (benchmarks/gpu_check.py)",
+        "what": "gora finetune bf16 / fp16 / 4-bit paths on one GPU (benchmarks/studies/gpu_check.py)",
         "results": results,
         **stamp(),
     }

@@ -1,15 +1,15 @@
-"""Run a benchmark suite: `python -m benchmarks.run SUITE [--seeds ...] [--methods ...] [--out DIR] ...`.
+"""Run a benchmark suite: `python -m benchmarks.harness.run SUITE [--seeds ...] [--methods ...] [--out DIR] ...`.
 
 Historic suites (`smoke`, `nlu`, `nlg`) are flat lists of runs. Evidence suites (`evidence-nlu`, `evidence-nlg`,
-`evidence-smoke`) run block by block (see `benchmarks.suites`): the tuning runs, then the learning rate of every
-method chosen from them (`benchmarks.stats.select_lr`), then the main runs at that lr; one command runs it all.
+`evidence-smoke`) run block by block (see `benchmarks.harness.suites`): the tuning runs, then the learning rate of every
+method chosen from them (`benchmarks.harness.paired_stats.select_lr`), then the main runs at that lr; one command runs it all.
 
-Each run is a fresh subprocess (`benchmarks.worker`) so its peak RSS is its own; `--in-process` runs them here
+Each run is a fresh subprocess (`benchmarks.harness.worker`) so its peak RSS is its own; `--in-process` runs them here
 instead (what the smoke suites do by default, for speed). Results are appended one JSON line per run to
 `OUT/<suite>.jsonl` as each run finishes; runs already there are skipped, so an interrupted suite resumes where it
 stopped. Failures go to `OUT/<suite>.errors.jsonl` and are retried on the next invocation. The first invocation
 writes `OUT/<suite>.lock.json` and `OUT/<suite>.freeze.txt` (commit, environment, threads); later ones refuse to add
-runs under another commit, diff, environment or thread count (`benchmarks.provenance`). A dirty working tree is
+runs under another commit, diff, environment or thread count (`benchmarks.harness.provenance`). A dirty working tree is
 refused outside the smoke suites unless `--allow-dirty` (then the diff's hash is locked).
 """
 
@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from . import provenance
-from .stats import select_lr
+from .paired_stats import select_lr
 from .suites import EVIDENCE, SUITES, Block, main_specs, suite_specs, tune_specs
 from .worker import run_id, run_spec
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 SMOKE_SUITES = ("smoke", "evidence-smoke")
 
-logger = logging.getLogger("benchmarks.run")
+logger = logging.getLogger("benchmarks.harness.run")
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -71,8 +71,8 @@ def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.worker", json.dumps(spec), str(out)],
-            cwd=Path(__file__).resolve().parent.parent,
+            [sys.executable, "-m", "benchmarks.harness.worker", json.dumps(spec), str(out)],
+            cwd=Path(__file__).resolve().parents[2],
             capture_output=True,
             text=True,
         )
@@ -218,13 +218,13 @@ def run_evidence(suite: str, args: argparse.Namespace, runner: Runner | None, pa
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.harness.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=SUITES)
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (replaces every group's / block's main seeds)")
     parser.add_argument("--tune-seeds", type=int, nargs="+", help="evidence suites: replace the tuning seeds")
     parser.add_argument("--lrs", type=float, nargs="+", help="evidence suites: replace the learning-rate grid")
-    parser.add_argument("--blocks", nargs="+", help="evidence suites: only these blocks (see benchmarks.suites)")
-    parser.add_argument("--methods", nargs="+", help="only these methods (see benchmarks.methods.METHODS)")
+    parser.add_argument("--blocks", nargs="+", help="evidence suites: only these blocks (see benchmarks.harness.suites)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (see benchmarks.harness.methods.METHODS)")
     parser.add_argument("--groups", nargs="+", help="historic suites: only these groups (main, cost, ablation, ...)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     parser.add_argument("--in-process", action="store_true", help="run here, not one subprocess per run")
@@ -245,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         runner = None
     else:
         prov, freeze = provenance.current(argv, args.threads, args.out)
+        if prov["not_counted"]["untracked"]:
+            logger.info(
+                "%d untracked files are not counted as code (%s): `git add` one to count it",
+                prov["not_counted"]["untracked"],
+                ", ".join(prov["not_counted"]["untracked_named"]),
+            )
         if prov["dirty"] and not args.allow_dirty and args.suite not in SMOKE_SUITES:
             print(
                 "the working tree has uncommitted changes: commit them (the records name the commit) or pass "

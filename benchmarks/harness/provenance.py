@@ -3,8 +3,9 @@ the lock that keeps one results file to one code version and one environment.
 
 A suite's results folder holds, next to `<suite>.jsonl`:
 - `<suite>.freeze.txt`: `pip freeze` of the environment the suite started in;
-- `<suite>.lock.json`: the commit (and whether the tree was dirty, with a hash of the diff), the hash of the freeze,
-  the torch threads, Python, and the command that started the suite.
+- `<suite>.lock.json`: the commit (and whether the tracked files differ from it, with a hash of the diff), the hash
+  of the freeze, the torch threads, Python, the command that started the suite, and what was not counted as code
+  (untracked files, results, docs, logs: `git_state`).
 `check_lock` refuses to add runs to a results file under another commit, another diff, other package versions or
 another thread count: an interrupted suite resumes only under the code and environment it started with.
 """
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOCK_KEYS = ("commit", "dirty", "diff_sha256", "freeze_sha256", "threads", "python")
 
 
@@ -28,44 +29,49 @@ class LockError(RuntimeError):
     """The results file was started under another code version or environment."""
 
 
-def _git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+def _git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed in {ROOT}: {out.stderr.strip()}")
+        raise RuntimeError(f"git {' '.join(args)} failed in {root}: {out.stderr.strip()}")
     return out.stdout
 
 
 # outputs, not code: results being appended, the generated report, logs
 NOT_CODE = ("benchmarks/results", "docs")
+UNTRACKED_NAMED = 10  # how many untracked files a lock names (it counts them all)
 
 
-def git_state(outputs: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """{"commit", "dirty", "diff_sha256"}: HEAD, whether tracked or untracked (not ignored) files differ from it, and
-    the sha256 of `git diff HEAD` plus the untracked files' names and contents (None when clean).
+def git_state(outputs: tuple[Path, ...] = (), root: Path | None = None) -> dict[str, Any]:
+    """{"commit", "dirty", "diff_sha256", "not_counted"}: HEAD, whether tracked files differ from it, the sha256 of
+    `git diff HEAD` (None when clean), and what was not counted as code.
 
-    The results folder, docs/, `*.log` files and `outputs` (e.g. a results folder inside the checkout) are not code:
-    a suite that appends its results there, or a log written beside it, leaves the tree clean.
+    The code that runs is the tracked files and the diff to them (staged or not). Untracked files are not counted
+    (a log, a results file or a scratch script written into the checkout must not change the code's identity); they
+    are named in `not_counted` (`git add` one to count it). The results folder, docs/, `*.log` files and `outputs`
+    (e.g. a results folder inside the checkout) are not code either, tracked or not. `root`: the git checkout
+    (default: the one this file is in).
     """
+    root = Path(ROOT if root is None else root).resolve()
     excluded = [*NOT_CODE]
     for path in outputs:
         path = Path(path).resolve()
-        if path.is_relative_to(ROOT):
-            excluded.append(str(path.relative_to(ROOT)))
+        if path.is_relative_to(root):
+            excluded.append(str(path.relative_to(root)))
     spec = [".", *(f":(exclude){p}" for p in excluded), ":(exclude,glob)**/*.log"]
-    commit = _git("rev-parse", "HEAD").strip()
-    status = _git("status", "--porcelain", "--untracked-files=all", "--", *spec)
-    dirty = bool(status.strip())
-    digest = None
-    if dirty:
-        h = hashlib.sha256(_git("diff", "HEAD", "--binary", "--", *spec).encode())
-        for line in status.splitlines():
-            if line.startswith("??"):
-                path = ROOT / line[3:].strip()
-                h.update(str(path.relative_to(ROOT)).encode())
-                if path.is_file():
-                    h.update(path.read_bytes())
-        digest = h.hexdigest()
-    return {"commit": commit, "dirty": dirty, "diff_sha256": digest}
+    commit = _git(root, "rev-parse", "HEAD").strip()
+    diff = _git(root, "diff", "HEAD", "--binary", "--", *spec)
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *spec).splitlines()
+    dirty = bool(diff)
+    return {
+        "commit": commit,
+        "dirty": dirty,
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None,
+        "not_counted": {
+            "paths": [*excluded, "**/*.log"],
+            "untracked": len(untracked),
+            "untracked_named": untracked[:UNTRACKED_NAMED],
+        },
+    }
 
 
 def pip_freeze() -> str:
@@ -87,7 +93,7 @@ def pip_freeze() -> str:
 
 def command_line(argv: list[str]) -> str:
     """The command as a user would type it from the checkout's root."""
-    return "python -m benchmarks.run " + shlex.join(argv)
+    return "python -m benchmarks.harness.run " + shlex.join(argv)
 
 
 def current(argv: list[str], threads: int | None, out: Path | None = None) -> tuple[dict[str, Any], str]:
@@ -117,7 +123,7 @@ def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None
     if not lock_path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         freeze_path.write_text(freeze)
-        lock_path.write_text(json.dumps({k: prov[k] for k in (*LOCK_KEYS, "command")}, indent=1) + "\n")
+        lock_path.write_text(json.dumps({k: prov[k] for k in (*LOCK_KEYS, "command", "not_counted")}, indent=1) + "\n")
         return
     lock = json.loads(lock_path.read_text())
     diffs = [f"{k}: {lock.get(k)!r} there, {prov[k]!r} now" for k in LOCK_KEYS if lock.get(k) != prov[k]]

@@ -10,7 +10,7 @@ Run by hand (not in CI: it needs llama.cpp compiled from source). Once, outside 
 
 then, from the repository root:
 
-    .venv/bin/python -m benchmarks.serving_llamacpp [--steps 12] [--work-dir /tmp/gora-serving-llamacpp]
+    .venv/bin/python -m benchmarks.studies.serving_llamacpp [--steps 12] [--work-dir /tmp/gora-serving-llamacpp]
 
 What it does (every command it runs is recorded in the results):
 1. `gora finetune --preset smollm2-gsm` for a few steps: SmolLM2-135M-Instruct (float32), GoRA on all 7 projections
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CPP_PYTHON = "0.3.36"
 INSTALL = [
     f"pip download --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON} -d {{src}}",
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     import gora
-    from benchmarks.measure import machine, now, versions
+    from benchmarks.harness.measure import machine, now, versions
     from gora.app.assets import smollm2_path
 
     torch.set_num_threads(args.threads)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (work / "spec.json").write_text(json.dumps(spec))
     done = run(
-        [python, str(ROOT / "benchmarks/llamacpp_logits.py"), str(work / "spec.json"), str(work / "llamacpp.npz")],
+        [python, str(ROOT / "benchmarks/studies/llamacpp_logits.py"), str(work / "spec.json"), str(work / "llamacpp.npz")],
         commands,
     )
     system_info = json.loads(done.stdout.strip().splitlines()[-1])["system_info"]

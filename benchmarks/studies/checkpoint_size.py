@@ -1,6 +1,6 @@
 """Disk use of one `gora finetune` checkpoint (the README's "Resuming a run" figures).
 
-    python -m benchmarks.checkpoint_size [--out benchmarks/results/checkpoint_size.json]
+    python -m benchmarks.studies.checkpoint_size [--out benchmarks/results/checkpoint_size.json]
 
 Runs `gora finetune` for one step with a checkpoint after it (--max-steps 1 --save-strategy steps --save-steps 1),
 GoRA at r=8 on all-linear targets of all-MiniLM-L6-v2 (the default preset's query/key/value/dense are the same
@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import stamp
+from benchmarks.harness.measure import stamp
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["-q", "--r", "8", "--num-batches", "2", "--max-steps", "1", "--save-strategy", "steps", "--save-steps", "1"]
 COMMON += ["--no-eval-before", "--threads", "1"]
 CASES: dict[str, list[str]] = {
