@@ -27,9 +27,10 @@ from .estimate import estimate_gradients
 from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
+from .provenance import base_fingerprint
 from .qlayers import bnb_kind
 from .record import GoraRecord
-from .stats import GradientStats, base_fingerprint
+from .stats import GradientStats
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Bounded-memory gradient statistics (`GoraConfig(gradient_store="sketch")`): a `GradientStore` (estimate.py).
+"""Bounded-memory gradient statistics (`GoraConfig(gradient_store="sketch")`): a `GradientStore` (stores.py).
 
 A0 is random and known before estimation, so B0 needs G only through Y = G·A0ᵀ. Sketch mode draws
 A_max = draw_lora_A(name, k, n, seed) with k = min(max_rank, m, n) rows (regenerated in each hook, never stored)
@@ -42,8 +42,8 @@ import torch
 from .allocate import allocate_ranks
 from .config import GoraConfig
 from .distributed import all_reduce_sum_
-from .estimate import FullStore, Outer, token_chunks
 from .initialize import draw_lora_A, module_seed
+from .stores import FullStore, Outer, token_chunks
 from .targets import Target
 
 logger = logging.getLogger(__name__)

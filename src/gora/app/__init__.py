@@ -2,6 +2,7 @@
 
     runconfig  what a run is configured by (DataConfig, TrainConfig, ..., presets)
     cliconfig  command-line options and --config run files generated from those dataclasses (jsonargparse)
+    options    the parser of each command (used by cli and by runfolder to read a saved config.yaml)
     data       data files → rows → token batches; `load_task`
     train      a whole fine-tune (and its resume), allocate-only, merge
     runfolder  a fine-tune's output folder: status.json, saved configuration, checkpoints, resume rules
