@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .config import GoraConfig
 from .distributed import full_tensor, unwrap_model
 from .qlayers import bnb_kind, dequantize
-from .targets import Target
+from .targets import Target, find_targets
 
 _CHECKSUM_LAYERS = 4  # weights whose leading values enter the fingerprint
 _CHECKSUM_ROWS, _CHECKSUM_COLS = 2, 16
@@ -52,6 +53,15 @@ def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
     for i in _picks(len(targets)):
         digest.update(_leading_values(model, targets[i]))
     return digest.hexdigest()
+
+
+def targets_fingerprint(model: nn.Module, config: GoraConfig) -> str:
+    """`model_fingerprint` of the targets `config` selects on `model`: what a resumed run checks its base model by.
+
+    Raises:
+        ValueError: any target problem `find_targets` reports.
+    """
+    return model_fingerprint(model, find_targets(model, config))
 
 
 def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import GoraConfig
 from .fileio import atomic_write
 from .provenance import model_fingerprint, versions
-from .targets import Target
+from .targets import Target, find_targets
 
 FORMAT = "gora-gradient-stats"
 FORMAT_VERSION = 1
@@ -99,7 +100,11 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
 
 
 def load_gradient_stats(
-    path: str | os.PathLike[str], model: nn.Module, *, device: str | torch.device = "cpu"
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    config: GoraConfig | None = None,
 ) -> GradientStats:
     """Read statistics written by `save_gradient_stats`, after checking that they belong to `model`.
 
@@ -108,10 +113,14 @@ def load_gradient_stats(
         model: The model to allocate and initialize for; its targets and leading weight values must match the
             fingerprint stored in the file.
         device: Where to put the tensors.
+        config: The configuration they are to be used with: when given, the statistics must hold the targets it
+            selects on `model` (else allocation would silently follow the file) and, for a sketch, have been drawn
+            with its seed (A0 must be the sketch's random matrix).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a gora statistics file, an unknown format version, or a model that does not match.
+        ValueError: not a gora statistics file, an unknown format version, a model that does not match, or
+            statistics that do not fit `config`.
     """
     from safetensors import safe_open
 
@@ -146,7 +155,7 @@ def load_gradient_stats(
         for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
             kind, name = key.split("/", 1)
             tables[kind][name] = handle.get_tensor(key).to(device)
-    return GradientStats(
+    stats = GradientStats(
         targets=targets,
         gradients=tables["gradients"],
         num_batches=int(header["num_batches"]),
@@ -158,3 +167,22 @@ def load_gradient_stats(
         seed=int(header["seed"]),
         info=dict(header["info"]),
     )
+    if config is not None:
+        _check_fits(stats, model, config)
+    return stats
+
+
+def _check_fits(stats: GradientStats, model: nn.Module, config: GoraConfig) -> None:
+    """The statistics hold the targets `config` selects on `model`, in order, and a sketch was drawn with its seed."""
+    saved, wanted = [t.name for t in stats.targets], [t.name for t in find_targets(model, config)]
+    if saved != wanted:
+        raise ValueError(
+            f"the statistics hold {len(saved)} target modules but target_modules selects {len(wanted)} "
+            f"({', '.join(sorted(set(saved) ^ set(wanted))[:4]) or 'another order'} differ): use the target_modules "
+            "they were saved with, or re-estimate"
+        )
+    if stats.sketches and stats.seed != config.seed:
+        raise ValueError(
+            f"the statistics hold a sketch drawn with seed={stats.seed}, the configuration has seed={config.seed}: "
+            f"A0 must be the sketch's random matrix, so use seed={stats.seed}"
+        )

@@ -4,7 +4,13 @@
     cliconfig  command-line options and --config run files generated from those dataclasses (jsonargparse)
     options    the parser of each command (used by cli and by runfolder to read a saved config.yaml)
     data       data files → rows → token batches; `load_task`
-    train      a whole fine-tune (and its resume), allocate-only, merge
+    train      a whole fine-tune (and its resume), in call order:
+      startup        option checks, processes and device, the task and saved statistics loaded
+      adapters       the adapter trained (GoRA or plain LoRA, through the library) and the LoRA+ optimizer
+      session        train, final folders, evaluate, report; how a run stops
+      trainer_setup  transformers' Trainer and its settings
+    allocate   `gora allocate` (estimation and allocation through the library)
+    merge      `gora merge`
     runfolder  a fine-tune's output folder: status.json, saved configuration, checkpoints, resume rules
     callbacks  Trainer callbacks: stopping on SIGINT/SIGTERM after a checkpoint, status updates
     parallel   several processes (torchrun / accelerate launch): process group, rank-0 writing, gathered evaluation

@@ -102,9 +102,10 @@ def _setup_logging(quiet: bool, main_rank: bool = True) -> None:
 
 
 def _run(command: str, args: Any, started: float, argv: Sequence[str], main_rank: bool) -> int:
+    from .allocate import allocate_only
     from .runconfig import DEFAULT_PRESET, resolve_configs
     from .runfolder import config_yaml
-    from .train import allocate_only, finetune, resume_finetune
+    from .train import finetune, resume_finetune
 
     data_cls, run_cls, gora_cls = command_classes(command)
     show = not args.quiet and main_rank
@@ -160,7 +161,7 @@ def _options_in_errors(*classes: type) -> Iterator[None]:
 
 
 def _merge(args: Any) -> int:
-    from .train import merge_adapter
+    from .merge import merge_adapter
 
     (merge_cls,) = command_classes("merge")
     with _options_in_errors(merge_cls):
