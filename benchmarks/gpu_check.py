@@ -199,9 +199,9 @@ def four_bit(work: Path) -> dict[str, Any]:
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     import gora
+    from gora.app.adapters import estimation_loader
     from gora.app.data import load_task
     from gora.app.runfolder import load_run_config
-    from gora.app.adapters import estimation_loader
 
     model, data = tiny_llama(work / "llama"), sums_file(work / "sums.jsonl")
     run = finetune(
