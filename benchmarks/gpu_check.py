@@ -146,8 +146,8 @@ def reloaded_eval_loss(run: Path, quantized: bool) -> tuple[float, Any]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from gora.app.data import load_task
-    from gora.app.evaluate import evaluate
     from gora.app.runfolder import load_run_config
+    from gora.app.tasks import evaluate
 
     _, data, train, _ = load_run_config(run / "config.yaml")
     dtype = getattr(torch, data.dtype)

@@ -13,7 +13,7 @@ import torch
 from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_jsonl
 from gora.app.adapters import make_optimizer
 from gora.app.cli import main
-from gora.app.data import cpu_supports_bf16
+from gora.app.models import cpu_supports_bf16
 from helpers import assert_close, make_bert
 
 

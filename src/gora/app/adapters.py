@@ -14,9 +14,9 @@ from torch import nn
 from ..baseline import get_lora_model
 from ..config import GoraConfig
 from ..model import RunOptions, build_estimated, estimate_and_allocate
-from .data import TaskData
 from .parallel import shard
 from .runconfig import TrainConfig
+from .taskkind import TaskData
 
 if TYPE_CHECKING:
     from ..stats import GradientStats

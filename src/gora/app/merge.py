@@ -14,7 +14,7 @@ from torch import nn
 from ..export import DTYPES
 from ..fileio import check_output_folder, staged_folder
 from ..record import RECORD_NAME, GoraRecord
-from .data import UsageError
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any
 from ..config import GoraConfig
 from ..fileio import atomic_write
 from ..record import GoraRecord
-from .data import TaskData
-from .evaluate import headline_metric
 from .runconfig import DataConfig, TrainConfig
 from .runfolder import SERVING, STATUS, RunFolder, config_dict
+from .taskkind import TaskData
+from .tasks import headline_metric
 
 logger = logging.getLogger(__name__)
 

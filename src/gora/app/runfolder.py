@@ -35,7 +35,7 @@ from typing import Any, Literal
 from ..config import GoraConfig
 from ..fileio import atomic_write_text
 from .cliconfig import field_types, name_options, option_name
-from .data import UsageError
+from .errors import UsageError
 from .runconfig import DataConfig, TrainConfig
 
 STATUS = "status.json"

@@ -18,8 +18,6 @@ from ..config import GoraConfig
 from ..export import export_adapter
 from ..fileio import staged_folder
 from .callbacks import EpochEndSave, GracefulStop, SignalStop, StatusCallback, signal_name
-from .data import TaskData
-from .evaluate import evaluate
 from .parallel import on_main
 from .report import (
     finetune_report,
@@ -39,6 +37,8 @@ from .runfolder import (
     RunStopped,
     first_line,
 )
+from .taskkind import TaskData
+from .tasks import evaluate
 from .trainer_setup import make_trainer
 
 logger = logging.getLogger(__name__)

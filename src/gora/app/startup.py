@@ -18,9 +18,13 @@ from ..config import GoraConfig
 from ..fileio import check_output_folder
 from ..stats import load_gradient_stats
 from .cliconfig import name_options
-from .data import TaskData, UsageError, check_precision, load_task
+from .data import load_task
+from .errors import UsageError
+from .models import check_precision
 from .parallel import launched
 from .runconfig import PRESETS, AllocateConfig, DataConfig, TrainConfig
+from .taskkind import TaskData
+from .tasks import task_kind
 from .trainer_setup import training_arguments
 
 if TYPE_CHECKING:
@@ -40,10 +44,9 @@ def check_run(data: DataConfig, train: TrainConfig) -> None:
     Raises:
         UsageError: an --eval-metric the task does not have, a --report-to integration that is not installed.
     """
-    if train.eval_metric == "exact_match" and data.task != "sft":
-        raise UsageError("--eval-metric exact_match scores generated answers, which needs --task sft")
-    if train.eval_metric == "accuracy" and data.task != "classification":
-        raise UsageError("--eval-metric accuracy needs --task classification; sft has loss and exact_match")
+    refused = task_kind(data.task).refused_metrics.get(train.eval_metric or "")
+    if refused:
+        raise UsageError(refused)
     if train.report_to:
         from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 

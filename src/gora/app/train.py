@@ -37,8 +37,8 @@ from ..provenance import targets_fingerprint
 from ..record import RECORD_NAME, GoraRecord
 from ..stats import save_gradient_stats
 from .adapters import build_adapter, float32_trainables
-from .data import TaskData, UsageError, load_task
-from .evaluate import evaluate
+from .data import load_task
+from .errors import UsageError
 from .parallel import on_main, same_on_all_ranks
 from .runconfig import DEFAULT_PRESET, PRESETS, DataConfig, TrainConfig
 from .runfolder import (
@@ -56,6 +56,8 @@ from .runfolder import (
 )
 from .session import run_session
 from .startup import check_run, default_output_dir, start_processes, start_run
+from .taskkind import TaskData
+from .tasks import evaluate
 from .trainer_setup import training_arguments
 
 if TYPE_CHECKING:

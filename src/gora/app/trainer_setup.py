@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from .adapters import make_optimizer
-from .data import TaskData
 from .runconfig import DataConfig, TrainConfig
 from .runfolder import (
     RunFolder,
 )
+from .taskkind import TaskData
+from .tasks import task_kind
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +93,7 @@ def make_trainer(
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(run.path / "logs")
-    if data.task == "classification":
-        # transformers 5: sequence-classification models take **kwargs, so the Trainer hands them num_items_in_batch
-        # and then expects a loss normalized by it: it skips its division by the gradient-accumulation steps and
-        # multiplies by the number of processes. Their loss is a plain mean that ignores num_items_in_batch
-        # (measured on BERT, transformers 5.24: --gradient-accumulation-steps 2 doubled the loss and gradients).
-        # Off, the Trainer divides by the accumulation steps and DDP averages the ranks' means: the mean over the
-        # global batch. (Causal LMs do use num_items_in_batch: the loss is then the mean over all learned tokens.)
-        trainer.model_accepts_loss_kwargs = False
+    task_kind(data.task).adjust_trainer(trainer)  # e.g. how the Trainer scales the task's loss
     if not show_progress:  # -q: without tqdm the Trainer prints every log dict instead; the report keeps them
         from transformers.trainer_callback import PrinterCallback
 
