@@ -3,8 +3,8 @@
     DataConfig + TrainConfig + GoraConfig
         → startup.py       (option checks, processes and device; load_task: model folder + rows → tokenizer, model,
                            encoded train/eval sets, input checked first; --load-stats read and checked)
-        → evaluate         (before; evaluate.py: accuracy / exact match of the final answer, eval loss)
-        → adapters.py      (GoRA through the library: estimate → allocate → init; or plain LoRA/rsLoRA at the same r)
+        → evaluate         (before; the task kind's metrics, tasks.py: accuracy / exact match, eval loss)
+        → adapters.py      (GoRA through the library: estimate → allocate → init; or plain LoRA/rsLoRA, same r)
         ── the run folder appears (runfolder.py): status.json, config.yaml, init/ (step-0 adapter + statistics)
         → session.py       (transformers.Trainer, trainer_setup.py: checkpoints/, optionally a LoRA+ optimizer;
                            SIGINT/SIGTERM: callbacks.py → adapter/ and adapter-serving/ written as soon as training
