@@ -431,7 +431,9 @@ BAD = {
     "--report-to an unknown integration": (["--report-to", "tensorbord"], "not a Trainer integration"),
 }
 PATCHES = {  # what a case changes in the environment: a CPU without bf16, an install without bitsandbytes
-    "--dtype bfloat16 on a CPU without bf16": lambda mp: mp.setattr("gora.app.data.cpu_supports_bf16", lambda: False),
+    "--dtype bfloat16 on a CPU without bf16": lambda mp: mp.setattr(
+        "gora.app.models.cpu_supports_bf16", lambda: False
+    ),
     "--load-in-4bit without bitsandbytes": lambda mp: mp.setitem(sys.modules, "bitsandbytes", None),
 }
 

@@ -125,8 +125,7 @@ def load_nlu(spec: dict[str, Any]) -> TaskData:
     )
 
     from gora.app.assets import minilm_path, rotten_tomatoes
-    from gora.app.data import encode_classification, label_space
-    from gora.app.evaluate import evaluate_classification
+    from gora.app.classification import encode_classification, evaluate_classification, label_space
 
     from .paired_stats import bits
 
@@ -230,9 +229,10 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
 
     from gora.app.assets import gsm_symbolic, smollm2_path
-    from gora.app.data import IGNORE_INDEX, encode_sft, sft_examples
-    from gora.app.evaluate import evaluate_loss, evaluate_sft
+    from gora.app.evaluate import evaluate_loss
     from gora.app.runconfig import DataConfig
+    from gora.app.sft import IGNORE_INDEX, encode_sft, evaluate_sft
+    from gora.app.sft_formats import sft_examples
 
     from .paired_stats import bits
 

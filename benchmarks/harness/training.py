@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gora.app.train import make_optimizer
+from gora.app.adapters import make_optimizer
 
 from .tasks import Batch
 

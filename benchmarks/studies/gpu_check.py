@@ -145,8 +145,8 @@ def reloaded_eval_loss(run: Path, quantized: bool) -> tuple[float, Any]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from gora.app.data import load_task
-    from gora.app.evaluate import evaluate
     from gora.app.runfolder import load_run_config
+    from gora.app.tasks import evaluate
 
     _, data, train, _ = load_run_config(run / "config.yaml")
     dtype = getattr(torch, data.dtype)
@@ -198,9 +198,9 @@ def four_bit(work: Path) -> dict[str, Any]:
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     import gora
+    from gora.app.adapters import estimation_loader
     from gora.app.data import load_task
     from gora.app.runfolder import load_run_config
-    from gora.app.train import estimation_loader
 
     model, data = tiny_llama(work / "llama"), sums_file(work / "sums.jsonl")
     run = finetune(

@@ -27,9 +27,10 @@ from .estimate import estimate_gradients
 from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
+from .provenance import base_fingerprint
 from .qlayers import bnb_kind
 from .record import GoraRecord
-from .stats import GradientStats, base_fingerprint
+from .stats import GradientStats
 
 logger = logging.getLogger(__name__)
 
@@ -215,12 +216,18 @@ def get_gora_model(
 
 
 def estimate_and_allocate(
-    model: nn.Module, config: GoraConfig, dataloader: Iterable[Any], options: RunOptions | None = None
+    model: nn.Module,
+    config: GoraConfig,
+    dataloader: Iterable[Any],
+    options: RunOptions | None = None,
+    *,
+    held_out: bool = True,
 ) -> Estimated:
     """Stages 1 and 2 with their timings, plus the held-out batches that gamma="auto" needs (else None).
 
     With `options.stats` (estimated earlier, e.g. loaded with `gora.load_gradient_stats`) stage 1 is skipped; the
-    timings then have no "estimate_s".
+    timings then have no "estimate_s". With `held_out=False` no held-out batches are taken (the allocation alone,
+    with no adapter to build: `gora allocate`).
     """
     options = options or RunOptions()
     if options.eval_dataloader is not None and config.gamma != "auto":
@@ -242,7 +249,7 @@ def estimate_and_allocate(
     importances = compute_importances(model, stats, config.importance)
     allocation = allocate_ranks(importances, stats.shapes, config)
     timings["allocate_s"] = time.perf_counter() - start
-    auto = config.gamma == "auto"
+    auto = config.gamma == "auto" and held_out
     eval_batches = held_out_batches(config, dataloader, options.eval_dataloader) if auto else None
     return Estimated(stats, allocation, eval_batches, timings)
 
