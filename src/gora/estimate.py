@@ -45,10 +45,11 @@ from .distributed import (
     world_size,
 )
 from .distributed import rank as dist_rank
+from .experts import unreached_experts
 from .importance import layer_importance
 from .qlayers import bnb_kind, check_backpropagates
 from .stats import GradientStats
-from .targets import Target, find_targets, get_weight
+from .targets import Target, find_targets, get_weight, target_weight
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class FullStore:
 
     def __init__(self, targets: Iterable[Target], config: GoraConfig, device: torch.device) -> None:
         self.config = config
-        self.sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
+        self.sums = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=device) for t in targets}
 
     def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None:
         raise RuntimeError("the full store has no pilot pass")
@@ -356,7 +357,7 @@ class _Estimation:
         self.routes: list[Route] = [
             _ModuleRoute(self, t, model.get_submodule(t.name))
             if routes[t.name] == "hooks"
-            else _WeightRoute(self, t, model.get_submodule(t.name).weight)
+            else _WeightRoute(self, t, target_weight(model, t))
             for t in targets
         ]
         self.sharded = [isinstance(r, _WeightRoute) and r.sharded for r in self.routes]
@@ -435,7 +436,7 @@ def choose_routes(model: nn.Module, targets: list[Target], config: GoraConfig) -
         ValueError: bitsandbytes targets with gradient_route="weights" (they have no weight gradient), or 4-bit
             layers anywhere in the model in bitsandbytes' CPU inference layout (no backward through them).
     """
-    modules = {t.name: model.get_submodule(t.name) for t in targets}
+    modules = {t.name: model.get_submodule(t.name) for t in targets if not t.parameter}
     quantized = {name: module for name, module in modules.items() if bnb_kind(module) is not None}
     if quantized and config.gradient_route == "weights":
         raise ValueError(
@@ -445,7 +446,8 @@ def choose_routes(model: nn.Module, targets: list[Target], config: GoraConfig) -
         )
     check_backpropagates({name: module for name, module in model.named_modules() if bnb_kind(module) == "4bit"})
     hooks = config.gradient_route == "hooks"
-    return {name: "hooks" if hooks or name in quantized else "weights" for name in modules}
+    routes = {name: "hooks" if hooks or name in quantized else "weights" for name in modules}
+    return {t.name: routes.get(t.name, "weights") for t in targets}  # parameters: their own gradient
 
 
 def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) -> GradientStats:
@@ -505,6 +507,15 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
         info["sketch_samples"] = config.sketch_samples
     if adaptive is not None:
         info["adaptive"] = adaptive.report(local_batches, global_batches)
+    unreached = unreached_experts(tables["gradients"])
+    if unreached:  # docs/moe.md: reported, and left out of their stack's importance
+        info["unreached_experts"] = unreached
+        logger.warning(
+            "GoRA: no token reached these experts in %d batches (their G_e = 0, B0_e = 0; their stack's importance is "
+            "the mean over the experts reached): %s",
+            global_batches,
+            "; ".join(f"{name}: {experts}" for name, experts in unreached.items()),
+        )
     return GradientStats(
         targets=run.targets,
         gradients=tables["gradients"],
@@ -525,7 +536,7 @@ def _names(names: list[str], limit: int = 4) -> str:
 
 def _layout(target: Target, tensor: torch.Tensor) -> torch.Tensor:
     """A weight or gradient in the [m, n] layout (Conv1D stores [n, m])."""
-    return tensor.T if target.transposed else tensor
+    return tensor.transpose(-2, -1) if target.transposed else tensor
 
 
 class _Adaptive:
@@ -625,7 +636,7 @@ def _estimation_state(model: nn.Module, targets: list[Target], routes: dict[str,
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    weights = [model.get_submodule(t.name).weight for t in targets if routes[t.name] == "weights"]
+    weights = [target_weight(model, t) for t in targets if routes[t.name] == "weights"]
     with modes_restored(model):
         try:
             for p in params:

@@ -260,8 +260,10 @@ def _check_exportable(adapter: SavedAdapter) -> None:
         )
     if config.target_parameters:
         raise ValueError(
-            f"{str(adapter.folder)!r} adapts parameters directly (target_parameters), which this export does not "
-            "handle: serve it with PEFT or merge it (gora merge)"
+            f"{str(adapter.folder)!r} adapts parameters directly (target_parameters: fused expert stacks, PEFT's "
+            "lora_A (r·E, in) / lora_B (out, r·E) layout), which this export cannot write for vLLM or llama.cpp: it "
+            "writes per-module LoRA tensors, and neither engine is known here to load PEFT's expert layout "
+            "(docs/moe.md). Serve it with PEFT or merge it (gora merge)"
         )
     for name in adapter.layers:
         r, _ = peft_scaling(config, name)

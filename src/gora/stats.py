@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .distributed import full_tensor, unwrap_model
+from .experts import get_parameter
 from .fileio import atomic_write
 from .qlayers import bnb_kind, dequantize
 from .targets import Target
@@ -60,8 +61,9 @@ class GradientStats:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return {t.name: (t.m, t.n) for t in self.targets if t.name in self.gradients or t.name in self.sketches}
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> (m, n), or (E, m, n) for an expert stack (docs/moe.md)."""
+        return {t.name: t.shape for t in self.targets if t.name in self.gradients or t.name in self.sketches}
 
     def nbytes(self) -> int:
         """Bytes held by the statistics' tensors."""
@@ -80,7 +82,8 @@ def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
     model = unwrap_model(model)
     digest = hashlib.sha256()
     for t in targets:
-        digest.update(f"{t.name}:{t.m}x{t.n}:{int(t.transposed)};".encode())
+        experts = f":E{t.experts}" if t.parameter else ""  # unchanged for module targets
+        digest.update(f"{t.name}:{t.m}x{t.n}:{int(t.transposed)}{experts};".encode())
     for i in _picks(len(targets)):
         digest.update(_leading_values(model, targets[i]))
     return digest.hexdigest()
@@ -118,7 +121,16 @@ def _picks(count: int) -> list[int]:
 
 
 def _weight_module(model: nn.Module, name: str) -> nn.Module:
-    """The module `name` of `model` (the base layer inside a PEFT LoRA layer), which must have a weight."""
+    """The module `name` of `model` (the base layer inside a PEFT LoRA layer), which must have a weight; for a
+    parameter name (target_parameters) a stand-in whose `weight` is that parameter."""
+    try:
+        if not isinstance(model.get_submodule(name), nn.Module):
+            raise AttributeError(name)
+    except AttributeError:
+        try:
+            return _Parameter(get_parameter(model, name))
+        except (AttributeError, ValueError):
+            pass
     try:
         module = model.get_submodule(name)
         if hasattr(module, "get_base_layer"):  # a PEFT LoRA layer around the target (the adapter was built since)
@@ -129,9 +141,19 @@ def _weight_module(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
+class _Parameter:
+    """A targeted parameter seen as a module with that weight (its 2-D, or its first expert's, leading values)."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.weight = param[0] if param.dim() == 3 else param
+        self.shape = tuple(param.shape)
+
+
 def _leading_values(model: nn.Module, target: Target) -> bytes:
     module = _weight_module(model, target.name)
-    if bnb_kind(module) is not None:  # packed integers: check the layer's shape, read its dequantized values
+    if isinstance(module, _Parameter):
+        shape, expected = module.shape, _stored_shape(target)
+    elif bnb_kind(module) is not None:  # packed integers: check the layer's shape, read its dequantized values
         shape, expected = (module.out_features, module.in_features), (target.m, target.n)
     else:  # the stored layout, as it always was read ([n, m] for Conv1D)
         shape, expected = (
@@ -141,6 +163,12 @@ def _leading_values(model: nn.Module, target: Target) -> bytes:
     if shape != expected:
         raise ValueError(f"{target.name} has weight shape {shape}, the statistics expect {expected}")
     return _leading_block(module)
+
+
+def _stored_shape(target: Target) -> tuple[int, ...]:
+    """The shape a targeted parameter is stored in: [m, n], (E, m, n), or (E, n, m) when transposed."""
+    inner = (target.n, target.m) if target.transposed else (target.m, target.n)
+    return (target.experts, *inner) if target.experts else inner
 
 
 def _leading_block(module: nn.Module) -> bytes:
@@ -173,7 +201,7 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fingerprint": model_fingerprint(model, stats.targets),
-        "targets": [[t.name, t.m, t.n, t.transposed] for t in stats.targets],
+        "targets": [_target_row(t) for t in stats.targets],
         "num_batches": stats.num_batches,
         "no_grad": list(stats.no_grad),
         "store": stats.store,
@@ -184,6 +212,15 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
         "versions": versions(),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"gora": json.dumps(header)}))
+
+
+def _target_row(t: Target) -> list[Any]:
+    row = [t.name, t.m, t.n, t.transposed]
+    return [*row, t.parameter, t.experts] if t.parameter else row  # module targets: the format as it always was
+
+
+def _target(name: str, m: int, n: int, transposed: bool, parameter: bool = False, experts: int = 0) -> Target:
+    return Target(name, int(m), int(n), bool(transposed), parameter=bool(parameter), experts=int(experts))
 
 
 def load_gradient_stats(
@@ -222,7 +259,7 @@ def load_gradient_stats(
                 f"{path} is format {header.get('format')!r} v{header.get('format_version')}, this gora reads "
                 f"{FORMAT!r} v{FORMAT_VERSION}: re-estimate the statistics"
             )
-        targets = [Target(name, int(m), int(n), bool(tr)) for name, m, n, tr in header["targets"]]
+        targets = [_target(*row) for row in header["targets"]]
         fingerprint = model_fingerprint(model, targets)
         if fingerprint != header["fingerprint"]:
             raise ValueError(
