@@ -145,3 +145,33 @@ def parameter_patterns_quiet(parameters: Sequence[str]) -> Iterator[None]:
                 if set(ast.literal_eval(listed)) <= set(parameters):
                     continue
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def check_parameter_layers(
+    model: nn.Module, target_parameters: Sequence[str], layers: Mapping[str, tuple[torch.Size, torch.Size]]
+) -> tuple[list[str], set[str]]:
+    """Whether a saved adapter's parameter layers fit `model`: (problems, the saved layer names they cover).
+
+    PEFT saves the ParamWrappers of one module under that module's name, nested ones under `….base_layer`, so a
+    saved (lora_A, lora_B) pair is matched to a parameter of the module by its (in, out) shape: the multiset of
+    the saved pairs' (in, out) must be that of the module's targeted parameters as PEFT reads them.
+    """
+    problems: list[str] = []
+    covered: set[str] = set()
+    owners: dict[str, list[tuple[int, int]]] = {}
+    for name in target_parameters:
+        owner, _, param_name = name.rpartition(".")
+        try:
+            module, _ = _owner(model, name)
+        except (AttributeError, ValueError):
+            problems.append(f"{name} does not exist in the base model")
+            continue
+        experts, m, n, _ = parameter_shape(name, module)
+        owners.setdefault(owner, []).append((n, m))
+    for owner, expected in owners.items():
+        saved = {k: v for k, v in layers.items() if k.replace(".base_layer", "") == owner}
+        covered |= set(saved)
+        got = sorted((int(A[1]), int(B[0])) for A, B in saved.values())
+        if got != sorted(expected):
+            problems.append(f"{owner} has parameters of (in, out) {sorted(expected)}, the adapter's are {got}")
+    return problems, covered

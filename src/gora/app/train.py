@@ -39,7 +39,8 @@ from torch import nn
 
 from ..config import GoraConfig
 from ..distributed import world_size
-from ..export import DTYPES, export_adapter
+from ..experts import check_parameter_layers
+from ..export import DTYPES, export_adapter, unexported_serving
 from ..fileio import staged_folder
 from ..model import attach_record
 from ..record import RECORD_NAME, GoraRecord
@@ -415,6 +416,9 @@ def _final_folders(
         final = dataclasses.replace(result, adapter_dir=str(run.adapter), output_dir=str(run.path / SERVING))
         serving.update(final.to_dict())
 
+    if any(getattr(c, "target_parameters", None) for c in peft_model.peft_config.values()):  # docs/moe.md
+        serving.update(unexported_serving(run.adapter))
+        return {ADAPTER: adapter}
     return {ADAPTER: adapter, SERVING: adapter_serving}
 
 
@@ -857,7 +861,7 @@ def _write_report(report: dict[str, Any], run: RunFolder, log_history: list[dict
     outputs = {
         "folder": final,
         "adapter": str(run.adapter),
-        "adapter_serving": os.path.join(final, SERVING),
+        **({"adapter_serving": os.path.join(final, SERVING)} if os.path.isdir(os.path.join(final, SERVING)) else {}),
         "report": os.path.join(final, "report.json"),
         "status": os.path.join(final, STATUS),
         "init": str(run.init),
@@ -1024,8 +1028,12 @@ def _check_base_fits(model: nn.Module, adapter: str, base: str) -> None:
     from ..export import read_adapter
 
     saved = read_adapter(adapter)
-    problems = []
-    for name, layer in saved.layers.items():
+    problems, covered = check_parameter_layers(  # target_parameters: fused expert stacks (docs/moe.md)
+        model,
+        saved.config.target_parameters or [],
+        {n: (saved.tensors[x.a_key].shape, saved.tensors[x.b_key].shape) for n, x in saved.layers.items()},
+    )
+    for name, layer in ((n, x) for n, x in saved.layers.items() if n not in covered):
         A, B = saved.tensors[layer.a_key], saved.tensors[layer.b_key]
         out_in = (int(B.shape[0]), int(A.shape[1]))
         if layer.a_key.endswith("lora_embedding_A") or saved.config.fan_in_fan_out:  # weight stored [in, out]
