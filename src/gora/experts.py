@@ -160,13 +160,13 @@ def check_parameter_layers(
     covered: set[str] = set()
     owners: dict[str, list[tuple[int, int]]] = {}
     for name in target_parameters:
-        owner, _, param_name = name.rpartition(".")
+        owner = name.rpartition(".")[0]
         try:
             module, _ = _owner(model, name)
         except (AttributeError, ValueError):
             problems.append(f"{name} does not exist in the base model")
             continue
-        experts, m, n, _ = parameter_shape(name, module)
+        _, m, n, _ = parameter_shape(name, module)
         owners.setdefault(owner, []).append((n, m))
     for owner, expected in owners.items():
         saved = {k: v for k, v in layers.items() if k.replace(".base_layer", "") == owner}
