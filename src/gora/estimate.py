@@ -45,7 +45,7 @@ from .distributed import (
     world_size,
 )
 from .distributed import rank as dist_rank
-from .experts import unreached_experts
+from .experts import report_unreached_experts
 from .importance import layer_importance
 from .qlayers import bnb_kind, check_backpropagates
 from .stats import GradientStats
@@ -507,15 +507,7 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
         info["sketch_samples"] = config.sketch_samples
     if adaptive is not None:
         info["adaptive"] = adaptive.report(local_batches, global_batches)
-    unreached = unreached_experts(tables["gradients"])
-    if unreached:  # docs/moe.md: reported, and left out of their stack's importance
-        info["unreached_experts"] = unreached
-        logger.warning(
-            "GoRA: no token reached these experts in %d batches (their G_e = 0, B0_e = 0; their stack's importance is "
-            "the mean over the experts reached): %s",
-            global_batches,
-            "; ".join(f"{name}: {experts}" for name, experts in unreached.items()),
-        )
+    report_unreached_experts(tables["gradients"], info, global_batches)
     return GradientStats(
         targets=run.targets,
         gradients=tables["gradients"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -25,6 +26,8 @@ import torch
 from torch import nn
 
 from .config import ALL_EXPERTS
+
+logger = logging.getLogger(__name__)
 
 
 def match_parameters(model: nn.Module, target_parameters: Sequence[str] | str) -> list[tuple[str, nn.Module]]:
@@ -124,6 +127,20 @@ def unreached_experts(gradients: Mapping[str, torch.Tensor]) -> dict[str, list[i
             if zero:
                 out[name] = zero
     return out
+
+
+def report_unreached_experts(gradients: Mapping[str, torch.Tensor], info: dict, batches: int) -> None:
+    """Log the experts that no token reached and keep them in `info["unreached_experts"]` (the statistics' info,
+    which the adapter's record carries): they get B0_e = 0 and stay out of their stack's importance."""
+    unreached = unreached_experts(gradients)
+    if unreached:
+        info["unreached_experts"] = unreached
+        logger.warning(
+            "GoRA: no token reached these experts in %d batches (their G_e = 0, B0_e = 0; their stack's importance is "
+            "E times the mean over the experts reached): %s",
+            batches,
+            "; ".join(f"{name}: {experts}" for name, experts in unreached.items()),
+        )
 
 
 _PATTERN_WARNING = "keys did not match any targeted module and were ignored: "
