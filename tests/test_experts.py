@@ -347,3 +347,46 @@ def test_export_names_the_engines_that_cannot_serve_expert_adapters(tmp_path):
     with pytest.raises(ValueError, match=r"vLLM or llama\.cpp"):
         gora.export_adapter(tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_qgora_refuses_expert_stacks_with_the_model_untouched():
+    """Property: QGoRA (4-bit base) does not handle target_parameters and says so before changing anything."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    model = make_mixtral()
+    before = snapshot(model)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="QGoRA does not handle target_parameters"):
+        gora.get_qgora_model(model, config(), lm_batches(3), quantization_config=nf4, show_progress=False)
+    assert_same(before, snapshot(model))
+
+
+def test_prepare_trainer_trains_the_expert_adapters(tmp_path):
+    """Property: `prepare_trainer` on a Mixtral builds the adapter from the trainer's own batches; training moves
+    the expert adapters and leaves the base's expert stacks as they were."""
+    from transformers import Trainer, TrainingArguments
+
+    model = make_mixtral()
+    rows = [{"input_ids": b["input_ids"][i], "labels": b["labels"][i]} for b in lm_batches(8) for i in range(2)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    stacks = {n: p.detach().clone() for n, p in _stacks(model).items()}
+    peft_model = gora.prepare_trainer(trainer, config(num_batches=2), show_progress=False)
+    start = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "experts" in n and "lora_" in n}
+    assert len(start) == 2 * 4
+    trainer.train()
+    moved = dict(peft_model.named_parameters())
+    assert all(not torch.equal(moved[n], p) for n, p in start.items())
+    for name, value in stacks.items():
+        assert torch.equal(lora_layer(peft_model.get_base_model(), name).get_param(), value), name

@@ -27,25 +27,13 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return {"model": save_mixtral(folder / "mixtral"), "data": write_jsonl(folder / "sums.jsonl", sum_rows(40))}
 
 
-def _options(inputs: dict[str, Path]) -> list[str]:
+def _options(inputs: dict[str, Path], *, gamma: bool = True) -> list[str]:
+    """The run's options; with `gamma`, GoRA's gamma='auto' (else the method's own options are added by the test)."""
     return [
         *["--model", str(inputs["model"]), "--task", "sft", "--train-file", str(inputs["data"])],
         *["--target-modules", "q_proj", "v_proj", "--target-parameters", "all-experts"],
-        *[
-            "--r",
-            "4",
-            "--min-rank",
-            "1",
-            "--max-rank",
-            "8",
-            "--num-batches",
-            "2",
-            "--gamma",
-            "auto",
-            "--gamma-batches",
-            "2",
-        ],
-        *["--batch-size", "4"],
+        *["--r", "4", "--min-rank", "1", "--max-rank", "8", "--num-batches", "2", "--batch-size", "4"],
+        *(["--gamma", "auto", "--gamma-batches", "2"] if gamma else []),
         *["--max-steps", str(STEPS), "--save-strategy", "steps", "--save-steps", "2", "--logging-steps", "1"],
         *["--threads", "1", "-q", "--no-eval-before"],
     ]
@@ -134,3 +122,16 @@ def test_merge_computes_base_plus_adapter_and_export_refuses(finished, inputs, t
     assert main(["export", "--adapter", str(finished / "adapter"), "--output-dir", str(export)]) == 2
     assert "vLLM or llama.cpp" in capsys.readouterr().err
     assert not export.exists()
+
+
+def test_rslora_baseline_adapts_the_same_expert_stacks(inputs, tmp_path):
+    """Protects the baseline of the paired comparison: `--method rslora` adapts the same modules and expert stacks
+    at rank r, and its LoRA parameter count r·Σ E_i·(m_i + n_i) is what PEFT trains."""
+    out = tmp_path / "rslora"
+    argv = ["finetune", *_options(inputs, gamma=False), "--method", "rslora", "--max-steps", "1"]
+    status, err = _run([*argv, "--output-dir", str(out)])
+    assert status == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["adapter"] == report["params"]["trainable_total"]
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert len(config["target_parameters"]) == 4 and config["use_rslora"]

@@ -129,6 +129,11 @@ def _parameter_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
     """The targets of `config.target_parameters` (docs/moe.md), in model order."""
     if config.target_parameters is None:
         return []
+    if any(bnb_kind(module) is not None for module in model.modules()):
+        raise ValueError(
+            "target_parameters on a bitsandbytes-quantized model is not supported (PEFT's parameter adapters over a "
+            "quantized base are untested here): load the model in full precision, or drop target_parameters"
+        )
     matched = match_parameters(model, config.target_parameters)
     if not matched:
         shown = _short([n for n, p in model.named_parameters() if p.dim() == 3])

@@ -113,18 +113,21 @@ def lora_model(model: nn.Module, config: GoraConfig, method: Method) -> Any:
     from ..targets import find_targets
 
     targets = find_targets(model, config)
+    modules = [t for t in targets if not t.parameter]
     kwargs = dict(config.lora_kwargs)
-    kwargs.setdefault("fan_in_fan_out", all(t.transposed for t in targets))
+    kwargs.setdefault("fan_in_fan_out", bool(modules) and all(t.transposed for t in modules))
+    if len(modules) < len(targets):  # target_parameters (docs/moe.md)
+        kwargs["target_parameters"] = [t.name for t in targets if t.parameter]
     lora_config = LoraConfig(
         r=config.r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=[t.name for t in targets],
+        target_modules=[t.name for t in modules],
         use_rslora=method == "rslora",
         **kwargs,
     )
     peft_model = get_peft_model(model, lora_config)
-    peft_model.__dict__["lora_shapes"] = {t.name: (t.m, t.n) for t in targets}
+    peft_model.__dict__["lora_shapes"] = {t.name: t.shape for t in targets}  # (E, m, n) for an expert stack
     return peft_model
 
 
@@ -705,7 +708,7 @@ def _adapt(
         peft_model = lora_model(task.model, gora, train.method)
         shapes = peft_model.lora_shapes
         ranks = dict.fromkeys(shapes, gora.r)
-        adapter = lora = gora.r * sum(m + n for m, n in shapes.values())
+        adapter = lora = gora.r * sum((s[0] if len(s) == 3 else 1) * (s[-2] + s[-1]) for s in shapes.values())
         timings[f"{train.method}_init_s"] = time.perf_counter() - start
     float32_trainables(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
