@@ -80,6 +80,23 @@ def make_qwen3_moe(seed: int = 0, experts: int = 4):
     return Qwen3MoeForCausalLM(config).eval()
 
 
+def make_gpt_oss(seed: int = 0, experts: int = 4):
+    """A tiny gpt-oss, whose experts are stored transposed (`is_transposed`): gate_up_proj (E, 32, 32) = (E, in,
+    out), down_proj (E, 16, 32) = (E, in=I, out=H)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(
+        **MOE_FIELDS,
+        head_dim=8,
+        intermediate_size=16,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        layer_types=["full_attention", "full_attention"],
+    )
+    return GptOssForCausalLM(config).eval()
+
+
 def make_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

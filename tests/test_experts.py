@@ -19,9 +19,18 @@ import gora
 from gora.experts import from_peft_layout, lora_layer, to_peft_layout
 from gora.initialize import draw_lora_A, layer_scaling
 from gora.targets import find_targets
-from helpers import assert_close, assert_same, lm_batches, make_llama, make_mixtral, make_qwen3_moe, snapshot
+from helpers import (
+    assert_close,
+    assert_same,
+    lm_batches,
+    make_gpt_oss,
+    make_llama,
+    make_mixtral,
+    make_qwen3_moe,
+    snapshot,
+)
 
-MAKERS = {"mixtral": make_mixtral, "qwen3_moe": make_qwen3_moe}
+MAKERS = {"mixtral": make_mixtral, "qwen3_moe": make_qwen3_moe, "gpt_oss": make_gpt_oss}  # gpt-oss: transposed
 
 
 def config(**kwargs) -> gora.GoraConfig:
@@ -59,16 +68,20 @@ def manual_stack_gradients(model, batches) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", list(MAKERS))
 def test_targets_are_the_expert_stacks_in_pefts_orientation(kind):
     """Property: "all-experts" and PEFT-style suffixes select the same 3-D parameters; each is E experts of
-    [m, n] = [out, in] as PEFT's ParamWrapper reads them (gate_up_proj: 2·I x H, down_proj: H x I)."""
-    model = make_mixtral() if kind == "mixtral" else make_qwen3_moe()
+    [m, n] = [out, in] as PEFT's ParamWrapper reads them: (E, out, in) stored, or (E, in, out) where the module sets
+    is_transposed (gpt-oss); down_proj maps the intermediate size back to the hidden size."""
+    model = MAKERS[kind]()
     targets = find_targets(model, config(target_modules=[]))
     by_suffix = find_targets(model, config(target_modules=[], target_parameters=["gate_up_proj", "down_proj"]))
     assert targets == by_suffix and len(targets) == 4
-    experts = model.model.layers[0].mlp.experts
-    inter, hidden = experts.intermediate_dim, experts.hidden_dim
+    hidden = model.config.hidden_size
+    transposed = kind == "gpt_oss"
     for t in targets:
-        assert t.parameter and t.experts == 4 and not t.transposed
-        assert (t.m, t.n) == ((2 * inter, hidden) if t.name.endswith("gate_up_proj") else (hidden, inter))
+        stored = tuple(model.get_parameter(t.name).shape)
+        assert t.parameter and t.experts == 4 and t.transposed == transposed
+        assert stored == ((4, t.n, t.m) if transposed else (4, t.m, t.n))
+        if t.name.endswith("down_proj"):
+            assert t.m == hidden and t.n < hidden
 
 
 @pytest.mark.parametrize("kind", list(MAKERS))
@@ -80,9 +93,11 @@ def test_stack_gradient_is_its_own_mean_gradient_per_expert(kind):
     want = manual_stack_gradients(model, batches)
     stats = gora.estimate_gradients(model, config(target_modules=[]), batches, show_progress=False)
     assert set(stats.gradients) == set(want)
+    transposed = {t.name: t.transposed for t in stats.targets}
     for name, G in stats.gradients.items():
-        assert G.dtype == torch.float32 and G.shape == want[name].shape
-        assert_close(G, want[name].float(), rtol=1e-4, msg=name)
+        expected = want[name].transpose(-2, -1) if transposed[name] else want[name]  # G is [E, out, in]
+        assert G.dtype == torch.float32 and G.shape == expected.shape
+        assert_close(G, expected.float(), rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("kind", list(MAKERS))
@@ -104,7 +119,9 @@ def test_first_step_is_one_descent_step_per_expert(kind):
         s = layer.scaling["default"]
         assert s == pytest.approx(layer_scaling(cfg, r))
         A, B = from_peft_layout(layer.lora_A["default"].weight, layer.lora_B["default"].weight, G.shape[0])
-        delta = layer.get_delta_weight("default")  # PEFT's own ΔW: (E, out, in) here
+        delta = layer.get_delta_weight("default")  # PEFT's own ΔW, in the stored layout
+        if stats.targets[[t.name for t in stats.targets].index(name)].transposed:  # gpt-oss: (E, in, out)
+            delta = delta.transpose(-2, -1)
         for e in range(G.shape[0]):
             n = G.shape[2]
             assert torch.equal(A[e], draw_lora_A(f"{name}.{e}", r, n, cfg.seed))
@@ -390,3 +407,15 @@ def test_prepare_trainer_trains_the_expert_adapters(tmp_path):
     assert all(not torch.equal(moved[n], p) for n, p in start.items())
     for name, value in stacks.items():
         assert torch.equal(lora_layer(peft_model.get_base_model(), name).get_param(), value), name
+
+
+def test_adaptive_stopping_over_expert_stacks():
+    """Property: adaptive stopping reads the stacks' running importances; stopping after k batches gives exactly
+    the statistics of a plain estimation over those k batches."""
+    batches = lm_batches(5)
+    cfg = config(num_batches=5, adaptive_batches=True, adaptive_threshold=1e6, adaptive_min_batches=2)
+    stats = gora.estimate_gradients(make_mixtral(), cfg, batches, show_progress=False)
+    assert stats.info["adaptive"]["stopped_early"] and stats.num_batches == 2
+    plain = gora.estimate_gradients(make_mixtral(), config(num_batches=2), batches, show_progress=False)
+    for name, G in plain.gradients.items():
+        assert_close(stats.gradients[name], G, rtol=1e-6, msg=name)
