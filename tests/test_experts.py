@@ -319,6 +319,7 @@ def test_gamma_auto_on_experts():
 
 REFUSALS = {
     "name matching nothing": (dict(target_parameters=["experts.no_such_proj"]), "matches no parameter"),
+    "module name matching nothing": (dict(target_modules=["no_such_proj"]), "matches no nn.Linear"),
     "a 1-D parameter": (dict(target_parameters=["input_layernorm.weight"]), "2-D parameters and 3-D"),
     "a parameter of a module target": (
         dict(target_modules=["q_proj"], target_parameters=["q_proj.weight"]),

@@ -9,6 +9,7 @@ importances of sketched layers and library versions. Never pickle. Written throu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -123,14 +124,15 @@ def _picks(count: int) -> list[int]:
 def _weight_module(model: nn.Module, name: str) -> nn.Module:
     """The module `name` of `model` (the base layer inside a PEFT LoRA layer), which must have a weight; for a
     parameter name (target_parameters) a stand-in whose `weight` is that parameter."""
-    try:
-        if not isinstance(model.get_submodule(name), nn.Module):
-            raise AttributeError(name)
-    except AttributeError:
-        try:
-            return _Parameter(get_parameter(model, name))
-        except (AttributeError, ValueError):
-            pass
+    with contextlib.suppress(AttributeError):
+        model.get_submodule(name)
+        return _check_weight(model, name)
+    with contextlib.suppress(AttributeError, ValueError):  # not a module: a targeted parameter?
+        return _Parameter(get_parameter(model, name))
+    return _check_weight(model, name)
+
+
+def _check_weight(model: nn.Module, name: str) -> nn.Module:
     try:
         module = model.get_submodule(name)
         if hasattr(module, "get_base_layer"):  # a PEFT LoRA layer around the target (the adapter was built since)

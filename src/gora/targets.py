@@ -54,6 +54,8 @@ def base_lora_config(config: GoraConfig, model: nn.Module):
         from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults and config.target_parameters is not None:
+            return LoraConfig(target_modules=[], **config.lora_kwargs)  # PEFT: the parameters alone
         if model_type not in defaults:
             raise ValueError(
                 f"target_modules is not set and PEFT has no default targets for model type {model_type!r}: "
@@ -66,7 +68,8 @@ def base_lora_config(config: GoraConfig, model: nn.Module):
 
 
 def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
-    """The target modules of `model`, in `named_modules` order, as PEFT would match them.
+    """The target modules of `model`, in `named_modules` order, as PEFT would match them, then the targeted
+    parameters (`target_parameters`, docs/moe.md) in model order.
 
     Raises:
         ValueError: when nothing matches, when the model already carries PEFT adapters, or when a matched module is
@@ -116,7 +119,7 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
             "Narrow target_modules (or use exclude_modules in lora_kwargs)"
         )
     _check_shared_weights(model, targets)
-    if not targets and not parameters and config.target_modules != ():
+    if not targets and config.target_modules != ():  # [] = parameters only, as in PEFT
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no nn.Linear/Conv1D module of this "
             f"{type(model).__name__}. Module names look like: {_short(_linear_names(model))}"
