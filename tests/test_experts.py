@@ -233,6 +233,11 @@ def test_saved_adapter_reloads_in_plain_peft_and_merges(kind, tmp_path):
         merged = loaded.merge_and_unload()
         assert_close(merged(**batch).logits, want, rtol=1e-5)
     assert (tmp_path / "adapter" / "gora_record.json").is_file()
+    record = peft_model.gora_records["default"]  # the base it was made on, read through the expert stacks too
+    assert any("experts" in m for m in record.base_model["modules"])
+    assert record.check_base(MAKERS[kind]()) is True
+    with pytest.raises(ValueError, match="not the base model"):
+        record.check_base(MAKERS[kind](seed=1))
 
 
 def test_a_training_step_moves_the_expert_adapters_down_the_loss():
