@@ -135,3 +135,22 @@ def test_rslora_baseline_adapts_the_same_expert_stacks(inputs, tmp_path):
     assert report["params"]["adapter"] == report["params"]["trainable_total"]
     config = json.loads((out / "adapter/adapter_config.json").read_text())
     assert len(config["target_parameters"]) == 4 and config["use_rslora"]
+
+
+def test_allocate_reports_expert_stacks_at_loras_budget(inputs, tmp_path):
+    """Protects `gora allocate` on a MoE model: the report's parameter counts are over E matrices per stack
+    (LoRA at r on the same targets = r·Σ E_i·(m_i + n_i)), and every stack has a rank."""
+    out = tmp_path / "allocate"
+    argv = ["allocate", "--model", str(inputs["model"]), "--task", "sft", "--train-file", str(inputs["data"])]
+    argv += ["--target-modules", "q_proj", "v_proj", "--target-parameters", "all-experts", "--r", "4"]
+    argv += ["--min-rank", "1", "--num-batches", "2", "--threads", "1", "-q", "--output-dir", str(out)]
+    status, err = _run(argv)
+    assert status == 0, err
+    report = json.loads((out / "report.json").read_text())
+    # computed from the model: q_proj and v_proj of 2 layers, and 2 stacks of E matrices per layer
+    model = transformers.AutoModelForCausalLM.from_pretrained(inputs["model"])
+    q, v = model.model.layers[0].self_attn.q_proj.weight.shape, model.model.layers[0].self_attn.v_proj.weight.shape
+    experts = model.model.layers[0].mlp.experts
+    stacks = sum(p.shape[0] * (p.shape[1] + p.shape[2]) for p in (experts.gate_up_proj, experts.down_proj))
+    assert report["params"]["lora_same_r"] == 4 * 2 * (sum(q) + sum(v) + stacks)
+    assert sum("experts" in name for name in report["ranks"]) == 4
