@@ -42,11 +42,12 @@ from .distributed import (
     world_size,
 )
 from .distributed import rank as dist_rank
+from .experts import report_unreached_experts
 from .routes import Route, _ModuleRoute, _WeightRoute, choose_routes
 from .sketch import SketchStore
 from .stats import GradientStats
 from .stores import FullStore, GradientStore, Outer
-from .targets import Target, find_targets, get_weight
+from .targets import Target, find_targets, get_weight, target_weight
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class _Estimation:
         self.routes: list[Route] = [
             _ModuleRoute(self, t, model.get_submodule(t.name))
             if routes[t.name] == "hooks"
-            else _WeightRoute(self, t, model.get_submodule(t.name).weight)
+            else _WeightRoute(self, t, target_weight(model, t))
             for t in targets
         ]
         self.sharded = [isinstance(r, _WeightRoute) and r.sharded for r in self.routes]
@@ -278,6 +279,7 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
         info["sketch_samples"] = config.sketch_samples
     if adaptive is not None:
         info["adaptive"] = adaptive.report(local_batches, global_batches)
+    report_unreached_experts(tables["gradients"], info, global_batches)
     return GradientStats(
         targets=run.targets,
         gradients=tables["gradients"],
@@ -393,7 +395,7 @@ def _estimation_state(model: nn.Module, targets: list[Target], routes: dict[str,
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    weights = [model.get_submodule(t.name).weight for t in targets if routes[t.name] == "weights"]
+    weights = [target_weight(model, t) for t in targets if routes[t.name] == "weights"]
     with modes_restored(model):
         try:
             for p in params:

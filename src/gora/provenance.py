@@ -6,6 +6,7 @@ statistics file or an adapter used with another model can be refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 from typing import Any
@@ -16,6 +17,7 @@ from torch import nn
 from ._version import __version__
 from .config import GoraConfig
 from .distributed import full_tensor, unwrap_model
+from .experts import get_parameter
 from .qlayers import bnb_kind, dequantize
 from .targets import Target, find_targets
 
@@ -49,7 +51,8 @@ def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
     model = unwrap_model(model)
     digest = hashlib.sha256()
     for t in targets:
-        digest.update(f"{t.name}:{t.m}x{t.n}:{int(t.transposed)};".encode())
+        experts = f":E{t.experts}" if t.parameter else ""  # unchanged for module targets
+        digest.update(f"{t.name}:{t.m}x{t.n}:{int(t.transposed)}{experts};".encode())
     for i in _picks(len(targets)):
         digest.update(_leading_values(model, targets[i]))
     return digest.hexdigest()
@@ -96,7 +99,17 @@ def _picks(count: int) -> list[int]:
 
 
 def _weight_module(model: nn.Module, name: str) -> nn.Module:
-    """The module `name` of `model` (the base layer inside a PEFT LoRA layer), which must have a weight."""
+    """The module `name` of `model` (the base layer inside a PEFT LoRA layer), which must have a weight; for a
+    parameter name (target_parameters) a stand-in whose `weight` is that parameter."""
+    with contextlib.suppress(AttributeError):
+        model.get_submodule(name)
+        return _check_weight(model, name)
+    with contextlib.suppress(AttributeError, ValueError):  # not a module: a targeted parameter?
+        return _Parameter(get_parameter(model, name))
+    return _check_weight(model, name)
+
+
+def _check_weight(model: nn.Module, name: str) -> nn.Module:
     try:
         module = model.get_submodule(name)
         if hasattr(module, "get_base_layer"):  # a PEFT LoRA layer around the target (the adapter was built since)
@@ -107,9 +120,19 @@ def _weight_module(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
+class _Parameter:
+    """A targeted parameter seen as a module with that weight (its 2-D, or its first expert's, leading values)."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.weight = param[0] if param.dim() == 3 else param
+        self.shape = tuple(param.shape)
+
+
 def _leading_values(model: nn.Module, target: Target) -> bytes:
     module = _weight_module(model, target.name)
-    if bnb_kind(module) is not None:  # packed integers: check the layer's shape, read its dequantized values
+    if isinstance(module, _Parameter):
+        shape, expected = module.shape, _stored_shape(target)
+    elif bnb_kind(module) is not None:  # packed integers: check the layer's shape, read its dequantized values
         shape, expected = (module.out_features, module.in_features), (target.m, target.n)
     else:  # the stored layout, as it always was read ([n, m] for Conv1D)
         shape, expected = (
@@ -119,6 +142,12 @@ def _leading_values(model: nn.Module, target: Target) -> bytes:
     if shape != expected:
         raise ValueError(f"{target.name} has weight shape {shape}, the statistics expect {expected}")
     return _leading_block(module)
+
+
+def _stored_shape(target: Target) -> tuple[int, ...]:
+    """The shape a targeted parameter is stored in: [m, n], (E, m, n), or (E, n, m) when transposed."""
+    inner = (target.n, target.m) if target.transposed else (target.m, target.n)
+    return (target.experts, *inner) if target.experts else inner
 
 
 def _leading_block(module: nn.Module) -> bytes:

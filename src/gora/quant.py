@@ -210,6 +210,11 @@ def _check_quantization_config(quantization_config: Any, model: nn.Module) -> An
 
 
 def _check_linear_targets(model: nn.Module, config: GoraConfig) -> None:
+    if config.target_parameters is not None:  # docs/moe.md
+        raise ValueError(
+            "QGoRA does not handle target_parameters (fused expert stacks, which bitsandbytes does not quantize): "
+            "use get_gora_model on a full-precision model, or drop target_parameters"
+        )
     conv = [t.name for t in find_targets(model, config) if t.transposed]
     if conv:
         raise ValueError(

@@ -141,7 +141,7 @@ def choose_routes(model: nn.Module, targets: list[Target], config: GoraConfig) -
         ValueError: bitsandbytes targets with gradient_route="weights" (they have no weight gradient), or 4-bit
             layers anywhere in the model in bitsandbytes' CPU inference layout (no backward through them).
     """
-    modules = {t.name: model.get_submodule(t.name) for t in targets}
+    modules = {t.name: model.get_submodule(t.name) for t in targets if not t.parameter}
     quantized = {name: module for name, module in modules.items() if bnb_kind(module) is not None}
     if quantized and config.gradient_route == "weights":
         raise ValueError(
@@ -151,9 +151,10 @@ def choose_routes(model: nn.Module, targets: list[Target], config: GoraConfig) -
         )
     check_backpropagates({name: module for name, module in model.named_modules() if bnb_kind(module) == "4bit"})
     hooks = config.gradient_route == "hooks"
-    return {name: "hooks" if hooks or name in quantized else "weights" for name in modules}
+    routes = {name: "hooks" if hooks or name in quantized else "weights" for name in modules}
+    return {t.name: routes.get(t.name, "weights") for t in targets}  # parameters: their own gradient
 
 
 def _layout(target: Target, tensor: torch.Tensor) -> torch.Tensor:
     """A weight or gradient in the [m, n] layout (Conv1D stores [n, m])."""
-    return tensor.T if target.transposed else tensor
+    return tensor.transpose(-2, -1) if target.transposed else tensor

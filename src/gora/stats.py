@@ -57,8 +57,9 @@ class GradientStats:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return {t.name: (t.m, t.n) for t in self.targets if t.name in self.gradients or t.name in self.sketches}
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> (m, n), or (E, m, n) for an expert stack (docs/moe.md)."""
+        return {t.name: t.shape for t in self.targets if t.name in self.gradients or t.name in self.sketches}
 
     def nbytes(self) -> int:
         """Bytes held by the statistics' tensors."""
@@ -86,7 +87,7 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fingerprint": model_fingerprint(model, stats.targets),
-        "targets": [[t.name, t.m, t.n, t.transposed] for t in stats.targets],
+        "targets": [_target_row(t) for t in stats.targets],
         "num_batches": stats.num_batches,
         "no_grad": list(stats.no_grad),
         "store": stats.store,
@@ -97,6 +98,15 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
         "versions": versions(),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"gora": json.dumps(header)}))
+
+
+def _target_row(t: Target) -> list[Any]:
+    row = [t.name, t.m, t.n, t.transposed]
+    return [*row, t.parameter, t.experts] if t.parameter else row  # module targets: the format as it always was
+
+
+def _target(name: str, m: int, n: int, transposed: bool, parameter: bool = False, experts: int = 0) -> Target:
+    return Target(name, int(m), int(n), bool(transposed), parameter=bool(parameter), experts=int(experts))
 
 
 def load_gradient_stats(
@@ -143,7 +153,7 @@ def load_gradient_stats(
                 f"{path} is format {header.get('format')!r} v{header.get('format_version')}, this gora reads "
                 f"{FORMAT!r} v{FORMAT_VERSION}: re-estimate the statistics"
             )
-        targets = [Target(name, int(m), int(n), bool(tr)) for name, m, n, tr in header["targets"]]
+        targets = [_target(*row) for row in header["targets"]]
         fingerprint = model_fingerprint(model, targets)
         if fingerprint != header["fingerprint"]:
             raise ValueError(

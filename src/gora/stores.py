@@ -54,7 +54,7 @@ class FullStore:
 
     def __init__(self, targets: Iterable[Target], config: GoraConfig, device: torch.device) -> None:
         self.config = config
-        self.sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
+        self.sums = {t.name: torch.zeros(t.shape, dtype=torch.float32, device=device) for t in targets}
 
     def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None:
         raise RuntimeError("the full store has no pilot pass")

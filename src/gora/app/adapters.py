@@ -98,7 +98,7 @@ def build_adapter(
         peft_model = get_lora_model(task.model, gora, use_rslora=train.method == "rslora")
         shapes = peft_model.lora_shapes
         ranks = dict.fromkeys(shapes, gora.r)
-        adapter = lora = gora.r * sum(m + n for m, n in shapes.values())
+        adapter = lora = gora.r * sum((s[0] if len(s) == 3 else 1) * (s[-2] + s[-1]) for s in shapes.values())
         timings[f"{train.method}_init_s"] = time.perf_counter() - start
     float32_trainables(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()

@@ -241,6 +241,13 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
 
 def print_deploy(serving: dict[str, Any]) -> None:
     """Which folder goes to which tool: PEFT reads adapter/, the engines read adapter-serving/ (or cannot)."""
+    if serving.get("exported") is False:  # target_parameters: no engine export (docs/moe.md)
+        print(
+            f"deploy: PEFT -> {serving['adapter_dir']}; merged weights -> gora merge --adapter {serving['adapter_dir']}"
+        )
+        for note in (n for n in serving["engines"] if n["engine"] != "PEFT"):
+            print(f"  {note['engine']}: NOT servable: {note['note']}")
+        return
     print(
         f"deploy: PEFT -> {serving['adapter_dir']} (as trained, with gora_record.json) or {serving['output_dir']}; "
         f"vLLM and llama.cpp -> {serving['output_dir']} (each layer's scaling folded in, one rank "

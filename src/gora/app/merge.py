@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts import check_parameter_layers
 from ..export import DTYPES
 from ..fileio import check_output_folder, staged_folder
 from ..record import RECORD_NAME, GoraRecord
@@ -90,8 +91,12 @@ def _check_base_fits(model: nn.Module, adapter: str, base: str) -> None:
     from ..export import read_adapter
 
     saved = read_adapter(adapter)
-    problems = []
-    for name, layer in saved.layers.items():
+    problems, covered = check_parameter_layers(  # target_parameters: fused expert stacks (docs/moe.md)
+        model,
+        saved.config.target_parameters or [],
+        {n: (saved.tensors[x.a_key].shape, saved.tensors[x.b_key].shape) for n, x in saved.layers.items()},
+    )
+    for name, layer in ((n, x) for n, x in saved.layers.items() if n not in covered):
         A, B = saved.tensors[layer.a_key], saved.tensors[layer.b_key]
         out_in = (int(B.shape[0]), int(A.shape[1]))
         if layer.a_key.endswith("lora_embedding_A") or saved.config.fan_in_fan_out:  # weight stored [in, out]

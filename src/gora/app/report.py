@@ -187,7 +187,7 @@ def write_report(report: dict[str, Any], run: RunFolder, log_history: list[dict]
     outputs = {
         "folder": final,
         "adapter": str(run.adapter),
-        "adapter_serving": os.path.join(final, SERVING),
+        **({"adapter_serving": os.path.join(final, SERVING)} if os.path.isdir(os.path.join(final, SERVING)) else {}),
         "report": os.path.join(final, "report.json"),
         "status": os.path.join(final, STATUS),
         "init": str(run.init),

@@ -126,6 +126,7 @@ RESUME_FIXED: dict[str, str] = {
     **dict.fromkeys(
         (
             "target_modules",
+            "target_parameters",
             "r",
             "min_rank",
             "max_rank",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GoraConfig
-from ..export import export_adapter
+from ..export import export_adapter, unexported_serving
 from ..fileio import staged_folder
 from .callbacks import EpochEndSave, GracefulStop, SignalStop, StatusCallback, signal_name
 from .parallel import on_main
@@ -183,6 +183,9 @@ def _final_folders(
         final = dataclasses.replace(result, adapter_dir=str(run.adapter), output_dir=str(run.path / SERVING))
         serving.update(final.to_dict())
 
+    if any(getattr(c, "target_parameters", None) for c in peft_model.peft_config.values()):  # docs/moe.md
+        serving.update(unexported_serving(run.adapter))
+        return {ADAPTER: adapter}
     return {ADAPTER: adapter, SERVING: adapter_serving}
 
 
