@@ -110,3 +110,13 @@ def test_the_cycle_finder_finds_a_lazy_cycle():
     """Property: the check above can fail: a cycle closed only by an import inside a function is found."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c"]
     assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_module_is_over_500_lines():
+    """Property (issue #20): each module stays small enough to read in one sitting, one job per module."""
+    long = {
+        str(path.relative_to(LIBRARY)): n
+        for path in LIBRARY.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, f"split these modules by responsibility: {long}"
