@@ -50,7 +50,9 @@ def _batches(device: str, n: int = 4) -> list[dict[str, torch.Tensor]]:
     out = []
     for _ in range(n):
         ids = torch.randint(0, 256, (4, 24), generator=g)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)})
+        out.append(
+            {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+        )
     return out
 
 
