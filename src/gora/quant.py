@@ -14,7 +14,8 @@ Two starting points, one result (a stock PeftModel whose LoRA layers wrap bitsan
   exactly as transformers quantizes at load time, and the adapter is written on top. The adapter applies to the
   quantized base Q(W0): W = Q(W0) + s_i·B·A.
 
-Verified on CPU only (bitsandbytes 0.50 CPU backend, tiny config-built Llama); not yet run on a GPU.
+Verified on CPU (bitsandbytes 0.50 CPU backend, tiny config-built Llama) and on one H200 (benchmarks/results/
+gpu_check.json, gpu_qgora.json).
 """
 
 from __future__ import annotations
