@@ -31,11 +31,11 @@ from typing import Any
 
 from . import provenance
 from .stats import select_lr
-from .suites import EVIDENCE, SUITES, Block, main_specs, suite_specs, tune_specs
+from .suites import EVIDENCE, GATES, SUITES, Block, gate_specs, main_specs, suite_specs, tune_specs
 from .worker import run_id, run_spec
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SMOKE_SUITES = ("smoke", "evidence-smoke")
+SMOKE_SUITES = ("smoke", "evidence-smoke", "capacity-gate-smoke")
 
 logger = logging.getLogger("benchmarks.run")
 
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", help="evidence suites: replace the learning-rate grid")
     parser.add_argument("--blocks", nargs="+", help="evidence suites: only these blocks (see benchmarks.suites)")
     parser.add_argument("--methods", nargs="+", help="only these methods (see benchmarks.methods.METHODS)")
+    parser.add_argument("--gate-tasks", nargs="+", help="capacity gate: only these candidate tasks")
     parser.add_argument("--groups", nargs="+", help="historic suites: only these groups (main, cost, ablation, ...)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     parser.add_argument("--in-process", action="store_true", help="run here, not one subprocess per run")
@@ -261,6 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite in EVIDENCE:
         run_evidence(args.suite, args, runner, path)
         return 1 if runner is not None and runner.failed else 0
+    if args.suite in GATES:
+        specs = _filter(gate_specs(args.suite), args)
+        if args.gate_tasks:
+            specs = [s for s in specs if s["gate_task"] in args.gate_tasks]
+        if runner is None:
+            for spec in [s for s in specs if run_id(s) not in done_ids(path)]:
+                print("gate", run_id(spec))
+            return 0
+        runner.run(specs, args.suite)
+        return 1 if runner.failed else 0
 
     specs = suite_specs(args.suite, args.seeds)
     if args.groups:

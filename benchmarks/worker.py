@@ -22,7 +22,7 @@ import torch
 
 from . import methods as M
 from .measure import RssSampler, Timer, machine, maxrss_mb, now, versions
-from .tasks import load_task
+from .tasks import TaskData, autocast, load_task
 from .train import train
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,23 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def on_device(task: TaskData, spec: dict[str, Any]) -> None:
+    """Move the model and every batch to `spec["device"]` (default the CPU: nothing moves)."""
+    device = spec.get("device", "cpu")
+    if device == "cpu":
+        return
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device: run on a GPU machine or drop --device")
+    from gora.batches import to_device
+
+    task.model.to(device)
+    moved = {id(b): to_device(b, torch.device(device)) for b in task.train_batches}
+    task.train_batches = [moved[id(b)] for b in task.train_batches]
+    task.calib_batches = [
+        moved[id(b)] if id(b) in moved else to_device(b, torch.device(device)) for b in task.calib_batches
+    ]
+
+
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one spec (see `benchmarks.suites`) and return its record."""
     if spec.get("method") == "init-cost":
@@ -79,11 +96,14 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         with sampler.phase("load"):
             task = load_task(spec)
+            on_device(task, spec)
         model = task.model
         build_spec = {**spec, "steps": len(task.train_batches)}  # AdaLoRA's schedule needs the step count
         # one untimed forward+backward so that every method's timings start from a warm allocator
         model.train()
-        model(**task.calib_batches[0]).loss.backward()
+        with autocast(spec):
+            loss = model(**task.calib_batches[0]).loss
+        loss.backward()
         model.zero_grad(set_to_none=True)
         # the cost ratio of data-driven inits (historic suites; the evidence suites skip it to save time)
         measure = method.kind in M.DATA_DRIVEN and "stage" not in spec
@@ -112,6 +132,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 scheduler=spec["scheduler"],
                 loraplus_ratio=method.loraplus,
                 adalora=method.kind == "adalora",
+                autocast=lambda: autocast(spec),
             )
         if method.kind == "adalora":
             extra["adalora_rank_total_end"] = M.adalora_rank_total(model)
@@ -122,7 +143,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         sampler.close()
     estimate_s = float(info.pop("estimate_s"))
     init_s = float(info.pop("init_s"))
-    per_example = {k: metrics.pop(k) for k in ("predictions", "correct") if k in metrics}
+    per_example = {k: metrics.pop(k) for k in ("predictions", "correct", "nll_sum", "nll_tokens") if k in metrics}
     record: dict[str, Any] = {
         "suite": spec["suite"],
         "task": spec["task"],
@@ -174,7 +195,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "machine": machine(),
         "date": now(),
     }
-    for key in ("stage", "block", "regime", "eval_split", "epochs", "val_size", "init_seed", "lr_from"):
+    for key in ("stage", "block", "regime", "eval_split", "epochs", "val_size", "init_seed", "lr_from", "gate_task"):
         if key in spec:
             record[key] = spec[key]
     if "epochs" in spec:
