@@ -23,6 +23,7 @@ the main seeds, so the test results are not those of the runs the lr was picked 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,11 +241,28 @@ BASE.update(
             "eval_batch_size": 50,
             "threads": 1,
         },
+        # the prepared GPU run (scripts/gpu_capacity.sh, one large GPU, bf16 autocast): 4x the CPU gate's steps
+        "rg-capacity-gpu": {
+            "task": "rg-capacity",
+            "metric": "answer_nll",
+            "train_size": 2048,
+            "val_size": 200,
+            "test_size": 400,
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 160,
+            "num_batches": 32,
+            "r": 8,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "eval_batch_size": 100,
+            "threads": 1,
+        },
         "smoke-rg-capacity": {
             "task": "smoke-rg-capacity",
             "metric": "answer_nll",
             "eva_tau": 0.5,
-            "train_size": 16,
+            "train_size": 32,  # 8 batches: N = 2 calibration + gamma="auto"'s 4 held-out training batches
             "val_size": 4,
             "test_size": 6,
             "epochs": 1,
@@ -420,6 +438,7 @@ class Gate:
 
 GATES: dict[str, Gate] = {
     "capacity-gate": Gate(),
+    "capacity-gate-gpu": Gate(base="rg-capacity-gpu"),
     "capacity-gate-smoke": Gate(base="smoke-rg-capacity", tasks=("spell_backward", "base_conversion"), lrs=(5e-3,)),
 }
 
@@ -454,7 +473,58 @@ def gate_specs(suite: str, gate: Gate | None = None, overrides: dict[str, Any] |
     return specs
 
 
-SUITES = ("smoke", "nlu", "nlg", *EVIDENCE, *GATES)
+CAPACITY_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # factors of 2 around rsLoRA's usual 1e-3
+WIDEN = 2  # extra lrs a method may get on each side of the grid while its best sits at an edge
+WINDOW_NATS = 0.02  # an lr is "within the window" when its validation NLL is at most this above the method's best
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How a comparison suite is built from its gate.
+
+    Attributes:
+        gate: The gate suite whose records pick the task.
+        base: The BASE setting of the comparison (training budget, split sizes).
+        main_seeds / tune_seeds / control_seeds: Seeds of the core block (lora, rslora, gora, r = 32 reference),
+            of the tuning, and of the other blocks.
+        lrs: The starting lr grid.
+        blocks: Which blocks to build, in run order ("core", "controls", "r8").
+        widen: How many lrs a method may get beyond each edge of `lrs` while its best sits at that edge.
+        qualify_ratio: NLL(r = 32) / NLL(r = 4) at or below which a task qualifies.
+    """
+
+    gate: str
+    base: str
+    main_seeds: tuple[int, ...] = tuple(range(8))
+    tune_seeds: tuple[int, ...] = (100,)
+    control_seeds: tuple[int, ...] = tuple(range(4))
+    lrs: tuple[float, ...] = CAPACITY_LRS
+    blocks: tuple[str, ...] = ("core", "controls", "r8")
+    widen: int = WIDEN
+    qualify_ratio: float = QUALIFY_RATIO
+
+
+COMPARISONS: dict[str, Comparison] = {
+    "evidence-capacity": Comparison("capacity-gate", "rg-capacity-gate"),
+    # the prepared GPU run (scripts/gpu_capacity.sh): the core comparison only, 5 seeds
+    "evidence-capacity-gpu": Comparison(
+        "capacity-gate-gpu", "rg-capacity-gpu", main_seeds=tuple(range(5)), blocks=("core",)
+    ),
+    # CI: the code path on a random tiny model (the ratio lets any finished gate through: nothing binds there)
+    "evidence-capacity-smoke": Comparison(
+        "capacity-gate-smoke",
+        "smoke-rg-capacity",
+        main_seeds=(0, 1),
+        control_seeds=(0,),
+        lrs=(2.5e-3, 5e-3),
+        blocks=("core", "controls"),  # EVA ran for minutes without finishing on the random tiny Llama
+        widen=1,
+        qualify_ratio=math.inf,
+    ),
+}
+
+
+SUITES = ("smoke", "nlu", "nlg", *EVIDENCE, *GATES, *COMPARISONS)
 
 
 def _block_spec(suite: str, block: Block, method: str, seed: int, lr: float, stage: str) -> dict[str, Any]:

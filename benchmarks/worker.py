@@ -6,6 +6,7 @@ its record to OUT_JSON; `benchmarks.run` calls it once per run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,6 +67,25 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     for name in ("transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def cross_entropy_only(model: torch.nn.Module, kind: str) -> Iterator[None]:
+    """AdaLoRA: PEFT's AdaLoraModel.forward adds orth_reg_weight × its orthogonality regulariser to `.loss` in
+    evaluation too; inside this block the weight is 0, so the evaluation loss (and the lr tie-break on it) is the
+    cross-entropy every other method reports. Training keeps AdaLoRA's objective. Other methods: nothing changes."""
+    if kind != "adalora":
+        yield
+        return
+    configs = list(model.peft_config.values())
+    weights = [c.orth_reg_weight for c in configs]
+    for c in configs:
+        c.orth_reg_weight = 0.0
+    try:
+        yield
+    finally:
+        for c, w in zip(configs, weights):
+            c.orth_reg_weight = w
 
 
 def on_device(task: TaskData, spec: dict[str, Any]) -> None:
@@ -137,8 +158,10 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         if method.kind == "adalora":
             extra["adalora_rank_total_end"] = M.adalora_rank_total(model)
             extra["adalora_update_calls"] = result.adalora_calls
-        with sampler.phase("eval"), Timer() as t_eval:
+        with sampler.phase("eval"), Timer() as t_eval, cross_entropy_only(model, method.kind):
             metrics = task.evaluate(model) if not result.diverged else {task.metric_name: None, "eval_loss": None}
+        if method.kind == "adalora":
+            extra["eval_loss_excludes_orth_reg"] = True
     finally:
         sampler.close()
     estimate_s = float(info.pop("estimate_s"))
