@@ -11,8 +11,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 status=0
-$PY -m benchmarks.run evidence-nlu --in-process --blocks nlu-r8-core nlu-r2-core || status=1
-$PY -m benchmarks.run evidence-nlg --in-process || status=1
-$PY -m benchmarks.run evidence-nlu --in-process --blocks nlu-r8-baselines || status=1
-$PY -m benchmarks.report || status=1
+$PY -m benchmarks.harness.run evidence-nlu --in-process --blocks nlu-r8-core nlu-r2-core || status=1
+$PY -m benchmarks.harness.run evidence-nlg --in-process || status=1
+$PY -m benchmarks.harness.run evidence-nlu --in-process --blocks nlu-r8-baselines || status=1
+$PY -m benchmarks.harness.report_doc || status=1
 exit $status

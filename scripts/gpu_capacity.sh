@@ -21,11 +21,11 @@ OUT="${OUT:-benchmarks/results}"
 JOBS="${JOBS:-4}"
 DOC="${DOC:-docs/BENCHMARKS.md}"
 start=$(date +%s)
-"$PY" -m benchmarks.run "$GATE" --device "$DEVICE" --jobs "$JOBS" --out "$OUT" || exit $?
+"$PY" -m benchmarks.harness.run "$GATE" --device "$DEVICE" --jobs "$JOBS" --out "$OUT" || exit $?
 echo "gate done in $(( $(date +%s) - start )) s"
-"$PY" -m benchmarks.run "$COMPARE" --device "$DEVICE" --jobs "$JOBS" --out "$OUT"
+"$PY" -m benchmarks.harness.run "$COMPARE" --device "$DEVICE" --jobs "$JOBS" --out "$OUT"
 rc=$?
 echo "comparison finished with status $rc after $(( $(date +%s) - start )) s"
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then exit "$rc"; fi
-"$PY" -m benchmarks.report --results "$OUT" --out "$DOC" || exit $?
+"$PY" -m benchmarks.harness.report_doc --results "$OUT" --out "$DOC" || exit $?
 exit "$rc"

@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gora
-from helpers import lm_batches, make_llama
+from helpers import lm_batches, make_llama, make_mixtral
 
 BATCHES = 8
 TRAIN_LR = 0.1
@@ -186,6 +186,12 @@ def main() -> None:
         record_error("fsdp_inject", lambda: gora.get_gora_model(model, config(), mine, show_progress=False), out, rank)
     if "fsdp_build" in scenarios:
         fsdp_build(mine, out, rank)
+    if "experts" in scenarios:  # a DDP-wrapped Mixtral with its fused experts as target_parameters
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = make_mixtral()
+        cfg = config(target_modules=["q_proj", "v_proj"], target_parameters="all-experts")
+        run("experts", model, DistributedDataParallel(model), cfg, mine, out, rank)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -41,7 +41,7 @@ def hold_training_at(marker: Path, pause_at: int, signals: int) -> Iterator[None
         if self.state.global_step == pause_at and not marker.exists():
             stop = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, GracefulStop))
             _say(marker, "paused")
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 600
             while stop.signum is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             _say(marker, "signalled")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import VOCAB, bert_config, llama_config
+from helpers import VOCAB, bert_config, llama_config, mixtral_config
 
 WORDS = [
     "good",
@@ -96,6 +96,17 @@ def save_llama(folder: Path, seed: int = 0, *, chat_template: str | None = None,
     tokenizer = make_tokenizer()
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_mixtral(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Mixtral causal LM (4 experts as fused 3-D parameters) with the tiny tokenizer."""
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(max_position_embeddings=128, pad_token_id=0, eos_token_id=4, bos_token_id=2)
+    MixtralForCausalLM(mixtral_config(**fields)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -36,6 +36,67 @@ def make_llama(seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(llama_config(layers)).eval()
 
 
+MOE_FIELDS = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def mixtral_config(experts: int = 4, **overrides):
+    """A tiny Mixtral (hidden 32, experts of intermediate 24, top-2 routing) whose experts are fused 3-D parameters
+    gate_up_proj (E, 48, 32) and down_proj (E, 32, 24)."""
+    from transformers import MixtralConfig
+
+    fields = dict(MOE_FIELDS, intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2)
+    return MixtralConfig(**{**fields, **overrides})
+
+
+def make_mixtral(seed: int = 0, experts: int = 4):
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(mixtral_config(experts)).eval()
+
+
+def make_qwen3_moe(seed: int = 0, experts: int = 4):
+    """A tiny Qwen3-MoE (experts of intermediate 16, top-2): gate_up_proj (E, 32, 32), down_proj (E, 32, 16)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        **MOE_FIELDS,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def make_gpt_oss(seed: int = 0, experts: int = 4):
+    """A tiny gpt-oss, whose experts are stored transposed (`is_transposed`): gate_up_proj (E, 32, 32) = (E, in,
+    out), down_proj (E, 16, 32) = (E, in=I, out=H)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(
+        **MOE_FIELDS,
+        head_dim=8,
+        intermediate_size=16,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        layer_types=["full_attention", "full_attention"],
+    )
+    return GptOssForCausalLM(config).eval()
+
+
 def make_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

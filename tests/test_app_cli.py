@@ -365,7 +365,7 @@ def test_merge_dtype_writes_a_plain_transformers_folder(gora_run, tmp_path):
             print(json.dumps(model(**batch).logits.float().tolist()))
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     got = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
     want = _adapted_logits(gora_run, TEXTS)
@@ -431,7 +431,9 @@ BAD = {
     "--report-to an unknown integration": (["--report-to", "tensorbord"], "not a Trainer integration"),
 }
 PATCHES = {  # what a case changes in the environment: a CPU without bf16, an install without bitsandbytes
-    "--dtype bfloat16 on a CPU without bf16": lambda mp: mp.setattr("gora.app.data.cpu_supports_bf16", lambda: False),
+    "--dtype bfloat16 on a CPU without bf16": lambda mp: mp.setattr(
+        "gora.app.models.cpu_supports_bf16", lambda: False
+    ),
     "--load-in-4bit without bitsandbytes": lambda mp: mp.setitem(sys.modules, "bitsandbytes", None),
 }
 
@@ -482,7 +484,7 @@ def test_the_command_is_offline_unless_told_otherwise(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 2, result.stderr[-2000:]

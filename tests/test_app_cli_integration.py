@@ -78,7 +78,7 @@ def test_real_minilm_run_loads_in_plain_peft(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]

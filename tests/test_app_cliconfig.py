@@ -23,7 +23,7 @@ from gora.app.cliconfig import (
     normalize_argv,
     parse_args,
 )
-from gora.app.data import UsageError
+from gora.app.errors import UsageError
 from gora.app.runconfig import AllocateConfig, DataConfig, ExportConfig, MergeConfig, TrainConfig
 
 

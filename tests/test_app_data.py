@@ -6,17 +6,12 @@ from __future__ import annotations
 import pytest
 
 from _tiny_folders import CHAT_TEMPLATE, make_tokenizer
-from gora.app.data import (
-    IGNORE_INDEX,
-    UsageError,
-    encode_sft,
-    label_space,
-    read_rows,
-    resolve_sft_format,
-    sft_examples,
-    split_rows,
-)
+from gora.app.classification import label_space
+from gora.app.errors import UsageError
+from gora.app.rows import read_rows, split_rows
 from gora.app.runconfig import DataConfig
+from gora.app.sft import IGNORE_INDEX, encode_sft
+from gora.app.sft_formats import resolve_sft_format, sft_examples
 
 
 def _encode(rows: list[dict], tokenizer, fmt: str, **data) -> list[dict]:

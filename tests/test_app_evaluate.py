@@ -1,14 +1,11 @@
-"""gora.app.evaluate: per-example predictions in input order, answers read from generations."""
+"""gora.app.classification and gora.app.sft: per-example predictions in input order, answers read from generations."""
 
 from __future__ import annotations
 
 import pytest
 
 from _tiny_folders import make_tokenizer
-from gora.app.data import (
-    encode_classification,
-    label_space,
-)
+from gora.app.classification import encode_classification, label_space
 from helpers import make_bert
 
 
@@ -18,7 +15,7 @@ def test_classification_predictions_come_back_in_input_order():
     import torch
     from transformers import DataCollatorWithPadding
 
-    from gora.app.evaluate import evaluate_classification
+    from gora.app.classification import evaluate_classification
 
     tokenizer = make_tokenizer()
     texts = ["a much longer text with many words in it", "short", "a text of middling length", "two words"]
@@ -52,7 +49,7 @@ def test_classification_predictions_come_back_in_input_order():
 def test_answer_of_reads_words_and_numbers(text, reference, answer, hit):
     """Protects exact match on short answers: word references are matched on the first line, ignoring case;
     numeric ones on the last number (or what follows ####), numerically."""
-    from gora.app.evaluate import _same_answer, answer_of
+    from gora.app.sft import _same_answer, answer_of
 
     assert answer_of(text, reference) == answer
     assert _same_answer(answer_of(text, reference), reference) is hit

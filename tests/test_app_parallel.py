@@ -23,7 +23,7 @@ from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write
 from gora.app.cli import main
 from helpers import assert_close
 
-TIMEOUT_S = 300  # a collective that some rank never joins fails the test instead of hanging CI
+TIMEOUT_S = 600  # a collective that some rank never joins fails the test instead of hanging CI
 
 
 @pytest.fixture(scope="module")

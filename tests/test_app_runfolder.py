@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from gora.app.cli import build_parser
-from gora.app.data import UsageError
+from gora.app.errors import UsageError
 from gora.app.runconfig import DataConfig, TrainConfig
 from gora.app.runfolder import (
     CONFIG,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_jsonl
+from gora.app.adapters import make_optimizer
 from gora.app.cli import main
-from gora.app.data import cpu_supports_bf16
-from gora.app.train import make_optimizer
+from gora.app.models import cpu_supports_bf16
 from helpers import assert_close, make_bert
 
 
@@ -45,7 +45,7 @@ def test_no_loraplus_ratio_means_trainer_default():
 
 
 # --- the command on the stacks people train with: precision, 4-bit bases, accumulation, checkpointing, logging -----
-# (CPU here; benchmarks/gpu_check.py runs the bf16 and 4-bit paths on a GPU)
+# (CPU here; benchmarks/studies/gpu_check.py runs the bf16 and 4-bit paths on a GPU)
 
 FAST = ["-q", "--threads", "1", "--no-eval-before", "--save-strategy", "no", "--logging-steps", "1"]
 
@@ -165,9 +165,9 @@ def test_4bit_base_is_qgora(folders, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import gora
+    from gora.app.adapters import estimation_loader
     from gora.app.data import load_task
     from gora.app.runfolder import load_run_config
-    from gora.app.train import estimation_loader
 
     out = tmp_path / "q"
     argv = ["finetune", *FAST, *_sft(folders, "llama64"), "--target-modules", "q_proj", "v_proj", "--max-steps", "2"]

@@ -27,6 +27,7 @@ import pytest
 import torch
 import yaml
 
+import gora.app.session as session_module
 import gora.app.train as train_module
 from _interrupt_child import hold_training_at
 from _tiny_folders import save_bert, sentiment_rows, write_jsonl
@@ -110,13 +111,13 @@ def _interrupt(options: list[str], out: Path, pause_at: int, signals: list[int])
         proc = subprocess.Popen([*cmd, "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             for signum, word in zip(signals, ("paused", "signalled")):
-                deadline = time.monotonic() + 120
+                deadline = time.monotonic() + 600
                 while not (marker.is_file() and marker.read_text() == word):
                     assert proc.poll() is None, f"the run ended before {word!r}: {log.read_text()[-3000:]}"
-                    assert time.monotonic() < deadline, f"no {word!r} after 120 s"
+                    assert time.monotonic() < deadline, f"no {word!r} after 600 s"
                     time.sleep(0.01)
                 proc.send_signal(signum)
-            status = proc.wait(timeout=120)
+            status = proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -159,7 +160,7 @@ def test_second_signal_stops_at_once_deleting_nothing(options, reference, tmp_pa
 
     def send_two_sigints():
         for word in ("paused", "signalled"):
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 600
             while not (marker.is_file() and marker.read_text() == word) and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGINT)
@@ -193,7 +194,8 @@ def eval_failed(options, tmp_path_factory) -> tuple[Path, int, str]:
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "evaluate", evaluate)
+        for module in (train_module, session_module):  # before training and after GoRA's init; after training
+            patch.setattr(module, "evaluate", evaluate)
         status, stderr = _run(["finetune", *options, "--output-dir", str(out)])
     return out, status, stderr
 
@@ -274,7 +276,7 @@ def test_failure_before_training_leaves_no_folder(options, tmp_path, monkeypatch
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("gora.stats.save_gradient_stats", full_disk)
+    monkeypatch.setattr("gora.app.train.save_gradient_stats", full_disk)
     with pytest.raises(OSError, match="No space left"):
         _run(["finetune", *options, "--output-dir", str(tmp_path / "run")])
     assert list(tmp_path.iterdir()) == []

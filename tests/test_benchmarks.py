@@ -5,6 +5,8 @@ tiny config-built models (a few steps), with the report."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,13 +18,42 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchmarks import methods, report, run, stats, suites  # noqa: E402
-from benchmarks.suites import ABLATION_METHODS, EVIDENCE, MAIN_METHODS  # noqa: E402
-from benchmarks.worker import NOT_IN_RUN_ID, REQUIRED_FIELDS, run_id  # noqa: E402
+from benchmarks.harness import methods, paired_stats, provenance, report_doc, run, suites  # noqa: E402
+from benchmarks.harness.suites import ABLATION_METHODS, EVIDENCE, MAIN_METHODS  # noqa: E402
+from benchmarks.harness.worker import NOT_IN_RUN_ID, REQUIRED_FIELDS, run_id  # noqa: E402
 
 from helpers import cls_batches, make_bert  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    identity = ["-c", "user.name=gora-tests", "-c", "user.email=tests@localhost", "-c", "commit.gpgsign=false"]
+    return subprocess.run(
+        ["git", *identity, *args], cwd=repo, env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _make_repository(repo: Path) -> Path:
+    """A git repository with one committed code file (code.py) and nothing else."""
+    repo.mkdir(parents=True, exist_ok=True)
+    _git(repo, "init", "-q")
+    (repo / "code.py").write_text("x = 0\n")
+    _git(repo, "add", "code.py")
+    _git(repo, "commit", "-q", "-m", "code")
+    return repo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_repository(tmp_path_factory):
+    """The suites lock the code state of the git checkout they run from; here that is a repository of the tests' own,
+    never the checkout the tests live in (which may hold anything: the suite's own log, a half-edited file, another
+    run's outputs, a second test session)."""
+    repo = _make_repository(tmp_path_factory.mktemp("repo"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(provenance, "ROOT", repo)
+        yield repo
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +92,9 @@ def test_smoke_suite_gives_every_method_a_complete_line(smoke_results: Path) -> 
     assert set(nlu["init-cost"]["cost"]["ratio_to_plain"]) == {"gora", "gora_estimate", "loraga", "eva"}
 
 
-def test_rerun_skips_finished_runs(smoke_results: Path) -> None:
+def test_rerun_skips_finished_runs(smoke_results: Path, own_repository: Path) -> None:
     before = len(_records(smoke_results))
+    (own_repository / "log.txt").write_text("a log written into the checkout between two runs\n")
     assert run.main(["smoke", "--out", str(smoke_results), "--methods", "lora"]) == 0
     assert len(_records(smoke_results)) == before
 
@@ -71,12 +103,12 @@ def test_report_renders_and_keeps_text_outside_its_markers(smoke_results: Path, 
     doc = tmp_path / "docs" / "BENCHMARKS.md"
     doc.parent.mkdir()
     doc.write_text("# Benchmarks\n\n## Memory\n\nhand-written memory section\n")
-    assert report.main(["--results", str(smoke_results), "--out", str(doc)]) == 0
+    assert report_doc.main(["--results", str(smoke_results), "--out", str(doc)]) == 0
     first = doc.read_text()
-    assert report.BEGIN in first and report.END in first and "hand-written memory section" in first
-    assert first.count("# Benchmarks\n") == 1 and first.index(report.END) < first.index("## Memory")
+    assert report_doc.BEGIN in first and report_doc.END in first and "hand-written memory section" in first
+    assert first.count("# Benchmarks\n") == 1 and first.index(report_doc.END) < first.index("## Memory")
     assert "| `gora` |" in first and "| `adalora` |" in first and "Initialization cost" in first
-    assert report.main(["--results", str(smoke_results), "--out", str(doc)]) == 0
+    assert report_doc.main(["--results", str(smoke_results), "--out", str(doc)]) == 0
     assert doc.read_text() == first  # idempotent, memory section untouched
     assert (doc.parent / "img" / "loss_smoke-nlu.png").is_file()
 
@@ -86,7 +118,7 @@ def test_report_renders_and_keeps_text_outside_its_markers(smoke_results: Path, 
 
 def test_bootstrap_of_a_constant_difference_is_that_constant():
     """Protects the interval's centre: identical per-example differences give a zero-width interval at that value."""
-    mean, low, high = stats.paired_bootstrap(np.full((8, 500), 1.0), n_boot=200)
+    mean, low, high = paired_stats.paired_bootstrap(np.full((8, 500), 1.0), n_boot=200)
     assert mean == low == high == 1.0
 
 
@@ -95,7 +127,7 @@ def test_bootstrap_over_examples_matches_the_normal_interval():
     mean ± 1.96·sd/√n (n = 4,000, a known case)."""
     rng = np.random.default_rng(1)
     d = rng.choice([-1, 0, 1], size=(1, 4000), p=[0.1, 0.75, 0.15]).astype(float)
-    mean, low, high = stats.paired_bootstrap(d, n_boot=4000, seed=2)
+    mean, low, high = paired_stats.paired_bootstrap(d, n_boot=4000, seed=2)
     half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)
     assert mean == pytest.approx(d.mean())
     assert low == pytest.approx(mean - half, abs=0.15 * half) and high == pytest.approx(mean + half, abs=0.15 * half)
@@ -105,26 +137,26 @@ def test_bootstrap_resamples_seeds_too():
     """Protects the seed resampling: when seeds disagree (+1 on half, −1 on the other half, no example noise) the
     interval is wide and covers 0; one value per seed (1-D) is bootstrapped over seeds alone."""
     d = np.vstack([np.ones((4, 300)), -np.ones((4, 300))])
-    _, low, high = stats.paired_bootstrap(d, n_boot=2000)
+    _, low, high = paired_stats.paired_bootstrap(d, n_boot=2000)
     assert low < -0.3 and high > 0.3
-    _, low1, high1 = stats.paired_bootstrap(np.array([1.0, -1.0] * 4), n_boot=2000)
+    _, low1, high1 = paired_stats.paired_bootstrap(np.array([1.0, -1.0] * 4), n_boot=2000)
     assert low1 < 0 < high1
 
 
 def test_mcnemar_on_hand_computed_tables():
     """Protects the exact test: b = 10, c = 2 gives 2·(C(12,0)+C(12,1)+C(12,2))/2^12 = 158/4096; b = 5, c = 0 gives
     2/32; no discordant pair or b = c gives 1."""
-    assert stats.mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
-    assert stats.mcnemar_exact(2, 10) == pytest.approx(158 / 4096)
-    assert stats.mcnemar_exact(5, 0) == pytest.approx(2 / 32)
-    assert stats.mcnemar_exact(0, 0) == 1.0 and stats.mcnemar_exact(7, 7) == 1.0
-    assert stats.discordant([[1, 1, 0, 0]], [[1, 0, 1, 0]]) == (1, 1)
+    assert paired_stats.mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
+    assert paired_stats.mcnemar_exact(2, 10) == pytest.approx(158 / 4096)
+    assert paired_stats.mcnemar_exact(5, 0) == pytest.approx(2 / 32)
+    assert paired_stats.mcnemar_exact(0, 0) == 1.0 and paired_stats.mcnemar_exact(7, 7) == 1.0
+    assert paired_stats.discordant([[1, 1, 0, 0]], [[1, 0, 1, 0]]) == (1, 1)
 
 
 def test_verdict_from_the_interval():
-    assert stats.verdict(0.001, 0.02) == "better"
-    assert stats.verdict(-0.02, -0.001) == "worse"
-    assert stats.verdict(-0.01, 0.01) == "tied" and stats.verdict(0.0, 0.01) == "tied"
+    assert paired_stats.verdict(0.001, 0.02) == "better"
+    assert paired_stats.verdict(-0.02, -0.001) == "worse"
+    assert paired_stats.verdict(-0.01, 0.01) == "tied" and paired_stats.verdict(0.0, 0.01) == "tied"
 
 
 def _tune(lr, seed, metric, loss=0.5, diverged=False):
@@ -137,13 +169,13 @@ def test_select_lr_rule():
     lrs, seeds = [1e-4, 1e-3, 4e-3], [0, 1]
     recs = [_tune(1e-4, 0, 0.70), _tune(1e-4, 1, 0.72), _tune(1e-3, 0, 0.80), _tune(1e-3, 1, 0.78)]
     recs += [_tune(4e-3, 0, 0.90), _tune(4e-3, 1, 0.0, diverged=True)]
-    choice = stats.select_lr(recs, lrs, seeds)
+    choice = paired_stats.select_lr(recs, lrs, seeds)
     assert choice.lr == 1e-3 and choice.table[1e-3][0] == pytest.approx(0.79)
     tie = [_tune(1e-4, s, 0.8, loss=0.40) for s in seeds] + [_tune(1e-3, s, 0.8, loss=0.45) for s in seeds]
-    assert stats.select_lr(tie, lrs[:2], seeds).lr == 1e-4
+    assert paired_stats.select_lr(tie, lrs[:2], seeds).lr == 1e-4
     tie = [_tune(1e-3, s, 0.8, loss=0.4) for s in seeds] + [_tune(1e-4, s, 0.8, loss=0.4) for s in seeds]
-    assert stats.select_lr(tie, lrs[:2], seeds).lr == 1e-4
-    assert stats.select_lr([_tune(1e-4, 0, 0.9)], lrs, seeds).lr is None  # seed 1 missing
+    assert paired_stats.select_lr(tie, lrs[:2], seeds).lr == 1e-4
+    assert paired_stats.select_lr([_tune(1e-4, 0, 0.9)], lrs, seeds).lr is None  # seed 1 missing
 
 
 def test_run_id_covers_every_field_that_changes_a_result():
@@ -175,7 +207,7 @@ def test_tuning_seeds_are_not_main_seeds_and_controls_borrow_gora_lr():
 
 
 def _task(model):
-    from benchmarks.tasks import TaskData
+    from benchmarks.harness.tasks import TaskData
 
     batches = cls_batches(n=2, batch=4, length=10)
     return TaskData(
@@ -262,7 +294,7 @@ def test_evidence_smoke_tunes_selects_and_runs_paired_seeds(evidence_results: Pa
         assert len(tune) == len(block.tuned) * len(block.lrs) * len(block.tune_seeds)
         assert len(main) == len(block.methods) * len(block.seeds)
         for method in block.tuned:
-            choice = stats.select_lr([r for r in tune if r["method"] == method], block.lrs, block.tune_seeds)
+            choice = paired_stats.select_lr([r for r in tune if r["method"] == method], block.lrs, block.tune_seeds)
             for r in main:
                 if block.source(r["method"]) == method:
                     assert r["lr"] == choice.lr, (block.name, r["method"])
@@ -270,7 +302,7 @@ def test_evidence_smoke_tunes_selects_and_runs_paired_seeds(evidence_results: Pa
             assert r["eval_split"] == ("val" if r["stage"] == "tune" else "test")
             assert len(r["correct"]) == r["eval_size"] and set(r["correct"]) <= {"0", "1"}
             assert sum(map(int, r["correct"])) / r["eval_size"] == pytest.approx(r["metric"])
-            assert r["provenance"]["commit"] and r["provenance"]["command"].startswith("python -m benchmarks.run")
+            assert r["provenance"]["commit"] and r["provenance"]["command"].startswith("python -m benchmarks.harness.run")
             assert r["threads"] == 1 and r["init_seed"] == r["seed"] + suites.INIT_SEED_OFFSET
             if r["task"] == "smoke-rt-sentiment":
                 assert r["eval_size"] == (base["val_size"] if r["stage"] == "tune" else base["test_size"])
@@ -292,9 +324,10 @@ def test_evidence_smoke_tunes_selects_and_runs_paired_seeds(evidence_results: Pa
     assert (evidence_results / "evidence-smoke.freeze.txt").read_text().strip()
 
 
-def test_evidence_resume_skips_done_runs_and_refuses_another_environment(evidence_results: Path):
+def test_evidence_resume_skips_done_runs_and_refuses_another_environment(evidence_results: Path, own_repository):
     path = evidence_results / "evidence-smoke.jsonl"
     before = path.read_text()
+    (own_repository / "notes.txt").write_text("an untracked file appears: not code, the resume goes on\n")
     assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 0
     assert path.read_text() == before
     lock = evidence_results / "evidence-smoke.lock.json"
@@ -310,34 +343,40 @@ def test_evidence_resume_skips_done_runs_and_refuses_another_environment(evidenc
 
 def test_report_has_a_verdict_per_regime(evidence_results: Path, tmp_path: Path):
     doc = tmp_path / "BENCHMARKS.md"
-    assert report.main(["--results", str(evidence_results), "--out", str(doc)]) == 0
+    assert report_doc.main(["--results", str(evidence_results), "--out", str(doc)]) == 0
     text = doc.read_text()
     assert "## Suite `evidence-smoke`" in text and "### smoke-rt-sentiment, regime r2" in text
     assert "| GoRA vs its scaling baseline | `gora` − `rslora` |" in text and "McNemar" in text
     assert "### Compute" in text and "### What was cut to fit this machine" in text
-    assert report.main(["--results", str(evidence_results), "--out", str(doc)]) == 0
+    assert report_doc.main(["--results", str(evidence_results), "--out", str(doc)]) == 0
     assert doc.read_text() == text
 
 
-def test_results_docs_and_logs_do_not_make_the_tree_dirty():
-    """Protects resumption: appending results under benchmarks/results, regenerating docs or writing a log beside
-    the checkout does not change the locked code state (else a suite would refuse to resume after its own runs)."""
-    from benchmarks import provenance
-
-    before = provenance.git_state()
-    probes = [ROOT / "benchmarks" / "results" / "_probe.jsonl", ROOT / "_probe.log", ROOT / "docs" / "_probe.md"]
-    try:
-        for p in probes:
-            p.write_text("{}\n")
-        assert provenance.git_state() == before
-        code = ROOT / "benchmarks" / "_probe.py"
-        probes.append(code)
-        code.write_text("x = 1\n")
-        after = provenance.git_state()
-        assert after["dirty"] and after["diff_sha256"] != before["diff_sha256"]
-    finally:
-        for p in probes:
-            p.unlink(missing_ok=True)
+def test_the_lock_counts_tracked_code_and_names_what_it_left_out(tmp_path: Path):
+    """Protects resumption: appending results under benchmarks/results, regenerating docs, writing a log or any other
+    untracked file into the checkout does not change the locked code state (else a suite would refuse to resume
+    after its own runs); untracked files are named; a change to a tracked file is counted by its diff."""
+    repo = _make_repository(tmp_path / "repo")
+    code_keys = ("commit", "dirty", "diff_sha256")
+    before = provenance.git_state(root=repo)
+    assert not before["dirty"] and before["diff_sha256"] is None and before["not_counted"]["untracked"] == 0
+    for name in ("benchmarks/results/_probe.jsonl", "_probe.log", "docs/_probe.md", "scratch.py", "log.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("{}\n")
+    after = provenance.git_state(root=repo)
+    assert {k: after[k] for k in code_keys} == {k: before[k] for k in code_keys}
+    assert after["not_counted"]["untracked"] == 2
+    assert sorted(after["not_counted"]["untracked_named"]) == ["log.txt", "scratch.py"]
+    assert {"benchmarks/results", "docs", "**/*.log"} <= set(after["not_counted"]["paths"])
+    (repo / "code.py").write_text("x = 1\n")
+    one = provenance.git_state(root=repo)
+    assert one["dirty"] and one["diff_sha256"] and one["commit"] == before["commit"]
+    (repo / "code.py").write_text("x = 2\n")
+    assert provenance.git_state(root=repo)["diff_sha256"] not in (None, one["diff_sha256"])
+    _git(repo, "add", "scratch.py")  # a new file counts once it is tracked
+    (repo / "code.py").write_text("x = 0\n")
+    staged = provenance.git_state(root=repo)
+    assert staged["dirty"] and staged["not_counted"]["untracked"] == 1
 
 
 # --- the capacity suite (issue #19) -----------------------------------------------------------------------------------
@@ -367,7 +406,7 @@ def _pad(rows: list[dict]) -> dict[str, torch.Tensor]:
 def test_answer_nll_is_per_example_and_matches_the_token_mean_loss():
     """Protects the primary endpoint: each example's summed answer-token NLL does not depend on the batch it is padded
     in (batch 1 = batch 3), and Σ sums / Σ tokens is gora.app's evaluate_loss (the mean over learned tokens)."""
-    from benchmarks.tasks import answer_nll
+    from benchmarks.harness.tasks import answer_nll
 
     from gora.app.evaluate import evaluate_loss
     from helpers import make_llama
@@ -389,7 +428,7 @@ def _gate_record(task: str, r: int, nll: float, seed: int = 100, lr: float = 1e-
 def test_gate_qualifies_a_task_only_when_rank_32_is_10_percent_lower():
     """Protects the gate: NLL(r=32) <= 0.9 NLL(r=4) qualifies (0.89 yes, 0.91 no); the largest gap wins; a candidate
     with one rank missing is unfinished, never qualifying; no qualifier stops the comparison with the numbers."""
-    from benchmarks import capacity
+    from benchmarks.harness import capacity
 
     records = [
         _gate_record("spell_backward", 4, 2.0),
@@ -422,7 +461,7 @@ def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
     """Protects the lr protocol: a best lr at the top (bottom) edge adds twice the largest (half the smallest), at
     most WIDEN beyond the starting grid on each side; a best inside adds nothing. The window is the contiguous run of
     lrs within 0.02 nats of the best (a second dip beyond a worse lr is not in it)."""
-    from benchmarks import capacity
+    from benchmarks.harness import capacity
 
     base = (1e-3, 2e-3, 4e-3)
     assert capacity.widened(list(base), 4e-3, base) == 8e-3
@@ -438,8 +477,8 @@ def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
 def test_select_lr_lowest_when_lower_is_better():
     """Protects NLL-based tuning: with lower_is_better the lowest mean validation NLL wins (not the highest)."""
     recs = [_tune(1e-3, s, 1.2, loss=1.2) for s in (0, 1)] + [_tune(2e-3, s, 1.0, loss=1.0) for s in (0, 1)]
-    assert stats.select_lr(recs, [1e-3, 2e-3], [0, 1], lower_is_better=True).lr == 2e-3
-    assert stats.select_lr(recs, [1e-3, 2e-3], [0, 1]).lr == 1e-3
+    assert paired_stats.select_lr(recs, [1e-3, 2e-3], [0, 1], lower_is_better=True).lr == 2e-3
+    assert paired_stats.select_lr(recs, [1e-3, 2e-3], [0, 1]).lr == 1e-3
 
 
 def _nll_record(seed: int, sums: list[float], tokens: list[int]) -> dict:
@@ -449,7 +488,7 @@ def _nll_record(seed: int, sums: list[float], tokens: list[int]) -> dict:
 def test_paired_nll_weights_examples_by_answer_tokens_and_lower_is_better():
     """Protects the NLL verdict: the difference is Σ ΔNLL / Σ tokens (token-weighted, not the mean of per-example
     means), a lower NLL for A is 'better', and the r → 32 gap fraction is (ref − A) / (ref − top)."""
-    from benchmarks import capacity
+    from benchmarks.harness import capacity
 
     tokens = [1, 3] * 50
     a = {s: _nll_record(s, [1.0, 3.0] * 50, tokens) for s in range(4)}  # 1.0 nats per token
@@ -466,19 +505,19 @@ def test_pooled_bootstrap_resamples_seeds_within_each_budget():
     """Protects the pooled verdict: with strata every replicate keeps each budget's number of seeds, so a budget at
     +1 and one at −1 pool to exactly 0 (without strata the replicates wander)."""
     d = np.vstack([np.ones((4, 50)), -np.ones((4, 50))])
-    mean, low, high = stats.paired_bootstrap(d, n_boot=500, strata=[0] * 4 + [1] * 4)
+    mean, low, high = paired_stats.paired_bootstrap(d, n_boot=500, strata=[0] * 4 + [1] * 4)
     assert mean == low == high == 0.0
-    _, low, high = stats.paired_bootstrap(d, n_boot=500)
+    _, low, high = paired_stats.paired_bootstrap(d, n_boot=500)
     assert low < -0.2 and high > 0.2
     with pytest.raises(ValueError, match="strata has 3 labels for 8 rows"):
-        stats.paired_bootstrap(d, strata=[0, 1, 2])
+        paired_stats.paired_bootstrap(d, strata=[0, 1, 2])
 
 
 def test_adalora_is_evaluated_on_cross_entropy_only():
     """Protects AdaLoRA's comparability: PEFT adds orth_reg_weight × its orthogonality regulariser to `.loss` even
     in eval mode; inside `cross_entropy_only` the loss is the cross-entropy of the logits, and the weight is back
     afterwards."""
-    from benchmarks.worker import cross_entropy_only
+    from benchmarks.harness.worker import cross_entropy_only
 
     from helpers import make_bert
 
@@ -500,7 +539,7 @@ def test_device_cuda_without_a_gpu_is_refused_by_name():
     """Protects --device cuda: on a machine without CUDA the run fails at once with what to do, not on the CPU."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    from benchmarks.worker import on_device
+    from benchmarks.harness.worker import on_device
 
     with pytest.raises(RuntimeError, match="device='cuda' but torch sees no CUDA device"):
         on_device(_task(make_bert()), {"device": "cuda"})

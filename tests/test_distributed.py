@@ -18,7 +18,7 @@ import torch
 
 import gora
 from _dist_worker import BATCHES, TRAIN_LR, config
-from helpers import assert_close, lm_batches, make_llama
+from helpers import assert_close, lm_batches, make_llama, make_mixtral
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 SCENARIOS = (
@@ -40,8 +40,9 @@ SCENARIOS = (
     "gamma_short",
     "fsdp_inject",
     "fsdp_build",
+    "experts",
 )
-TIMEOUT_S = 240  # a collective that some rank never joins fails the tests here instead of hanging CI
+TIMEOUT_S = 600  # a collective that some rank never joins fails the tests here instead of hanging CI
 
 
 def _free_port() -> int:
@@ -90,11 +91,11 @@ def _load(out: Path, scenario: str) -> tuple[list[dict], list[dict]]:
     return metas, tensors
 
 
-def _single(batches: list | None = None, **kwargs):
+def _single(batches: list | None = None, make=make_llama, **kwargs):
     """The single-process run over all 8 global batches (or over `batches`)."""
     batches = lm_batches(BATCHES) if batches is None else batches
     cfg = config(num_batches=len(batches), **kwargs)
-    model = make_llama()
+    model = make()
     stats = gora.estimate_gradients(model, cfg, batches, show_progress=False)
     allocation = gora.allocate_ranks(gora.compute_importances(model, stats, cfg.importance), stats.shapes, cfg)
     return stats, allocation, gora.init_gora_weights(stats, allocation, cfg)
@@ -161,10 +162,19 @@ def test_get_gora_model_adapters_identical(dist_out):
         assert_close(states[0][key], single[key], rtol=1e-4, msg=key)  # other summation order: float rounding
 
 
-def _assert_equal_single(metas: list[dict], tensors: list[dict], batches: list) -> None:
+def test_expert_stacks_two_ranks_equal_one_process(dist_out):
+    """Property: fused expert parameters (target_parameters) under DDP: G per expert, ranks, A0 and B0 of every
+    expert are identical on both ranks and equal to one process over all the batches."""
+    metas, tensors = _load(dist_out, "experts")
+    assert any(k.startswith("G/") and tensors[0][k].dim() == 3 for k in tensors[0])
+    kwargs = dict(target_modules=["q_proj", "v_proj"], target_parameters="all-experts")
+    _assert_equal_single(metas, tensors, lm_batches(BATCHES), make=make_mixtral, **kwargs)
+
+
+def _assert_equal_single(metas: list[dict], tensors: list[dict], batches: list, **single) -> None:
     """Both ranks identical, and equal to one process over `batches` (G and B0 to float32 precision, A0 exactly)."""
     _assert_ranks_identical(metas, tensors)
-    stats, allocation, weights = _single(batches)
+    stats, allocation, weights = _single(batches, **single)
     assert metas[0]["num_batches"] == stats.num_batches == len(batches)
     assert metas[0]["ranks"] == allocation.ranks
     for name, G in stats.gradients.items():

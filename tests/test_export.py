@@ -4,7 +4,7 @@ original (per-layer ranks, rsLoRA, patterns) compute something else. PEFT's logi
 original's.
 
 vLLM and llama.cpp do not run in CI: each engine's rule is written below as a small function that follows the named
-file and function of the engine's source (quoted). benchmarks/serving_llamacpp.py runs the real llama.cpp.
+file and function of the engine's source (quoted). benchmarks/studies/serving_llamacpp.py runs the real llama.cpp.
 """
 
 from __future__ import annotations

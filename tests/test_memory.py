@@ -1,6 +1,6 @@
 """The memory model (memory.py): its exact terms equal what the library allocates, and its arithmetic is sound.
 
-Whether its totals match measured peaks is a benchmark question (benchmarks/qgora_memory.py, docs/BENCHMARKS.md),
+Whether its totals match measured peaks is a benchmark question (benchmarks/studies/qgora_memory.py, docs/BENCHMARKS.md),
 not a test's: here only the parts that are exact by construction are compared."""
 
 from __future__ import annotations

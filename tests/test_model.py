@@ -342,3 +342,38 @@ def test_bfloat16_model_gets_float32_statistics_and_adapters():
     assert layer.lora_B["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype keeps them fp32
     assert layer.lora_B["default"].weight.abs().sum() > 0
     assert layer.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_allocation_alone_takes_no_held_out_batches():
+    """Protects `estimate_and_allocate(..., held_out=False)` (what `gora allocate` runs): with gamma="auto" and a
+    dataloader of exactly num_batches batches it allocates as the full call would, instead of failing for want of
+    the held-out batches that only the adapter's γ search needs."""
+    from gora.model import estimate_and_allocate
+
+    config = GoraConfig(target_modules=LLAMA_TARGETS, num_batches=2, gamma="auto", gamma_batches=2)
+    model = make_llama()
+    with pytest.raises(ValueError, match="gamma"):
+        estimate_and_allocate(model, config, lm_batches(2))
+    alone = estimate_and_allocate(model, config, lm_batches(2), held_out=False)
+    full = estimate_and_allocate(model, config, lm_batches(4))
+    assert alone.eval_batches is None and len(full.eval_batches) == 2
+    assert alone.allocation.ranks == full.allocation.ranks
+    assert set(alone.timings) == {"estimate_s", "allocate_s"}
+
+
+def test_plain_lora_baseline_has_gora_targets_and_rank_r():
+    """Protects the baseline the app trains against (`gora.baseline.get_lora_model`): plain PEFT LoRA on exactly
+    GoRA's targets, rank r everywhere, rsLoRA scaling α/√r only when asked, B = 0 (PEFT's init: no change at step 0)."""
+    from gora.baseline import get_lora_model
+
+    config = GoraConfig(target_modules=LLAMA_TARGETS, r=4, lora_alpha=8)
+    for rslora in (False, True):
+        model = make_llama()
+        names = [t.name for t in find_targets(model, config)]
+        peft_model = get_lora_model(model, config, use_rslora=rslora)
+        assert sorted(peft_model.lora_shapes) == sorted(names)
+        for name in names:
+            layer = peft_model.base_model.model.get_submodule(name)
+            assert layer.lora_A["default"].weight.shape[0] == 4
+            assert not layer.lora_B["default"].weight.any()
+            assert layer.scaling["default"] == (8 / math.sqrt(4) if rslora else 8 / 4)

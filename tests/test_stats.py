@@ -57,6 +57,21 @@ def test_mismatched_model_refused(tmp_path):
     gora.load_gradient_stats(path, make_llama().to(torch.bfloat16))  # same checkpoint in another dtype: accepted
 
 
+def test_statistics_for_another_configuration_refused(tmp_path):
+    """Property: given the configuration they are for, statistics of other target modules, or a sketch drawn with
+    another seed (A0 must be the sketch's random matrix), are refused; the configuration they were made with loads."""
+    import dataclasses
+
+    config = _config("sketch")
+    stats = gora.estimate_gradients(make_llama(), config, lm_batches(3), show_progress=False)
+    path = gora.save_gradient_stats(stats, tmp_path / "stats.safetensors", make_llama())
+    gora.load_gradient_stats(path, make_llama(), config=config)
+    with pytest.raises(ValueError, match="target_modules selects"):
+        gora.load_gradient_stats(path, make_llama(), config=dataclasses.replace(config, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="seed=0"):
+        gora.load_gradient_stats(path, make_llama(), config=dataclasses.replace(config, seed=1))
+
+
 def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     """Property: a save that fails midway leaves the previous file intact and no temporary file behind."""
     stats = gora.estimate_gradients(make_llama(), _config(), lm_batches(3), show_progress=False)

@@ -201,7 +201,7 @@ def test_two_processes_estimate_on_their_shards_and_equal_one_process_over_both(
     worker = Path(__file__).with_name("_trainer_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
-    done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["world"] == 2 and ranks[0]["num_batches"] == ranks[1]["num_batches"] == 2 * NUM_BATCHES

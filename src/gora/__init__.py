@@ -8,9 +8,8 @@ Quantized (bitsandbytes) bases: `qlayers` recognises and dequantizes their layer
 `memory` predicts the peak memory of estimation. The `gora` command is the application in `gora.app`, built on these.
 """
 
-__version__ = "0.1.0"
-
 from . import memory
+from ._version import __version__
 from .allocate import Allocation, allocate_ranks
 from .config import GoraConfig
 from .estimate import estimate_gradients
@@ -19,9 +18,10 @@ from .gamma import GammaSearch
 from .importance import compute_importances, layer_importance
 from .initialize import draw_lora_A, init_gora_weights, init_layer, solve_lora_B
 from .model import build_gora_model, get_gora_model, make_lora_config
+from .provenance import model_fingerprint
 from .quant import get_qgora_model, quantize_base
 from .record import GoraRecord
-from .stats import GradientStats, load_gradient_stats, model_fingerprint, save_gradient_stats
+from .stats import GradientStats, load_gradient_stats, save_gradient_stats
 from .trainer import prepare_trainer
 
 __all__ = [

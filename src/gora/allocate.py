@@ -1,8 +1,11 @@
 """Stage 2: rank allocation (pure: importances and shapes in, ranks out; no torch, no PEFT).
 
 a_i = I_i / Σ_j I_j                                  (advantage, normalised importance)
-b   = r_ref · Σ_i f(m_i, n_i)                        (budget; f = sqrt(m+n) in the paper, m+n in the code)
-r_i = clip(round(b · a_i / f(m_i, n_i)), r_min, min(r_max, m_i, n_i))
+b   = r_ref · Σ_i E_i·f(m_i, n_i)                    (budget; f = sqrt(m+n) in the paper, m+n in the code)
+r_i = clip(round(b · a_i / (E_i·f(m_i, n_i))), r_min, min(r_max, m_i, n_i))
+
+E_i = 1 for a layer; E_i = E for a stack of E experts sharing one rank (shape (E, m, n)), which counts as E layers
+of [m, n] (its importance is the sum over its experts, importance.py): docs/moe.md.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ class Allocation:
         ranks: Module name -> rank r_i (0 = no adapter, possible only with min_rank=0).
         advantages: Module name -> a_i, the normalised importance.
         importances: Module name -> I_i.
-        budget: b = r_ref · Σ f(m_i, n_i).
-        trainable_params: Σ r_i·(m_i + n_i) of the adapters GoRA builds.
-        lora_params: r_ref·Σ (m_i + n_i), plain LoRA at the reference rank on the same layers.
+        budget: b = r_ref · Σ E_i·f(m_i, n_i).
+        trainable_params: Σ r_i·E_i·(m_i + n_i) of the adapters GoRA builds.
+        lora_params: r_ref·Σ E_i·(m_i + n_i), plain LoRA at the reference rank on the same layers.
     """
 
     ranks: dict[str, int]
@@ -60,7 +63,7 @@ def allocate_ranks(
 
     Args:
         importances: Module name -> I_i >= 0.
-        shapes: Module name -> (m, n) = (out_features, in_features).
+        shapes: Module name -> (m, n) = (out_features, in_features), or (E, m, n) for an expert stack.
         config: r (r_ref), min_rank, max_rank, features, rounding.
     """
     if not importances:
@@ -77,12 +80,12 @@ def allocate_ranks(
             "every layer has importance 0 (all gradients vanish on the targets): check that the loss depends "
             "on the targeted modules and that the batches carry labels"
         )
-    f = {name: features(*shapes[name], config.features) for name in importances}
-    budget = config.r * math.fsum(f.values())  # b = r_ref · Σ f(m_i, n_i)
+    f = {name: _count(shapes[name]) * features(*shapes[name][-2:], config.features) for name in importances}
+    budget = config.r * math.fsum(f.values())  # b = r_ref · Σ E_i·f(m_i, n_i)
     rnd = (lambda x: math.floor(x + 0.5)) if config.rounding == "round" else math.floor
     ranks, advantages = {}, {}
     for name, importance in importances.items():
-        m, n = shapes[name]
+        m, n = shapes[name][-2:]
         a = importance / total  # a_i
         advantages[name] = a
         ranks[name] = min(max(rnd(budget * a / f[name]), config.min_rank), config.max_rank, m, n)  # r_i
@@ -91,6 +94,16 @@ def allocate_ranks(
         advantages=advantages,
         importances=dict(importances),
         budget=budget,
-        trainable_params=sum(r * sum(shapes[name]) for name, r in ranks.items()),
-        lora_params=config.r * sum(sum(shapes[name]) for name in ranks),
+        trainable_params=sum(r * _params_per_rank(shapes[name]) for name, r in ranks.items()),
+        lora_params=config.r * sum(_params_per_rank(shapes[name]) for name in ranks),
     )
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    """E_i: the number of [m, n] matrices that share the rank (1 for a layer)."""
+    return shape[0] if len(shape) == 3 else 1
+
+
+def _params_per_rank(shape: tuple[int, ...]) -> int:
+    """Adapter parameters per unit of rank: E_i·(m_i + n_i)."""
+    return _count(shape) * (shape[-2] + shape[-1])

@@ -1,13 +1,16 @@
 """Typed configuration of GoRA, validated on construction.
 
 `GoraConfig` holds every choice GoRA makes; everything else about the LoRA adapter (task type, modules to save,
-bias, layers to transform, ...) passes through `lora_kwargs` to `peft.LoraConfig` untouched.
+bias, layers to transform, ...) passes to `peft.LoraConfig` untouched, given either as keywords of their own
+(`GoraConfig(task_type="SEQ_CLS")`, checked against LoraConfig's fields) or in `lora_kwargs`.
 The CLI builds its options from these fields (their `metadata["help"]`), so there is one source of truth.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +30,8 @@ SCALING_CHOICES: tuple[str, ...] = Scaling.__args__  # type: ignore[attr-defined
 GRADIENT_STORE_CHOICES: tuple[str, ...] = GradientStore.__args__  # type: ignore[attr-defined]
 GRADIENT_ROUTE_CHOICES: tuple[str, ...] = GradientRoute.__args__  # type: ignore[attr-defined]
 NUCLEAR_IMPORTANCES: tuple[str, ...] = ("grad_nuclear", "wg_nuclear")
+# `target_parameters` switch: every 3-D floating-point parameter of the model (the fused expert stacks of MoE models)
+ALL_EXPERTS = "all-experts"
 
 # LoraConfig fields that GoRA decides itself: passing them through `lora_kwargs` would contradict the allocation.
 GORA_OWNED_LORA_FIELDS: dict[str, str] = {
@@ -39,7 +44,7 @@ GORA_OWNED_LORA_FIELDS: dict[str, str] = {
     "use_rslora": "GoRA always uses rsLoRA scaling; choose GoraConfig.scaling instead",
     "init_lora_weights": "GoRA initializes the adapter itself",
     "use_dora": "DoRA is a different method; GoRA yields plain LoRA adapters",
-    "target_parameters": "GoRA targets nn.Linear / Conv1D modules by name; use target_modules",
+    "target_parameters": "set GoraConfig.target_parameters",
     "eva_config": "EVA is a different initialization",
     "lora_ga_config": "LoRA-GA is a different initialization",
     "corda_config": "CorDA is a different initialization",
@@ -57,7 +62,11 @@ class GoraConfig:
 
     Args:
         target_modules: Module names or name suffixes, matched exactly as `peft.LoraConfig.target_modules`
-            (a list of suffixes, a regex string, or `"all-linear"`).
+            (a list of suffixes, a regex string, or `"all-linear"`). None = PEFT's defaults for the model type;
+            `[]` = no module (with `target_parameters`, as in PEFT).
+        target_parameters: Parameter names or name suffixes, matched as `peft.LoraConfig.target_parameters`
+            (`"experts.gate_up_proj"`, `"mlp.experts.down_proj"`), 2-D or 3-D (a stack of E expert matrices), or
+            `"all-experts"`: every 3-D parameter (the fused experts of Mixtral, Qwen3-MoE, ...). docs/moe.md.
         r: Reference rank r_ref; the parameter budget is that of plain LoRA at this rank.
         min_rank: Smallest rank a targeted layer gets (r_min). 0 lets GoRA drop unimportant layers.
         max_rank: Largest rank a layer gets (r_max); also capped at min(out_features, in_features).
@@ -91,11 +100,19 @@ class GoraConfig:
             `adaptive_threshold` (relative) between consecutive batches, after `adaptive_min_batches` batches.
         adaptive_threshold: τ, the relative change of importance below which estimation stops.
         adaptive_min_batches: Smallest number of batches before adaptive stopping may stop.
-        lora_kwargs: Any other `peft.LoraConfig` argument (task_type, modules_to_save, bias, layers_to_transform, ...).
+        lora_kwargs: Any other `peft.LoraConfig` argument (task_type, modules_to_save, bias, layers_to_transform, ...);
+            they may also be given as keywords of their own: `GoraConfig(task_type="SEQ_CLS")`.
     """
 
     target_modules: Sequence[str] | str | None = field(
         default=None, metadata={"help": "modules to adapt: names/suffixes as PEFT matches them, or 'all-linear'"}
+    )
+    target_parameters: Sequence[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "parameters to adapt (PEFT's target_parameters): names/suffixes of 2-D or 3-D (fused expert) "
+            f"parameters, or '{ALL_EXPERTS}' for every 3-D parameter"
+        },
     )
     r: int = field(default=8, metadata={"help": "reference rank r_ref that sets the parameter budget"})
     min_rank: int = field(default=4, metadata={"help": "smallest rank of a layer (0 drops unimportant layers)"})
@@ -169,7 +186,10 @@ class GoraConfig:
                 f"target_modules must be module names (strings), got {tm!r}",
             )
             object.__setattr__(self, "target_modules", tuple(tm))
-            _check(len(tm) > 0, "target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
+            _check(
+                len(tm) > 0 or self.target_parameters is not None,
+                "target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']",
+            )
         for name in ("r", "min_rank", "max_rank", "num_batches", "seed", "sketch_samples", "adaptive_min_batches"):
             value = getattr(self, name)
             _check(
@@ -202,9 +222,42 @@ class GoraConfig:
             value = getattr(self, name)
             _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
         self._check_estimation()
+        self._check_target_parameters()
         _check(isinstance(self.lora_kwargs, Mapping), "lora_kwargs must be a mapping of LoraConfig arguments")
         self._check_lora_kwargs()
         object.__setattr__(self, "lora_kwargs", dict(self.lora_kwargs))
+
+    def _check_target_parameters(self) -> None:
+        tp = self.target_parameters
+        if tp is None:
+            return
+        if isinstance(tp, str):
+            _check(
+                tp == ALL_EXPERTS,
+                f"target_parameters={tp!r}: give a list of parameter names (e.g. ['experts.gate_up_proj', "
+                f"'experts.down_proj']) or '{ALL_EXPERTS}' (every 3-D parameter)",
+            )
+        else:
+            _check(
+                len(tp) > 0 and all(isinstance(t, str) and t for t in tp),
+                f"target_parameters must be a non-empty list of parameter names (strings), got {tp!r}",
+            )
+            object.__setattr__(self, "target_parameters", tuple(tp))
+        # PEFT's ParamWrapper applies no dropout (x cannot be factored out of the expert's matmul): docs/moe.md
+        _check(
+            self.lora_dropout == 0,
+            f"lora_dropout={self.lora_dropout!r} with target_parameters: PEFT's parameter adapters (ParamWrapper) "
+            "cannot apply dropout; set lora_dropout=0",
+        )
+        _check(
+            self.gradient_store == "full",
+            "gradient_store='sketch' does not handle target_parameters (expert stacks): use gradient_store='full'",
+        )
+        _check(
+            self.gradient_route != "hooks",
+            "gradient_route='hooks' reads module inputs, which fused expert parameters do not have per expert: use "
+            "gradient_route='auto' or 'weights' with target_parameters",
+        )
 
     def _check_estimation(self) -> None:
         _check(
@@ -269,21 +322,61 @@ class GoraConfig:
         object.__setattr__(self, "gamma_candidates", tuple(sorted({float(c) for c in candidates})))
 
     def _check_lora_kwargs(self) -> None:
-        from peft import LoraConfig
-
-        known = {f.name for f in dataclasses.fields(LoraConfig)}
         for key in self.lora_kwargs:
-            if key in GORA_OWNED_LORA_FIELDS:
-                raise ValueError(f"lora_kwargs[{key!r}] is decided by GoRA: {GORA_OWNED_LORA_FIELDS[key]}")
-            _check(key in known, f"lora_kwargs[{key!r}] is not a peft.LoraConfig argument: check the spelling")
+            _check_lora_field(key, "lora_kwargs")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the configuration."""
         out = dataclasses.asdict(self)
-        if isinstance(out["target_modules"], tuple):
-            out["target_modules"] = list(out["target_modules"])
+        for key in ("target_modules", "target_parameters"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
         out["lora_kwargs"] = {k: _jsonable(v) for k, v in self.lora_kwargs.items()}
         return out
+
+
+_OWN_FIELDS = frozenset(f.name for f in dataclasses.fields(GoraConfig))
+
+
+def _accept_lora_fields(cls: type[GoraConfig]) -> None:
+    """Let `GoraConfig(...)` take `peft.LoraConfig` fields as keywords of their own (PEFT users write
+    `task_type="SEQ_CLS"`): they join `lora_kwargs`, checked against LoraConfig with the nearest name on a typo."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: GoraConfig, *args: Any, **kwargs: Any) -> None:
+        extra = {key: kwargs.pop(key) for key in list(kwargs) if key not in _OWN_FIELDS}
+        if extra:
+            given = kwargs.get("lora_kwargs") or {}
+            _check(isinstance(given, Mapping), "lora_kwargs must be a mapping of LoraConfig arguments")
+            for key in extra:
+                _check_lora_field(key, "")
+                _check(
+                    key not in given,
+                    f"{key!r} is given twice, as GoraConfig({key}=...) and in lora_kwargs: give it once",
+                )
+            kwargs["lora_kwargs"] = {**given, **extra}
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _check_lora_field(key: str, where: str) -> None:
+    """A LoraConfig field that GoRA passes through; else a ValueError naming the fix (or the nearest name)."""
+    from peft import LoraConfig
+
+    label = f"{where}[{key!r}]" if where else f"GoraConfig({key}=...)"
+    if key in GORA_OWNED_LORA_FIELDS:
+        raise ValueError(f"{label} is decided by GoRA: {GORA_OWNED_LORA_FIELDS[key]}")
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    if key not in known:
+        close = difflib.get_close_matches(key, sorted(known if where else known | _OWN_FIELDS), n=1)
+        hint = f": did you mean {close[0]!r}?" if close else ": check the spelling"
+        what = "" if where else " (nor a GoraConfig field)"
+        raise ValueError(f"{label}: {key!r} is not a peft.LoraConfig argument{what}{hint}")
+
+
+_accept_lora_fields(GoraConfig)
 
 
 def _is_real(value: Any) -> bool:

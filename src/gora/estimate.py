@@ -1,7 +1,8 @@
 """Stage 1: gradient estimation.
 
 G = (1/N) Σ_k ∂L_k/∂W over the first N batches, for every target weight W (paper: "gradient pre-computation").
-Each target's batch gradient reaches a store by one of two routes (`GoraConfig.gradient_route`), a small class each:
+Each target's batch gradient reaches a store by one of two routes (`GoraConfig.gradient_route`), a small class each
+(routes.py):
 
 - `_WeightRoute` (nn.Linear, Conv1D): a post-accumulate-grad hook on W folds ∂L/∂W into the store as soon as
   backward has produced it, then frees it, so at most about one layer's gradient exists at a time;
@@ -9,9 +10,9 @@ Each target's batch gradient reaches a store by one of two routes (`GoraConfig.g
   y = x·Wᵀ the batch gradient is G_b = Σ_tokens dyᵀ x, so module hooks that see the layer's input x (forward) and its
   output gradient dy (backward) feed the store without any weight gradient or dequantized weight.
 
-Two stores share one interface (`GradientStore`), fed either way: `FullStore` keeps S = Σ_k g_k (m x n float32) per
-layer; `sketch.SketchStore` keeps Y = S·A_maxᵀ and S at sampled entries (bounded memory; it needs a pilot pass over
-the first batch). The model comes back exactly as it was: weights, requires_grad flags, train/eval modes, `.grad`
+Two stores share one interface (`GradientStore`, stores.py), fed either way: `FullStore` keeps S = Σ_k g_k (m x n
+float32) per layer; `sketch.SketchStore` keeps Y = S·A_maxᵀ and S at sampled entries (bounded memory; it needs a
+pilot pass over the first batch). The model comes back exactly as it was: weights, requires_grad flags, train/eval modes, `.grad`
 fields, and no hook left behind.
 """
 
@@ -21,111 +22,36 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .batches import ForwardFn, batch_loss, first_batches, model_device, modes_restored, seeded
 from .config import GoraConfig
 from .distributed import (
-    all_reduce_sum_,
     all_true,
     check_not_zero3,
     fail_together,
-    full_tensor,
     is_distributed,
-    is_dtensor,
     ranks_where_false,
     sum_counts,
     unwrap_model,
     world_size,
 )
 from .distributed import rank as dist_rank
-from .importance import layer_importance
-from .qlayers import bnb_kind, check_backpropagates
+from .experts import report_unreached_experts
+from .routes import Route, _ModuleRoute, _WeightRoute, choose_routes
+from .sketch import SketchStore
 from .stats import GradientStats
-from .targets import Target, find_targets, get_weight
+from .stores import FullStore, GradientStore, Outer
+from .targets import Target, find_targets, get_weight, target_weight
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # end of a batch stream (a batch may be anything, even None)
-_CHUNK_ELEMENTS = 1 << 22  # float32 numbers per token chunk of x or dy (16 MiB) in the module-hook route
-
-
-class GradientStore(Protocol):
-    """What estimation keeps per target: folded batch by batch, summed over ranks and divided once at the end."""
-
-    needs_pilot: bool  # whether `pilot_fold` / `finish_pilot` run over the first batch before the N batches
-
-    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None: ...
-
-    def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None: ...
-
-    def fold(self, target: Target, grad: torch.Tensor) -> None:
-        """Add one batch's gradient g [m, n] (float32 or lower) of `target`."""
-
-    def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
-        """Add one batch's g = Σ_tokens dyᵀ x from the layer's input x [..., n] and output gradient dy [..., m]."""
-
-    def running_importance(
-        self, target: Target, weight_of: Callable[[str], torch.Tensor], reduce: bool, batches: int
-    ) -> float | None:
-        """I of the running mean after `batches` batches (summed over ranks when `reduce`); None before a gradient.
-        `weight_of(name)` gives W [m, n] (dequantized, for a quantized layer), called only when W is needed."""
-
-    def finish(self, name: str, reduce: bool, batches: int) -> tuple[str, torch.Tensor, float | None]:
-        """("gradients" or "sketches", the mean statistic, the estimated importance or None) of one layer."""
-
-    def nbytes(self) -> int: ...
-
-
-class FullStore:
-    """`gradient_store="full"`: S = Σ_k g_k in float32 per target (also the small layers of the sketch store)."""
-
-    needs_pilot = False
-
-    def __init__(self, targets: Iterable[Target], config: GoraConfig, device: torch.device) -> None:
-        self.config = config
-        self.sums = {t.name: torch.zeros(t.m, t.n, dtype=torch.float32, device=device) for t in targets}
-
-    def pilot_fold(self, target: Target, grad: torch.Tensor | Outer, weight: torch.Tensor) -> None:
-        raise RuntimeError("the full store has no pilot pass")
-
-    def finish_pilot(self, weight_of: Callable[[str], torch.Tensor], reduce: dict[str, bool]) -> None:
-        raise RuntimeError("the full store has no pilot pass")
-
-    def fold(self, target: Target, grad: torch.Tensor) -> None:
-        S = self.sums[target.name]
-        S.add_(grad if grad.device == S.device else grad.to(S.device))  # S += g_k (promoted to float32 in place)
-
-    def fold_outer(self, target: Target, x: torch.Tensor, dy: torch.Tensor) -> None:
-        S = self.sums[target.name]
-        if S.device != x.device:  # statistics offloaded: g_k on the model's device, then added
-            self.fold(target, Outer(x, dy).rows())
-            return
-        for x_c, dy_c in token_chunks(x, dy):
-            S.addmm_(dy_c.T, x_c)  # S += Σ_tokens dyᵀ x, no g_k formed
-
-    def running_importance(
-        self, target: Target, weight_of: Callable[[str], torch.Tensor], reduce: bool, batches: int
-    ) -> float | None:
-        S = self.sums[target.name]
-        S = all_reduce_sum_(S.clone()) if reduce else S
-        if not bool(S.any()):
-            return None
-        # I(S/k) = I(S)/k: 1-homogeneous
-        return layer_importance(weight_of(target.name), S, self.config.importance) / batches
-
-    def finish(self, name: str, reduce: bool, batches: int) -> tuple[str, torch.Tensor, float | None]:
-        S = self.sums.pop(name)
-        return "gradients", (all_reduce_sum_(S) if reduce else S).div_(batches), None
-
-    def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in self.sums.values())
 
 
 def estimate_gradients(
@@ -168,8 +94,6 @@ def estimate_gradients(
             hook-route targets whose forward never ran as a module call (fused kernels), any target problem that
             `find_targets` or `choose_routes` reports. The model is left exactly as it was.
     """
-    from .sketch import SketchStore
-
     model = unwrap_model(model)
     check_not_zero3(model)
     targets = find_targets(model, config)
@@ -208,136 +132,6 @@ def estimate_gradients(
         return _finish(run, config, adaptive)
 
 
-class _WeightRoute:
-    """Route "weights": a post-accumulate-grad hook on W folds ∂L/∂W into the store once backward has produced it,
-    then frees it. Under FSDP2 (a sharded W) there is no hook: the gathered gradient is folded after backward."""
-
-    kind = "weights"
-
-    def __init__(self, run: _Estimation, target: Target, weight: nn.Parameter) -> None:
-        self.run, self.target, self.weight = run, target, weight
-        self.sharded = is_dtensor(weight)
-
-    def attach(self) -> list[RemovableHandle]:
-        return [] if self.sharded else [self.weight.register_post_accumulate_grad_hook(self)]
-
-    def __call__(self, param: torch.Tensor) -> None:
-        self.run.fold(self.target, _layout(self.target, param.grad.detach()))
-        param.grad = None  # memory stays bounded by the statistics plus ~one gradient
-
-    def after_backward(self) -> None:
-        if self.sharded and self.weight.grad is not None:  # FSDP2: a sharded grad, already averaged over ranks
-            self.run.fold(self.target, _layout(self.target, full_tensor(self.weight.grad.detach())))
-            self.weight.grad = None
-
-
-class _ModuleRoute:
-    """Route "hooks": g = Σ_tokens dyᵀ x from the layer's input x and output gradient dy; no weight gradient.
-
-    A forward hook keeps x and puts a hook on the output tensor; backward hands that hook dy, which folds (x, dy)
-    into the store and lets go of x, so x lives from the layer's forward to its backward only (as long as autograd
-    keeps it for a weight gradient). Every forward call gets its own output hook, so several calls per batch add up
-    as a weight gradient does. When nothing upstream requires grad (frozen embeddings, the first layer), a forward
-    pre-hook gives the layer a detached alias of x that requires grad (no copy), so that its output has a gradient;
-    the alias's own gradient is dropped as soon as it is accumulated.
-
-    A hook on the output tensor rather than `register_full_backward_hook`: the latter wraps inputs and outputs in
-    autograd views (which in-place operations after the layer reject), and with frozen inputs it warns and still
-    needs an input that requires grad; the output hook needs neither.
-    """
-
-    kind = "hooks"
-
-    def __init__(self, run: _Estimation, target: Target, module: nn.Module) -> None:
-        self.run, self.target, self.module = run, target, module
-        self.calls = 0  # forwards whose output had a gradient path: 0 after a batch = the hooks never saw the layer
-
-    def attach(self) -> list[RemovableHandle]:
-        return [
-            self.module.register_forward_pre_hook(self.before, with_kwargs=True),
-            self.module.register_forward_hook(self.after, with_kwargs=True),
-        ]
-
-    def after_backward(self) -> None:
-        pass
-
-    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        x = _layer_input(args, kwargs)
-        if not torch.is_grad_enabled() or x is None or x.requires_grad or not x.is_floating_point():
-            return None
-        alias = x.detach().requires_grad_(True)
-        alias.register_post_accumulate_grad_hook(_drop_grad)
-        return ((alias, *args[1:]), kwargs) if args else ((), {**kwargs, _input_key(kwargs): alias})
-
-    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        x = _layer_input(args, kwargs)
-        if isinstance(output, torch.Tensor) and output.requires_grad and x is not None:
-            self.calls += 1
-            output.register_hook(_OutputGrad(self, x))
-
-
-class _OutputGrad:
-    """The hook on one forward call's output: receives dy, folds Σ dyᵀ x into the store, drops x."""
-
-    def __init__(self, route: _ModuleRoute, x: torch.Tensor) -> None:
-        self.route, self.x, self.version = route, x, x._version
-
-    def __call__(self, dy: torch.Tensor) -> None:
-        x, self.x = self.x, None
-        if x is None:  # a second backward through a retained graph: this call was folded already
-            return
-        if x._version != self.version:
-            raise ValueError(
-                f"the input of {self.route.target.name} was modified in place between its forward and backward, "
-                "so its gradient cannot be read from it: use gradient_route='weights' for this layer's type"
-            )
-        self.route.run.fold_outer(self.route.target, x.detach(), dy.detach())
-
-
-def _drop_grad(tensor: torch.Tensor) -> None:
-    tensor.grad = None
-
-
-def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args:
-        return args[0] if isinstance(args[0], torch.Tensor) else None
-    value = kwargs.get(_input_key(kwargs)) if kwargs else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _input_key(kwargs: dict) -> str:
-    return "input" if "input" in kwargs else "x" if "x" in kwargs else next(iter(kwargs))
-
-
-def token_chunks(x: torch.Tensor, dy: torch.Tensor, width: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x_c [T, n], dy_c [T, m]) in float32, T tokens at a time, so that no float32 copy holds more than about
-    `_CHUNK_ELEMENTS` numbers (nor T·width, for a caller that makes a [T, width] intermediate)."""
-    x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    if x.shape[0] != dy.shape[0]:
-        raise ValueError(f"a layer's input has {x.shape[0]} tokens but its output gradient {dy.shape[0]}")
-    step = max(1, _CHUNK_ELEMENTS // max(x.shape[1], dy.shape[1], width))
-    for start in range(0, x.shape[0], step):
-        yield x[start : start + step].float(), dy[start : start + step].float()
-
-
-class Outer:
-    """g = Σ_tokens dyᵀ x [m, n] of one forward call (module hooks), formed on demand in float32: whole, or a block
-    of rows at a time (the sketch's pilot), so that it need never exist whole."""
-
-    def __init__(self, x: torch.Tensor, dy: torch.Tensor) -> None:
-        self.x, self.dy = x, dy
-        self.shape = (dy.shape[-1], x.shape[-1])
-
-    def rows(self, rows: slice = slice(None)) -> torch.Tensor:
-        g = torch.zeros(len(range(*rows.indices(self.shape[0]))), self.shape[1], device=self.x.device)
-        for x_c, dy_c in token_chunks(self.x, self.dy):
-            g.addmm_(dy_c[:, rows].T, x_c)
-        return g
-
-
-Route = _WeightRoute | _ModuleRoute
-
-
 class _Estimation:
     """One estimation: the targets and their routes, the store, the hooks and the per-target gradient counts."""
 
@@ -356,7 +150,7 @@ class _Estimation:
         self.routes: list[Route] = [
             _ModuleRoute(self, t, model.get_submodule(t.name))
             if routes[t.name] == "hooks"
-            else _WeightRoute(self, t, model.get_submodule(t.name).weight)
+            else _WeightRoute(self, t, target_weight(model, t))
             for t in targets
         ]
         self.sharded = [isinstance(r, _WeightRoute) and r.sharded for r in self.routes]
@@ -428,26 +222,6 @@ class _Estimation:
         return [name for (name, _), total in zip(hooked, totals) if total == 0]
 
 
-def choose_routes(model: nn.Module, targets: list[Target], config: GoraConfig) -> dict[str, str]:
-    """Module name -> "weights" or "hooks" (`GoraConfig.gradient_route`; "auto": hooks for bitsandbytes layers).
-
-    Raises:
-        ValueError: bitsandbytes targets with gradient_route="weights" (they have no weight gradient), or 4-bit
-            layers anywhere in the model in bitsandbytes' CPU inference layout (no backward through them).
-    """
-    modules = {t.name: model.get_submodule(t.name) for t in targets}
-    quantized = {name: module for name, module in modules.items() if bnb_kind(module) is not None}
-    if quantized and config.gradient_route == "weights":
-        raise ValueError(
-            f"gradient_route='weights' reads weight gradients, which bitsandbytes layers do not have: "
-            f"{', '.join(list(quantized)[:4])}{' ...' if len(quantized) > 4 else ''}. "
-            "Use gradient_route='auto' (module hooks for these layers)"
-        )
-    check_backpropagates({name: module for name, module in model.named_modules() if bnb_kind(module) == "4bit"})
-    hooks = config.gradient_route == "hooks"
-    return {name: "hooks" if hooks or name in quantized else "weights" for name in modules}
-
-
 def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) -> GradientStats:
     """Sum the statistics over ranks (once), divide by the number of batches, check they are finite."""
     names = [t.name for t in run.targets]
@@ -505,6 +279,7 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
         info["sketch_samples"] = config.sketch_samples
     if adaptive is not None:
         info["adaptive"] = adaptive.report(local_batches, global_batches)
+    report_unreached_experts(tables["gradients"], info, global_batches)
     return GradientStats(
         targets=run.targets,
         gradients=tables["gradients"],
@@ -521,11 +296,6 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
 
 def _names(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _layout(target: Target, tensor: torch.Tensor) -> torch.Tensor:
-    """A weight or gradient in the [m, n] layout (Conv1D stores [n, m])."""
-    return tensor.T if target.transposed else tensor
 
 
 class _Adaptive:
@@ -625,7 +395,7 @@ def _estimation_state(model: nn.Module, targets: list[Target], routes: dict[str,
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    weights = [model.get_submodule(t.name).weight for t in targets if routes[t.name] == "weights"]
+    weights = [target_weight(model, t) for t in targets if routes[t.name] == "weights"]
     with modes_restored(model):
         try:
             for p in params:

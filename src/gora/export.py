@@ -149,6 +149,27 @@ class ExportResult:
         return "\n".join(lines)
 
 
+PARAMETER_ADAPTER_REASON = (
+    "the adapter adapts parameters directly (target_parameters: fused expert stacks, PEFT's lora_A (r·E, in) / "
+    "lora_B (out, r·E) layout), which this export cannot write for vLLM or llama.cpp: it writes per-module LoRA "
+    "tensors, and neither engine is known here to load PEFT's expert layout (docs/moe.md)"
+)
+
+
+def unexported_serving(adapter_dir: str | Path) -> dict[str, Any]:
+    """The serving summary of an adapter that is not exported (target_parameters): PEFT serves it; vLLM and
+    llama.cpp are named as unable to, with the reason; no export folder exists (`output_dir` None)."""
+    remedy = "; serve with PEFT, or merge the adapter into the base model (gora merge)"
+    notes = [EngineNote("PEFT", True, f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})")]
+    notes += [EngineNote(engine, False, PARAMETER_ADAPTER_REASON + remedy) for engine in ("vLLM", "llama.cpp")]
+    return {
+        "adapter_dir": str(adapter_dir),
+        "output_dir": None,
+        "exported": False,
+        "engines": [dataclasses.asdict(n) for n in notes],
+    }
+
+
 def vllm_max_lora_rank(rank: int) -> int | None:
     """The smallest value vLLM's `--max-lora-rank` accepts that is >= `rank` (None if `rank` exceeds them all)."""
     return next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
@@ -260,8 +281,7 @@ def _check_exportable(adapter: SavedAdapter) -> None:
         )
     if config.target_parameters:
         raise ValueError(
-            f"{str(adapter.folder)!r} adapts parameters directly (target_parameters), which this export does not "
-            "handle: serve it with PEFT or merge it (gora merge)"
+            f"{str(adapter.folder)!r}: {PARAMETER_ADAPTER_REASON}. Serve it with PEFT or merge it (gora merge)"
         )
     for name in adapter.layers:
         r, _ = peft_scaling(config, name)

@@ -29,6 +29,7 @@ from torch import nn
 from .batches import ForwardFn, batch_loss, eval_mode, first_batches, model_device, seeded, take
 from .config import GoraConfig
 from .distributed import is_distributed, ranks_where_false, sum_floats, world_size
+from .experts import lora_layer
 from .record import GoraRecord
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def search_gamma(
     On any failure the LoRA layers are removed again (`peft_model.unload()`), so the base model is as it was.
     """
     model = peft_model.get_base_model()
-    lora_B = {name: model.get_submodule(name).lora_B[adapter_name].weight for name in unit_weights}
+    lora_B = {name: lora_layer(model, name).lora_B[adapter_name].weight for name in unit_weights}
     candidates = list(gamma_candidates(config))
     try:
         losses = []

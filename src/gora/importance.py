@@ -17,9 +17,13 @@ _ROW_CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of ~16M elements s
 
 
 def layer_importance(weight: torch.Tensor, grad: torch.Tensor, metric: Importance) -> float:
-    """I(W) of one layer; `weight` and `grad` share the [m, n] layout."""
+    """I(W) of one layer; `weight` and `grad` share the [m, n] layout ([E, m, n] for an expert stack)."""
     if weight.shape != grad.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and gradient {tuple(grad.shape)} differ in shape")
+    if weight.dim() == 3:  # E experts sharing one rank: I = E · mean over the experts reached of I(W_e, G_e)
+        reached = [e for e in range(grad.shape[0]) if bool(grad[e].any())]  # G_e = 0: no token routed to e
+        values = [layer_importance(weight[e], grad[e], metric) for e in reached]
+        return grad.shape[0] * sum(values) / len(values) if values else 0.0
     grad = grad.to(device=weight.device, dtype=torch.float32)
     if metric == "grad_nuclear":  # ‖G‖_*
         return float(torch.linalg.svdvals(grad).sum())

@@ -7,6 +7,9 @@
 The minus sign makes the first forward take one gradient-descent step of size γ (the research code's HEAD lost it);
 √(n/r_i) undoes the shrinking of ‖G·P_A‖ ≈ √(r_i/n)·‖G‖ by a random projection, so ‖ΔW0‖ ≈ γ·‖G‖.
 
+An expert stack (G of shape [E, m, n], docs/moe.md) is E layers sharing r_i: A0_e is drawn as for a layer named
+`f"{name}.{e}"`, and B0_e solves the same equation with G_e, so s_i·B0_e·A0_e = −γ·√(n/r_i)·G_e·P_{A_e} per expert.
+
 B0 needs G only through Y = G·A0ᵀ, so the same solve serves both stores: with `gradient_store="full"` Y is computed
 from G; with `"sketch"` Y is the first r_i columns of the sketch G·A_maxᵀ (A0 = A_max[:r_i], the prefix property of
 `draw_lora_A`).
@@ -83,6 +86,8 @@ def init_layer(stats: GradientStats, name: str, rank: int, config: GoraConfig) -
     Raises:
         ValueError: no statistics for `name`; a sketch narrower than `rank` or drawn with another seed.
     """
+    if name in stats.gradients and stats.gradients[name].dim() == 3:
+        return init_experts(name, stats.gradients[name], rank, config)
     if name in stats.gradients:
         G = stats.gradients[name]
         m, n = G.shape
@@ -110,8 +115,21 @@ def init_layer(stats: GradientStats, name: str, rank: int, config: GoraConfig) -
     return A, solve_lora_B(Y, A, coefficient)
 
 
+def init_experts(name: str, G: torch.Tensor, rank: int, config: GoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0 [E, r, n], B0 [E, m, r]) of an expert stack with mean gradients G [E, m, n]: each expert e as a layer
+    named `f"{name}.{e}"` (its own A0_e), all at rank r. An expert that no token reached has G_e = 0, so B0_e = 0."""
+    experts, m, n = G.shape
+    A = torch.stack([draw_lora_A(f"{name}.{e}", rank, n, config.seed) for e in range(experts)]).to(G.device)
+    if config.gamma == 0:
+        return A, torch.zeros(experts, m, rank, dtype=torch.float32, device=G.device)
+    coefficient = -config.gamma * math.sqrt(n / rank) / layer_scaling(config, rank)  # −γ·√(n/r_i)/s_i
+    B = [solve_lora_B(G[e].to(torch.float32) @ A[e].T, A[e], coefficient) for e in range(experts)]  # Y_e = G_e·A0_eᵀ
+    return A, torch.stack(B)
+
+
 def init_gora_weights(
     stats: GradientStats, allocation: Allocation, config: GoraConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Stage 3 for every layer with r_i > 0: module name -> (A0 [r_i, n], B0 [m, r_i]), float32."""
+    """Stage 3 for every layer with r_i > 0: module name -> (A0 [r_i, n], B0 [m, r_i]), float32 ([E, r_i, n],
+    [E, m, r_i] for an expert stack)."""
     return {name: init_layer(stats, name, rank, config) for name, rank in allocation.adapted.items()}

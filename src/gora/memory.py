@@ -197,7 +197,7 @@ def estimate_peak_bytes(
     per_weight = 4 if bits == 8 else c  # 8-bit dequantizes to float32, 4-bit to the compute dtype
     samples = 3 * sketch_samples if mode == "sketch" else 0  # dy and x at the samples, and their product
 
-    def token_chunk(width: int) -> int:  # float32 [T_c, width] buffers of estimate.token_chunks
+    def token_chunk(width: int) -> int:  # float32 [T_c, width] buffers of stores.token_chunks
         return 4 * min(T, max(1, (1 << 22) // max(widest, samples // 3 or 1))) * width
 
     folding = token_chunk(2 * widest + (max_rank + samples if mode == "sketch" else 0)) if mode != "plain" else 0

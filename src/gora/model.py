@@ -24,12 +24,14 @@ from .batches import ForwardFn
 from .config import GoraConfig
 from .distributed import check_not_sharded
 from .estimate import estimate_gradients
+from .experts import lora_layer, parameter_patterns_quiet, to_peft_layout
 from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
+from .provenance import base_fingerprint
 from .qlayers import bnb_kind
 from .record import GoraRecord
-from .stats import GradientStats, base_fingerprint
+from .stats import GradientStats
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +44,21 @@ def make_lora_config(config: GoraConfig, allocation: Allocation, stats: Gradient
     if not ranks:
         raise ValueError("every layer was allocated rank 0: raise min_rank or r")
     names = [t.name for t in stats.targets if t.name in ranks]  # model order
+    parameters = [t.name for t in stats.targets if t.name in ranks and t.parameter]  # docs/moe.md
     alpha_pattern = {}
     if config.scaling == "reference":  # s_i = α/r_ref  ⇔  alpha_i = s_i·√r_i = α·√r_i/r_ref under rsLoRA
         alpha_pattern = {n: config.lora_alpha * math.sqrt(ranks[n]) / config.r for n in names}
     kwargs = dict(config.lora_kwargs)
-    kwargs.setdefault("fan_in_fan_out", all(t.transposed for t in stats.targets if t.name in ranks))
+    modules = [t for t in stats.targets if t.name in ranks and not t.parameter]
+    kwargs.setdefault("fan_in_fan_out", bool(modules) and all(t.transposed for t in modules))
+    if parameters:
+        kwargs["target_parameters"] = parameters
     return LoraConfig(
         r=max(ranks.values()),
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         use_rslora=True,
-        target_modules=names,
+        target_modules=[n for n in names if n not in parameters],
         rank_pattern={n: ranks[n] for n in names},
         alpha_pattern=alpha_pattern,
         init_lora_weights=True,
@@ -89,12 +95,13 @@ def build_gora_model(
             "them from the dataloader after the gradient batches, or from eval_dataloader)"
         )
     weights = init_gora_weights(stats, allocation, unit_gamma_config(config) if auto else config)  # auto: B0 at γ=1
+    weights = {n: to_peft_layout(A, B) if A.dim() == 3 else (A, B) for n, (A, B) in weights.items()}  # experts
     lora_config = make_lora_config(config, allocation, stats)
     base_model = base_fingerprint(model, list(allocation.adapted))  # before PEFT wraps the targets
     init_s = time.perf_counter() - start
     base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if auto else 0.0  # L(0)
-    with _quantized_flags(model):  # PEFT's bnb LoRA layers for bitsandbytes bases
-        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    with _quantized_flags(model), parameter_patterns_quiet(lora_config.target_parameters or ()):
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)  # bnb layers for bnb bases
     _write_lora_weights(peft_model, weights, adapter_name)
     search = None
     if auto:  # lora_B ← γ_k·B0(1) for each candidate, then γ*·B0(1)
@@ -215,12 +222,18 @@ def get_gora_model(
 
 
 def estimate_and_allocate(
-    model: nn.Module, config: GoraConfig, dataloader: Iterable[Any], options: RunOptions | None = None
+    model: nn.Module,
+    config: GoraConfig,
+    dataloader: Iterable[Any],
+    options: RunOptions | None = None,
+    *,
+    held_out: bool = True,
 ) -> Estimated:
     """Stages 1 and 2 with their timings, plus the held-out batches that gamma="auto" needs (else None).
 
     With `options.stats` (estimated earlier, e.g. loaded with `gora.load_gradient_stats`) stage 1 is skipped; the
-    timings then have no "estimate_s".
+    timings then have no "estimate_s". With `held_out=False` no held-out batches are taken (the allocation alone,
+    with no adapter to build: `gora allocate`).
     """
     options = options or RunOptions()
     if options.eval_dataloader is not None and config.gamma != "auto":
@@ -242,7 +255,7 @@ def estimate_and_allocate(
     importances = compute_importances(model, stats, config.importance)
     allocation = allocate_ranks(importances, stats.shapes, config)
     timings["allocate_s"] = time.perf_counter() - start
-    auto = config.gamma == "auto"
+    auto = config.gamma == "auto" and held_out
     eval_batches = held_out_batches(config, dataloader, options.eval_dataloader) if auto else None
     return Estimated(stats, allocation, eval_batches, timings)
 
@@ -319,7 +332,7 @@ def attach_record(peft_model: Any, record: GoraRecord, adapter_name: str = "defa
 def _write_lora_weights(peft_model: Any, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: str) -> None:
     base = peft_model.base_model.model
     for name, (A, B) in weights.items():
-        module = base.get_submodule(name)
+        module = lora_layer(base, name)
         lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         if lora_A.shape != A.shape or lora_B.shape != B.shape:
             raise RuntimeError(

@@ -2,7 +2,7 @@
 weight, and check that they can backpropagate.
 
 These layers have no weight gradient (their weight is packed integers), so stage 1 estimates their G through
-module hooks (estimate.py, `_ModuleRoute`), and the importance mean|W ⊙ G| reads Ŵ = deq(Q(W0)) one layer at a time
+module hooks (routes.py, `_ModuleRoute`), and the importance mean|W ⊙ G| reads Ŵ = deq(Q(W0)) one layer at a time
 through `dequantize`, the one place that turns a quantized weight into numbers. bitsandbytes is never imported here:
 if the user has not imported it, no layer of theirs can be one of its layers.
 """

@@ -4,7 +4,7 @@ Two starting points, one result (a stock PeftModel whose LoRA layers wrap bitsan
 
 * a model loaded quantized (`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`, or
   8-bit): plain `get_gora_model` takes it. Its 4-bit / 8-bit targets have no weight gradient, so estimation reads
-  G = Σ_tokens dyᵀ x through module hooks (estimate.py), which is the gradient at the base that is trained,
+  G = Σ_tokens dyᵀ x through module hooks (routes.py), which is the gradient at the base that is trained,
   Ŵ = deq(Q(W0)); the importance dequantizes one layer at a time (full store) or only where the sketch samples
   (sketch store). Peak memory: the quantized model, one batch's activations, the statistics, and one layer's
   dequantized weight. `get_qgora_model(model_loaded_quantized, ...)` does the same (kept for existing callers).
@@ -210,6 +210,11 @@ def _check_quantization_config(quantization_config: Any, model: nn.Module) -> An
 
 
 def _check_linear_targets(model: nn.Module, config: GoraConfig) -> None:
+    if config.target_parameters is not None:  # docs/moe.md
+        raise ValueError(
+            "QGoRA does not handle target_parameters (fused expert stacks, which bitsandbytes does not quantize): "
+            "use get_gora_model on a full-precision model, or drop target_parameters"
+        )
     conv = [t.name for t in find_targets(model, config) if t.transposed]
     if conv:
         raise ValueError(

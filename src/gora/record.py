@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,9 @@ from typing import Any
 from torch import nn
 
 from .fileio import atomic_write_text
-from .stats import base_fingerprint
+from .provenance import base_fingerprint, versions
 
 RECORD_NAME = "gora_record.json"
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries that shape the result."""
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {
-        "gora": __version__,
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 @dataclass
@@ -56,7 +38,7 @@ class GoraRecord:
     gamma: float
     timings_s: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    base_model: dict[str, Any] = field(default_factory=dict)  # stats.base_fingerprint of the model it was made on
+    base_model: dict[str, Any] = field(default_factory=dict)  # provenance.base_fingerprint of the model it was made on
     versions: dict[str, str] = field(default_factory=versions)
 
     def to_json(self) -> str:

@@ -1,4 +1,4 @@
-"""Bounded-memory gradient statistics (`GoraConfig(gradient_store="sketch")`): a `GradientStore` (estimate.py).
+"""Bounded-memory gradient statistics (`GoraConfig(gradient_store="sketch")`): a `GradientStore` (stores.py).
 
 A0 is random and known before estimation, so B0 needs G only through Y = G·A0ᵀ. Sketch mode draws
 A_max = draw_lora_A(name, k, n, seed) with k = min(max_rank, m, n) rows (regenerated in each hook, never stored)
@@ -7,7 +7,7 @@ and accumulates, per layer and per batch,
     Y   += g_b · A_maxᵀ                      [m, k]  exact and linear in the batches; A0 = A_max[:r_i]
     v_t += g_b[i_t, j_t]   for t = 1..s      sampled entries of G for the importance
 
-From module hooks (a quantized layer: no g_b exists, estimate.py) the same sums come from the layer's input x and
+From module hooks (a quantized layer: no g_b exists, routes.py) the same sums come from the layer's input x and
 output gradient dy, with g_b never formed: Y += dyᵀ (x A_maxᵀ), v_t += Σ_tokens dy_{i_t} x_{j_t}.
 
 The importance I = (1/mn) Σ_ij |W_ij G_ij| is estimated without bias by importance sampling,
@@ -42,8 +42,8 @@ import torch
 from .allocate import allocate_ranks
 from .config import GoraConfig
 from .distributed import all_reduce_sum_
-from .estimate import FullStore, Outer, token_chunks
 from .initialize import draw_lora_A, module_seed
+from .stores import FullStore, Outer, token_chunks
 from .targets import Target
 
 logger = logging.getLogger(__name__)

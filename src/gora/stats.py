@@ -9,7 +9,6 @@ importances of sketched layers and library versions. Never pickle. Written throu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,15 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import full_tensor, unwrap_model
+from .config import GoraConfig
 from .fileio import atomic_write
-from .qlayers import bnb_kind, dequantize
-from .targets import Target
+from .provenance import model_fingerprint, versions
+from .targets import Target, find_targets
 
 FORMAT = "gora-gradient-stats"
 FORMAT_VERSION = 1
-_CHECKSUM_LAYERS = 4  # weights whose leading values enter the fingerprint
-_CHECKSUM_ROWS, _CHECKSUM_COLS = 2, 16
 
 
 @dataclass
@@ -60,94 +57,13 @@ class GradientStats:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return {t.name: (t.m, t.n) for t in self.targets if t.name in self.gradients or t.name in self.sketches}
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> (m, n), or (E, m, n) for an expert stack (docs/moe.md)."""
+        return {t.name: t.shape for t in self.targets if t.name in self.gradients or t.name in self.sketches}
 
     def nbytes(self) -> int:
         """Bytes held by the statistics' tensors."""
         return sum(x.numel() * x.element_size() for x in [*self.gradients.values(), *self.sketches.values()])
-
-
-def model_fingerprint(model: nn.Module, targets: list[Target]) -> str:
-    """sha256 of the targets (names, shapes, layout) and the leading values of a few of their weights.
-
-    The values are rounded to bfloat16 first, so the fingerprint is the same whether the model is loaded in
-    float32, bfloat16 or float16 from the same checkpoint, on any device; different weights change it.
-
-    Raises:
-        ValueError: a target name is not a module of `model` or its weight has another shape.
-    """
-    model = unwrap_model(model)
-    digest = hashlib.sha256()
-    for t in targets:
-        digest.update(f"{t.name}:{t.m}x{t.n}:{int(t.transposed)};".encode())
-    for i in _picks(len(targets)):
-        digest.update(_leading_values(model, targets[i]))
-    return digest.hexdigest()
-
-
-def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, Any]:
-    """What an adapter records of the base model it was made on: the leading values of a few evenly spaced weights
-    among the modules `names` (rounded to bfloat16, as in `model_fingerprint`), so that merging or loading it on
-    another checkpoint of the same architecture, whose shapes all fit, can be refused.
-
-    Returns:
-        {"modules": the names read, "sha256": their digest, "quantized": whether any of them is a bitsandbytes
-        layer (its values are then the dequantized ones, which a full-precision load of the checkpoint does not
-        reproduce)}.
-
-    Raises:
-        ValueError: a name that is not a module of `model` with a weight.
-    """
-    model = unwrap_model(model)
-    picked = [names[i] for i in _picks(len(names))]
-    digest = hashlib.sha256()
-    quantized = False
-    for name in picked:
-        module = _weight_module(model, name)
-        quantized |= bnb_kind(module) is not None
-        digest.update(f"{name};".encode() + _leading_block(module))
-    return {"modules": picked, "sha256": digest.hexdigest(), "quantized": quantized}
-
-
-def _picks(count: int) -> list[int]:
-    """Indices of `_CHECKSUM_LAYERS` evenly spaced items among `count` (first and last included)."""
-    if not count:
-        return []
-    return sorted({round(i * (count - 1) / max(1, _CHECKSUM_LAYERS - 1)) for i in range(_CHECKSUM_LAYERS)})
-
-
-def _weight_module(model: nn.Module, name: str) -> nn.Module:
-    """The module `name` of `model` (the base layer inside a PEFT LoRA layer), which must have a weight."""
-    try:
-        module = model.get_submodule(name)
-        if hasattr(module, "get_base_layer"):  # a PEFT LoRA layer around the target (the adapter was built since)
-            module = module.get_base_layer()
-        module.weight  # noqa: B018 (the AttributeError is the check)
-    except AttributeError as err:
-        raise ValueError(f"the model has no module {name!r} with a weight") from err
-    return module
-
-
-def _leading_values(model: nn.Module, target: Target) -> bytes:
-    module = _weight_module(model, target.name)
-    if bnb_kind(module) is not None:  # packed integers: check the layer's shape, read its dequantized values
-        shape, expected = (module.out_features, module.in_features), (target.m, target.n)
-    else:  # the stored layout, as it always was read ([n, m] for Conv1D)
-        shape, expected = (
-            tuple(module.weight.shape),
-            (target.n, target.m) if target.transposed else (target.m, target.n),
-        )
-    if shape != expected:
-        raise ValueError(f"{target.name} has weight shape {shape}, the statistics expect {expected}")
-    return _leading_block(module)
-
-
-def _leading_block(module: nn.Module) -> bytes:
-    """The first rows and columns of the module's weight (dequantized for bitsandbytes), as bfloat16-rounded bytes."""
-    values = dequantize(module) if bnb_kind(module) is not None else full_tensor(module.weight.detach())
-    block = values[:_CHECKSUM_ROWS, :_CHECKSUM_COLS]
-    return block.to(device="cpu", dtype=torch.bfloat16).float().contiguous().numpy().tobytes()
 
 
 def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], model: nn.Module) -> Path:
@@ -163,8 +79,6 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
     """
     from safetensors.torch import save_file
 
-    from .record import versions
-
     tensors: dict[str, torch.Tensor] = {}
     for kind, table in (("gradients", stats.gradients), ("sketches", stats.sketches)):
         for name, tensor in table.items():
@@ -173,7 +87,7 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fingerprint": model_fingerprint(model, stats.targets),
-        "targets": [[t.name, t.m, t.n, t.transposed] for t in stats.targets],
+        "targets": [_target_row(t) for t in stats.targets],
         "num_batches": stats.num_batches,
         "no_grad": list(stats.no_grad),
         "store": stats.store,
@@ -186,8 +100,21 @@ def save_gradient_stats(stats: GradientStats, path: str | os.PathLike[str], mode
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"gora": json.dumps(header)}))
 
 
+def _target_row(t: Target) -> list[Any]:
+    row = [t.name, t.m, t.n, t.transposed]
+    return [*row, t.parameter, t.experts] if t.parameter else row  # module targets: the format as it always was
+
+
+def _target(name: str, m: int, n: int, transposed: bool, parameter: bool = False, experts: int = 0) -> Target:
+    return Target(name, int(m), int(n), bool(transposed), parameter=bool(parameter), experts=int(experts))
+
+
 def load_gradient_stats(
-    path: str | os.PathLike[str], model: nn.Module, *, device: str | torch.device = "cpu"
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    config: GoraConfig | None = None,
 ) -> GradientStats:
     """Read statistics written by `save_gradient_stats`, after checking that they belong to `model`.
 
@@ -196,10 +123,14 @@ def load_gradient_stats(
         model: The model to allocate and initialize for; its targets and leading weight values must match the
             fingerprint stored in the file.
         device: Where to put the tensors.
+        config: The configuration they are to be used with: when given, the statistics must hold the targets it
+            selects on `model` (else allocation would silently follow the file) and, for a sketch, have been drawn
+            with its seed (A0 must be the sketch's random matrix).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a gora statistics file, an unknown format version, or a model that does not match.
+        ValueError: not a gora statistics file, an unknown format version, a model that does not match, or
+            statistics that do not fit `config`.
     """
     from safetensors import safe_open
 
@@ -222,7 +153,7 @@ def load_gradient_stats(
                 f"{path} is format {header.get('format')!r} v{header.get('format_version')}, this gora reads "
                 f"{FORMAT!r} v{FORMAT_VERSION}: re-estimate the statistics"
             )
-        targets = [Target(name, int(m), int(n), bool(tr)) for name, m, n, tr in header["targets"]]
+        targets = [_target(*row) for row in header["targets"]]
         fingerprint = model_fingerprint(model, targets)
         if fingerprint != header["fingerprint"]:
             raise ValueError(
@@ -234,7 +165,7 @@ def load_gradient_stats(
         for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
             kind, name = key.split("/", 1)
             tables[kind][name] = handle.get_tensor(key).to(device)
-    return GradientStats(
+    stats = GradientStats(
         targets=targets,
         gradients=tables["gradients"],
         num_batches=int(header["num_batches"]),
@@ -246,3 +177,22 @@ def load_gradient_stats(
         seed=int(header["seed"]),
         info=dict(header["info"]),
     )
+    if config is not None:
+        _check_fits(stats, model, config)
+    return stats
+
+
+def _check_fits(stats: GradientStats, model: nn.Module, config: GoraConfig) -> None:
+    """The statistics hold the targets `config` selects on `model`, in order, and a sketch was drawn with its seed."""
+    saved, wanted = [t.name for t in stats.targets], [t.name for t in find_targets(model, config)]
+    if saved != wanted:
+        raise ValueError(
+            f"the statistics hold {len(saved)} target modules but target_modules selects {len(wanted)} "
+            f"({', '.join(sorted(set(saved) ^ set(wanted))[:4]) or 'another order'} differ): use the target_modules "
+            "they were saved with, or re-estimate"
+        )
+    if stats.sketches and stats.seed != config.seed:
+        raise ValueError(
+            f"the statistics hold a sketch drawn with seed={stats.seed}, the configuration has seed={config.seed}: "
+            f"A0 must be the sketch's random matrix, so use seed={stats.seed}"
+        )

@@ -1,5 +1,6 @@
 """Which modules GoRA adapts: PEFT's own matching rules, restricted to layers whose gradient GoRA can read
-(nn.Linear, GPT-2's Conv1D, and bitsandbytes 4-bit / 8-bit linear layers)."""
+(nn.Linear, GPT-2's Conv1D, and bitsandbytes 4-bit / 8-bit linear layers), plus the 2-D and 3-D (expert stack)
+parameters of `target_parameters` (experts.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from .config import GoraConfig
 from .distributed import full_tensor
+from .experts import get_parameter, match_parameters, parameter_shape
 from .qlayers import bnb_kind, dequantize, is_other_quantized
 
 try:  # transformers' GPT-2 style linear layer, weight stored transposed as [in, out]
@@ -26,12 +28,21 @@ class Target:
     """A module that GoRA adapts. `m` = out_features, `n` = in_features (the torch layout of an nn.Linear).
 
     A bitsandbytes layer is a Target like an nn.Linear: its shapes are those of the weight it quantizes.
+    A parameter of `target_parameters` is named by its full parameter name; a 3-D one holds `experts` = E matrices
+    [m, n] that share one rank (docs/moe.md).
     """
 
     name: str
     m: int
     n: int
-    transposed: bool  # True for Conv1D, whose weight is stored as [n, m]
+    transposed: bool  # True for Conv1D, whose weight is stored as [n, m] (and expert stacks stored (E, n, m))
+    parameter: bool = False  # a parameter of target_parameters (PEFT's ParamWrapper), not a module
+    experts: int = 0  # E of a 3-D expert stack; 0 for a 2-D weight
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(m, n), or (E, m, n) for an expert stack: the shape of G and of the allocation's cost term."""
+        return (self.experts, self.m, self.n) if self.experts else (self.m, self.n)
 
 
 def base_lora_config(config: GoraConfig, model: nn.Module):
@@ -43,6 +54,8 @@ def base_lora_config(config: GoraConfig, model: nn.Module):
         from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults and config.target_parameters is not None:
+            return LoraConfig(target_modules=[], **config.lora_kwargs)  # PEFT: the parameters alone
         if model_type not in defaults:
             raise ValueError(
                 f"target_modules is not set and PEFT has no default targets for model type {model_type!r}: "
@@ -55,7 +68,8 @@ def base_lora_config(config: GoraConfig, model: nn.Module):
 
 
 def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
-    """The target modules of `model`, in `named_modules` order, as PEFT would match them.
+    """The target modules of `model`, in `named_modules` order, as PEFT would match them, then the targeted
+    parameters (`target_parameters`, docs/moe.md) in model order.
 
     Raises:
         ValueError: when nothing matches, when the model already carries PEFT adapters, or when a matched module is
@@ -74,6 +88,7 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
             "after unloading the adapter), not a PeftModel"
         )
     lora_config = _maybe_include_all_linear_layers(base_lora_config(config, model), model)
+    parameters = _parameter_targets(model, config)
     targets: list[Target] = []
     unsupported: list[str] = []
     quantized: list[str] = []
@@ -104,12 +119,53 @@ def find_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
             "Narrow target_modules (or use exclude_modules in lora_kwargs)"
         )
     _check_shared_weights(model, targets)
-    if not targets:
+    if not targets and config.target_modules != ():  # [] = parameters only, as in PEFT
         raise ValueError(
             f"target_modules={config.target_modules!r} matches no nn.Linear/Conv1D module of this "
             f"{type(model).__name__}. Module names look like: {_short(_linear_names(model))}"
         )
+    _check_parameters_apart(targets, parameters)
+    return targets + parameters
+
+
+def _parameter_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
+    """The targets of `config.target_parameters` (docs/moe.md), in model order."""
+    if config.target_parameters is None:
+        return []
+    if any(bnb_kind(module) is not None for module in model.modules()):
+        raise ValueError(
+            "target_parameters on a bitsandbytes-quantized model is not supported (PEFT's parameter adapters over a "
+            "quantized base are untested here): load the model in full precision, or drop target_parameters"
+        )
+    matched = match_parameters(model, config.target_parameters)
+    if not matched:
+        shown = _short([n for n, p in model.named_parameters() if p.dim() == 3])
+        raise ValueError(
+            f"target_parameters={config.target_parameters!r} matches no parameter of this {type(model).__name__}. "
+            f"Its 3-D (expert) parameters: {shown}"
+        )
+    targets = []
+    for name, module in matched:
+        experts, m, n, transposed = parameter_shape(name, module)
+        targets.append(Target(name, m, n, transposed, parameter=True, experts=experts))
     return targets
+
+
+def _check_parameters_apart(modules: list[Target], parameters: list[Target]) -> None:
+    """Refuse a parameter target whose module is also a module target (PEFT would wrap it twice), and Conv1D
+    module targets beside parameter targets (fan_in_fan_out, which PEFT's ParamWrapper refuses)."""
+    names = {t.name for t in modules}
+    both = [p.name for p in parameters if p.name.rpartition(".")[0] in names]
+    if both:
+        raise ValueError(
+            f"{_short(both)} are parameters of modules that target_modules adapts already: adapt each weight once "
+            "(drop them from target_parameters or narrow target_modules)"
+        )
+    if parameters and any(t.transposed for t in modules):
+        raise ValueError(
+            "target_parameters cannot be combined with Conv1D module targets (PEFT's parameter adapters refuse "
+            "fan_in_fan_out): adapt one kind at a time"
+        )
 
 
 def _check_shared_weights(model: nn.Module, targets: list[Target]) -> None:
@@ -145,12 +201,21 @@ def _check_shared_weights(model: nn.Module, targets: list[Target]) -> None:
 
 def get_weight(model: nn.Module, target: Target) -> torch.Tensor:
     """W of a target in the [m, n] layout, detached: a view of a plain weight (an FSDP2 shard gathered), or
-    Ŵ = deq(Q(W0)) of a bitsandbytes layer, dequantized now (a new tensor of this one layer)."""
+    Ŵ = deq(Q(W0)) of a bitsandbytes layer, dequantized now (a new tensor of this one layer); [E, m, n] for an
+    expert stack."""
+    if target.parameter:
+        weight = full_tensor(get_parameter(model, target.name).detach())
+        return weight.transpose(-2, -1) if target.transposed else weight
     module = model.get_submodule(target.name)
     if bnb_kind(module) is not None:
         return dequantize(module)
     weight = full_tensor(module.weight.detach())
     return weight.T if target.transposed else weight
+
+
+def target_weight(model: nn.Module, target: Target) -> nn.Parameter:
+    """The Parameter whose gradient is G of `target`: the module's weight, or the targeted parameter itself."""
+    return get_parameter(model, target.name) if target.parameter else model.get_submodule(target.name).weight
 
 
 def _linear_names(model: nn.Module) -> list[str]:

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import GoraConfig
+from ..fileio import atomic_write
+from ..record import GoraRecord
+from .runconfig import DataConfig, TrainConfig
+from .runfolder import SERVING, STATUS, RunFolder, config_dict
+from .taskkind import TaskData
+from .tasks import headline_metric
+
 logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
@@ -126,3 +134,72 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
+
+
+# --- the fine-tune's report ----------------------------------------------------------------------------------------
+
+
+def finetune_report(
+    data: DataConfig,
+    train: TrainConfig,
+    gora: GoraConfig,
+    preset: str | None,
+    task: TaskData,
+    metrics: dict[str, Any],
+    progress: dict[str, Any],
+    timings: dict[str, float],
+    log_history: list[dict],
+    record: GoraRecord | None,
+) -> dict[str, Any]:
+    metric = headline_metric(data, train)
+    params = progress["params"]
+    return {
+        "task": data.task,
+        "method": train.method,
+        "preset": preset if data.train_file is None or data.model is None else None,
+        "metric": metric,
+        "metrics": metrics,
+        "params": params,
+        "rank_table": rank_table(params["ranks"]).to_dict(),
+        "timings_s": timings,
+        "sources": task.sources,
+        "sizes": {"train": len(task.train_set), "eval": len(task.eval_set)},
+        "labels": task.label_names,
+        "config": config_dict(preset, data, train, gora),
+        "gora": {"num_batches": record.num_batches, "gamma": record.gamma, "extra": record.extra} if record else None,
+        "sessions": progress.get("sessions", 1),
+        "serving": progress.get("serving"),
+        "log_history": log_history,
+    }
+
+
+def write_report(report: dict[str, Any], run: RunFolder, log_history: list[dict]) -> dict[str, str]:
+    """ranks.png, loss.png, then report.json, each written whole (`atomic_write`) into the run folder."""
+    table = RankTable(
+        **{
+            "layers": report["rank_table"]["layers"],
+            "types": report["rank_table"]["module_types"],
+            "cells": report["rank_table"]["ranks"],
+        }
+    )
+    title = f"{report['method']} ranks (r={report['config']['gora']['r']})"
+    final = str(run.path)
+    outputs = {
+        "folder": final,
+        "adapter": str(run.adapter),
+        **({"adapter_serving": os.path.join(final, SERVING)} if os.path.isdir(os.path.join(final, SERVING)) else {}),
+        "report": os.path.join(final, "report.json"),
+        "status": os.path.join(final, STATUS),
+        "init": str(run.init),
+    }
+    atomic_write(run.path / "ranks.png", lambda tmp: plot_rank_heatmap(table, tmp, title=title))
+    outputs["rank_heatmap"] = os.path.join(final, "ranks.png")
+    if loss_curve(log_history)[0]:
+        loss_title = f"{report['method']} training loss"
+        atomic_write(run.path / "loss.png", lambda tmp: plot_loss_curve(log_history, tmp, title=loss_title))
+        outputs["loss_curve"] = os.path.join(final, "loss.png")
+    if run.checkpoint_steps():
+        outputs["checkpoints"] = str(run.checkpoints)
+    report["outputs"] = outputs
+    atomic_write(run.path / "report.json", lambda tmp: write_json(report, tmp))
+    return outputs

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from ..config import GoraConfig
 from ..fileio import atomic_write_text
 from .cliconfig import field_types, name_options, option_name
-from .data import UsageError
+from .errors import UsageError
 from .runconfig import DataConfig, TrainConfig
 
 STATUS = "status.json"
@@ -126,6 +126,7 @@ RESUME_FIXED: dict[str, str] = {
     **dict.fromkeys(
         (
             "target_modules",
+            "target_parameters",
             "r",
             "min_rank",
             "max_rank",
@@ -366,8 +367,8 @@ def load_run_config(path: str | os.PathLike[str]) -> tuple[str | None, DataConfi
         UsageError: no such file, keys this version does not know, or values it refuses (a config.yaml of another
             version).
     """
-    from .cli import command_classes, parse
     from .cliconfig import dataclass_kwargs
+    from .options import command_classes, parse
     from .runconfig import TASK_TYPES
 
     if not Path(path).is_file():

@@ -1,0 +1,148 @@
+"""Provenance of a benchmark run: the code (git commit, dirty tree), the command, the environment (pip freeze), and
+the lock that keeps one results file to one code version and one environment.
+
+A suite's results folder holds, next to `<suite>.jsonl`:
+- `<suite>.freeze.txt`: `pip freeze` of the environment the suite started in;
+- `<suite>.lock.json`: the commit (and whether the tracked files differ from it, with a hash of the diff), the hash
+  of the freeze, the torch threads, Python, the command that started the suite, and what was not counted as code
+  (untracked files, results, docs, logs: `git_state`).
+`check_lock` refuses to add runs to a results file under another commit, another diff, other package versions or
+another thread count: an interrupted suite resumes only under the code and environment it started with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCK_KEYS = ("commit", "dirty", "diff_sha256", "freeze_sha256", "threads", "python")
+
+
+class LockError(RuntimeError):
+    """The results file was started under another code version or environment."""
+
+
+def _git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed in {root}: {out.stderr.strip()}")
+    return out.stdout
+
+
+# outputs, not code: results being appended, the generated report, logs
+NOT_CODE = ("benchmarks/results", "docs")
+UNTRACKED_NAMED = 10  # how many untracked files a lock names (it counts them all)
+
+
+def git_state(outputs: tuple[Path, ...] = (), root: Path | None = None) -> dict[str, Any]:
+    """{"commit", "dirty", "diff_sha256", "not_counted"}: HEAD, whether tracked files differ from it, the sha256 of
+    `git diff HEAD` (None when clean), and what was not counted as code.
+
+    The code that runs is the tracked files and the diff to them (staged or not). Untracked files are not counted
+    (a log, a results file or a scratch script written into the checkout must not change the code's identity); they
+    are named in `not_counted` (`git add` one to count it). The results folder, docs/, `*.log` files and `outputs`
+    (e.g. a results folder inside the checkout) are not code either, tracked or not. `root`: the git checkout
+    (default: the one this file is in).
+    """
+    root = Path(ROOT if root is None else root).resolve()
+    excluded = [*NOT_CODE]
+    for path in outputs:
+        path = Path(path).resolve()
+        if path.is_relative_to(root):
+            excluded.append(str(path.relative_to(root)))
+    spec = [".", *(f":(exclude){p}" for p in excluded), ":(exclude,glob)**/*.log"]
+    commit = _git(root, "rev-parse", "HEAD").strip()
+    diff = _git(root, "diff", "HEAD", "--binary", "--", *spec)
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *spec).splitlines()
+    dirty = bool(diff)
+    return {
+        "commit": commit,
+        "dirty": dirty,
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None,
+        "not_counted": {
+            "paths": [*excluded, "**/*.log"],
+            "untracked": len(untracked),
+            "untracked_named": untracked[:UNTRACKED_NAMED],
+        },
+    }
+
+
+def pip_freeze() -> str:
+    """`pip freeze` of this interpreter's environment, without the editable install of this checkout (its code is
+    identified by the git commit instead)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    keep = [
+        line
+        for line in out.splitlines()
+        if line.strip() and not line.startswith("-e ") and not line.startswith("#") and "gora" not in line.lower()
+    ]
+    return "\n".join(sorted(keep)) + "\n"
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as a user would type it from the checkout's root."""
+    return "python -m benchmarks.harness.run " + shlex.join(argv)
+
+
+def current(argv: list[str], threads: int | None, out: Path | None = None) -> tuple[dict[str, Any], str]:
+    """(the provenance of this invocation, its pip freeze); `out` is the results folder (not code)."""
+    freeze = pip_freeze()
+    state = git_state((out,) if out is not None else ())
+    return (
+        {
+            **state,
+            "freeze_sha256": hashlib.sha256(freeze.encode()).hexdigest(),
+            "threads": threads,
+            "python": platform.python_version(),
+            "command": command_line(argv),
+        },
+        freeze,
+    )
+
+
+def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None:
+    """Write the suite's lock and freeze when it starts; afterwards refuse any other commit, diff, environment or
+    thread count.
+
+    Raises:
+        LockError: with what differs and how to proceed.
+    """
+    lock_path, freeze_path = out / f"{suite}.lock.json", out / f"{suite}.freeze.txt"
+    if not lock_path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        freeze_path.write_text(freeze)
+        lock_path.write_text(json.dumps({k: prov[k] for k in (*LOCK_KEYS, "command", "not_counted")}, indent=1) + "\n")
+        return
+    lock = json.loads(lock_path.read_text())
+    diffs = [f"{k}: {lock.get(k)!r} there, {prov[k]!r} now" for k in LOCK_KEYS if lock.get(k) != prov[k]]
+    if diffs:
+        hint = ""
+        if lock.get("freeze_sha256") != prov["freeze_sha256"] and freeze_path.is_file():
+            old, new = set(freeze_path.read_text().splitlines()), set(freeze.splitlines())
+            hint = f" (packages there only: {sorted(old - new)[:6]}; here only: {sorted(new - old)[:6]})"
+        raise LockError(
+            f"{lock_path} was started under another code version or environment ({'; '.join(diffs)}){hint}: "
+            f"resume from that commit and environment, or start a new results folder with --out"
+        )
+
+
+def git_commit() -> dict[str, Any]:
+    """{"commit", "dirty"} of the checkout the benchmark runs from (results, docs and logs are not code, as for
+    the lock); None for both outside a git checkout."""
+    try:
+        state = git_state()
+    except (OSError, RuntimeError):
+        return {"commit": None, "dirty": None}
+    return {"commit": state["commit"], "dirty": state["dirty"]}
