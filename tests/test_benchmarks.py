@@ -377,3 +377,220 @@ def test_the_lock_counts_tracked_code_and_names_what_it_left_out(tmp_path: Path)
     (repo / "code.py").write_text("x = 0\n")
     staged = provenance.git_state(root=repo)
     assert staged["dirty"] and staged["not_counted"]["untracked"] == 1
+
+
+# --- the capacity suite (issue #19) -----------------------------------------------------------------------------------
+
+
+def _sft_set(n: int = 7, seed: int = 0) -> list[dict]:
+    """Encoded SFT examples of varied length: a prompt (labels -100) then an answer of 1-4 learned tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt, answer = 3 + i % 4, 1 + i % 4
+        ids = torch.randint(5, 60, (prompt + answer,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def _pad(rows: list[dict]) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = lambda key, value: torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])  # noqa: E731
+    return {
+        "input_ids": pad("input_ids", 0),
+        "attention_mask": pad("attention_mask", 0),
+        "labels": pad("labels", -100),
+    }
+
+
+def test_answer_nll_is_per_example_and_matches_the_token_mean_loss():
+    """Protects the primary endpoint: each example's summed answer-token NLL does not depend on the batch it is padded
+    in (batch 1 = batch 3), and Σ sums / Σ tokens is gora.app's evaluate_loss (the mean over learned tokens)."""
+    from benchmarks.harness.tasks import answer_nll
+
+    from gora.app.evaluate import evaluate_loss
+    from helpers import make_llama
+
+    model = make_llama(seed=3)
+    data = _sft_set()
+    sums1, counts1 = answer_nll(model, data, _pad, batch_size=1)
+    sums3, counts3 = answer_nll(model, data, _pad, batch_size=3)
+    assert counts1 == counts3 == [1 + i % 4 for i in range(len(data))]
+    np.testing.assert_allclose(sums3, sums1, rtol=1e-4)
+    want = evaluate_loss(model, data, _pad, 3)
+    assert sum(sums1) / sum(counts1) == pytest.approx(want, rel=1e-4)
+
+
+def _gate_record(task: str, r: int, nll: float, seed: int = 100, lr: float = 1e-3) -> dict:
+    return {"gate_task": task, "r": r, "stage": "gate", "lr": lr, "seed": seed, "metric": nll, "eval_loss": nll}
+
+
+def test_gate_qualifies_a_task_only_when_rank_32_is_10_percent_lower():
+    """Protects the gate: NLL(r=32) <= 0.9 NLL(r=4) qualifies (0.89 yes, 0.91 no); the largest gap wins; a candidate
+    with one rank missing is unfinished, never qualifying; no qualifier stops the comparison with the numbers."""
+    from benchmarks.harness import capacity
+
+    records = [
+        _gate_record("spell_backward", 4, 2.0),
+        _gate_record("spell_backward", 32, 1.78),  # 0.89
+        _gate_record("base_conversion", 4, 1.0),
+        _gate_record("base_conversion", 32, 0.91),
+        _gate_record("word_sorting", 4, 1.0),
+        _gate_record("word_sorting", 32, 0.5),  # 0.5: largest gap
+        _gate_record("word_sequence_reversal", 4, 1.0),
+    ]
+    rows = {row.task: row for row in capacity.gate_rows(records, "capacity-gate")}
+    assert rows["spell_backward"].qualifies and not rows["base_conversion"].qualifies
+    assert rows["word_sequence_reversal"].ratio is None and not rows["word_sequence_reversal"].complete
+    assert capacity.qualifying(list(rows.values())).task == "word_sorting"
+    blocks = capacity.comparison_blocks("evidence-capacity", records)
+    assert [b.name for b in blocks] == ["cap-core", "cap-controls", "cap-r8"]
+    core = blocks[0]
+    assert core.overrides["gate_task"] == "word_sorting" and core.overrides["r"] == 4
+    assert core.tuned == ("lora", "rslora", "gora") and dict(core.borrowed) == {"rslora-r32": "rslora"}
+    assert len(core.seeds) >= 8 and len(core.lrs) >= 5
+    assert all(b / a == 2 for a, b in zip(core.lrs, core.lrs[1:]))  # factors of 2
+    failing = [r for r in records if r["gate_task"] in ("base_conversion", "word_sequence_reversal")]
+    with pytest.raises(
+        capacity.StopComparison, match=r"no gate task qualifies.*base_conversion: r=4 1\.000, r=32 0\.910"
+    ):
+        capacity.comparison_blocks("evidence-capacity", failing)
+
+
+def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
+    """Protects the lr protocol: a best lr at the top (bottom) edge adds twice the largest (half the smallest), at
+    most WIDEN beyond the starting grid on each side; a best inside adds nothing. The window is the contiguous run of
+    lrs within 0.02 nats of the best (a second dip beyond a worse lr is not in it)."""
+    from benchmarks.harness import capacity
+
+    base = (1e-3, 2e-3, 4e-3)
+    assert capacity.widened(list(base), 4e-3, base) == 8e-3
+    assert capacity.widened(list(base), 1e-3, base) == 5e-4
+    assert capacity.widened(list(base), 2e-3, base) is None
+    assert capacity.widened([*base, 8e-3, 1.6e-2], 1.6e-2, base, limit=2) is None
+    assert capacity.widened(list(base), None, base) is None
+    curve = {1e-3: 1.50, 2e-3: 1.41, 4e-3: 1.40, 8e-3: 1.45, 1.6e-2: 1.405}
+    assert capacity.lr_window(curve) == (2e-3, 4e-3, 1.0)
+    assert capacity.center_out((1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2))[:3] == [4e-3, 2e-3, 8e-3]
+
+
+def test_select_lr_lowest_when_lower_is_better():
+    """Protects NLL-based tuning: with lower_is_better the lowest mean validation NLL wins (not the highest)."""
+    recs = [_tune(1e-3, s, 1.2, loss=1.2) for s in (0, 1)] + [_tune(2e-3, s, 1.0, loss=1.0) for s in (0, 1)]
+    assert paired_stats.select_lr(recs, [1e-3, 2e-3], [0, 1], lower_is_better=True).lr == 2e-3
+    assert paired_stats.select_lr(recs, [1e-3, 2e-3], [0, 1]).lr == 1e-3
+
+
+def _nll_record(seed: int, sums: list[float], tokens: list[int]) -> dict:
+    return {"seed": seed, "nll_sum": sums, "nll_tokens": tokens}
+
+
+def test_paired_nll_weights_examples_by_answer_tokens_and_lower_is_better():
+    """Protects the NLL verdict: the difference is Σ ΔNLL / Σ tokens (token-weighted, not the mean of per-example
+    means), a lower NLL for A is 'better', and the r → 32 gap fraction is (ref − A) / (ref − top)."""
+    from benchmarks.harness import capacity
+
+    tokens = [1, 3] * 50
+    a = {s: _nll_record(s, [1.0, 3.0] * 50, tokens) for s in range(4)}  # 1.0 nats per token
+    b = {s: _nll_record(s, [2.0, 3.0] * 50, tokens) for s in range(4)}  # (2 + 3) / 4 = 1.25 per token
+    st = capacity.paired_nll(a, b)
+    assert st["mean"] == pytest.approx(-0.25) and st["verdict"] == "better" and st["wins"] == 4
+    assert capacity.paired_nll(b, a)["verdict"] == "worse"
+    top = {s: _nll_record(s, [0.0, 3.0] * 50, tokens) for s in range(4)}  # 0.75 per token
+    gap = capacity.gap_closed(a, b, top)
+    assert gap["value"] == pytest.approx(0.5) and gap["low"] <= 0.5 <= gap["high"]
+
+
+def test_pooled_bootstrap_resamples_seeds_within_each_budget():
+    """Protects the pooled verdict: with strata every replicate keeps each budget's number of seeds, so a budget at
+    +1 and one at −1 pool to exactly 0 (without strata the replicates wander)."""
+    d = np.vstack([np.ones((4, 50)), -np.ones((4, 50))])
+    mean, low, high = paired_stats.paired_bootstrap(d, n_boot=500, strata=[0] * 4 + [1] * 4)
+    assert mean == low == high == 0.0
+    _, low, high = paired_stats.paired_bootstrap(d, n_boot=500)
+    assert low < -0.2 and high > 0.2
+    with pytest.raises(ValueError, match="strata has 3 labels for 8 rows"):
+        paired_stats.paired_bootstrap(d, strata=[0, 1, 2])
+
+
+def test_adalora_is_evaluated_on_cross_entropy_only():
+    """Protects AdaLoRA's comparability: PEFT adds orth_reg_weight × its orthogonality regulariser to `.loss` even
+    in eval mode; inside `cross_entropy_only` the loss is the cross-entropy of the logits, and the weight is back
+    afterwards."""
+    from benchmarks.harness.worker import cross_entropy_only
+
+    from helpers import make_bert
+
+    batch = cls_batches(n=1, batch=4, length=10, seed=2)[0]
+    spec = {"r": 4, "num_batches": 1, "seed": 0, "steps": 20}
+    model, _ = methods.build("adalora", _task(make_bert(seed=1)), spec)
+    model.eval()
+    with torch.no_grad():
+        with_reg = float(model(**batch).loss)
+        with cross_entropy_only(model, "adalora"):
+            out = model(**batch)
+        ce = float(torch.nn.functional.cross_entropy(out.logits, batch["labels"]))
+    assert float(out.loss) == pytest.approx(ce, rel=1e-5)
+    assert with_reg > ce * (1 + 1e-3)
+    assert next(iter(model.peft_config.values())).orth_reg_weight > 0
+
+
+def test_device_cuda_without_a_gpu_is_refused_by_name():
+    """Protects --device cuda: on a machine without CUDA the run fails at once with what to do, not on the CPU."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from benchmarks.harness.worker import on_device
+
+    with pytest.raises(RuntimeError, match="device='cuda' but torch sees no CUDA device"):
+        on_device(_task(make_bert()), {"device": "cuda"})
+
+
+@pytest.fixture(scope="module")
+def gpu_command_dry_run(tmp_path_factory) -> Path:
+    """The prepared GPU command (scripts/gpu_capacity.sh) run on the CPU on the smoke suites."""
+    import os
+    import subprocess
+
+    out = tmp_path_factory.mktemp("capacity")
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "GATE": "capacity-gate-smoke",
+        "COMPARE": "evidence-capacity-smoke",
+        "OUT": str(out),
+        "JOBS": "1",
+        "DOC": str(out / "BENCHMARKS.md"),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_capacity.sh")], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_gpu_command_runs_gate_comparison_and_report_on_the_cpu(gpu_command_dry_run: Path):
+    """Protects the prepared GPU run: one command runs the gate, the comparison on the task the gate picked (tuning,
+    main seeds with per-example NLL and exact match, the r = 32 reference at rsLoRA's lr), and the report (verdict
+    table first, lr-curve PNG)."""
+    out = gpu_command_dry_run
+    gate = run.read_records(out / "capacity-gate-smoke.jsonl")
+    assert {(r["gate_task"], r["r"]) for r in gate} == {
+        (t, r) for t in ("spell_backward", "base_conversion") for r in (4, 32)
+    }
+    comp = run.read_records(out / "evidence-capacity-smoke.jsonl")
+    main = [r for r in comp if r["stage"] == "main"]
+    assert main and all(r["eval_split"] == "test" and len(r["nll_sum"]) == r["eval_size"] for r in main)
+    assert all(len(r["correct"]) == r["eval_size"] and r["metric_name"] == "answer_nll" for r in main)
+    core = {(r["method"], r["seed"]): r for r in main if r["block"] == "cap-core"}
+    for seed in suites.COMPARISONS["evidence-capacity-smoke"].main_seeds:
+        assert {"lora", "rslora", "gora", "rslora-r32"} <= {m for m, s in core if s == seed}
+        assert core[("rslora-r32", seed)]["lr"] == core[("rslora", seed)]["lr"]
+        assert core[("rslora-r32", seed)]["adapter_params"] == 8 * core[("rslora", seed)]["adapter_params"]
+    tune = [r for r in comp if r["stage"] == "tune"]
+    assert {r["method"] for r in tune} >= {"lora", "rslora", "gora", "gora-auto"}
+    assert all(r["eval_split"] == "val" for r in tune)
+    doc = (out / "BENCHMARKS.md").read_text()
+    assert doc.index("## Verdict") < doc.index("## Suite `capacity-gate-smoke`")
+    assert "(`evidence-capacity-smoke`" in doc and (out / "img" / "evidence-capacity-smoke-lr-curves.png").is_file()

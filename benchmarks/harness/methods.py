@@ -65,7 +65,15 @@ METHODS: dict[str, Method] = {
         "EVA with rsLoRA scaling (alpha/sqrt(r_i), adjust_scaling_factors=False; rho=2)",
         {"use_rslora": True, "adjust_scaling_factors": False},
     ),
+    "rslora-r32": Method(
+        "lora", "rsLoRA at r = 32 whatever the budget (the capacity reference)", {"use_rslora": True, "r": 32}
+    ),
     "gora": Method("gora", "GoRA (ranks 4..32, gamma 5e-2, mean|W*G|)"),
+    "gora-auto": Method(
+        "gora",
+        "GoRA, gamma='auto' (chosen on 4 training batches after the N calibration batches)",
+        {"gamma": "auto"},
+    ),
     "gora-gamma0": Method("gora", "GoRA, gamma=0: allocation only (B0 = 0)", {"gamma": 0.0}),
     "gora-fixed": Method("gora", "GoRA, min_rank=max_rank=r: initialization only", {"fixed_rank": True}),
     "gora-random": Method(
@@ -175,8 +183,14 @@ def build_gora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) ->
         info.update(estimate_s=t_est.s, init_s=t_init.s, shuffled_layers=moved, gora_ranks=allocation.ranks)
     elif not options.get("match"):
         config = _gora_config(task, spec, options, r)
+        held_out = None
+        if config.gamma == "auto":  # the training batches after the N calibration ones (never the validation split)
+            n = spec["num_batches"]
+            held_out = task.train_batches[n : n + config.gamma_batches]
         with Timer() as t:
-            model = gora.get_gora_model(task.model, config, task.calib_batches, show_progress=False)
+            model = gora.get_gora_model(
+                task.model, config, task.calib_batches, show_progress=False, eval_dataloader=held_out
+            )
         record = model.gora_records["default"]
         estimate_s = record.timings_s["estimate_s"]
         info.update(estimate_s=estimate_s, init_s=t.s - estimate_s)
@@ -228,8 +242,13 @@ def shuffled_ranks(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], se
 def build_lora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from peft import LoraConfig, get_peft_model
 
+    options = dict(options)
     config = LoraConfig(
-        r=spec["r"], lora_alpha=ALPHA, target_modules=task.target_modules, task_type=task.task_type, **options
+        r=options.pop("r", spec["r"]),
+        lora_alpha=ALPHA,
+        target_modules=task.target_modules,
+        task_type=task.task_type,
+        **options,
     )
     with Timer() as t:
         model = get_peft_model(task.model, config)

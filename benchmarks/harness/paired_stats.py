@@ -33,19 +33,24 @@ class LrChoice:
 
 
 def select_lr(
-    records: Iterable[Mapping[str, Any]], lrs: Sequence[float], seeds: Sequence[int], metric: str = "metric"
+    records: Iterable[Mapping[str, Any]],
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    metric: str = "metric",
+    lower_is_better: bool = False,
 ) -> LrChoice:
     """Pick the learning rate of one method from its tuning runs.
 
     Rule: only learning rates with a finished, non-diverged run for every tuning seed are eligible; among them the
-    highest mean validation `metric` wins; a tie (equal means) goes to the lower mean validation loss, and a tie on
-    both to the smaller learning rate.
+    best mean validation `metric` wins (the highest; the lowest with `lower_is_better`, e.g. an NLL); a tie (equal
+    means) goes to the lower mean validation loss, and a tie on both to the smaller learning rate.
 
     Args:
         records: The method's tuning records (keys "lr", "seed", `metric`, "eval_loss", "diverged").
         lrs: The learning-rate grid.
         seeds: The tuning seeds.
-        metric: The record key of the validation metric (higher is better).
+        metric: The record key of the validation metric.
+        lower_is_better: The metric is a loss (lower is better) rather than a score.
     """
     by_lr: dict[float, dict[int, Mapping[str, Any]]] = {}
     for r in records:
@@ -65,16 +70,23 @@ def select_lr(
             eligible.append((float(lr), mean, loss if loss is not None else math.inf))
     if not eligible:
         return LrChoice(None, table, "no learning rate has a finished, non-diverged run on every tuning seed")
-    best = min(eligible, key=lambda e: (-e[1], e[2], e[0]))
+    sign = 1.0 if lower_is_better else -1.0
+    best = min(eligible, key=lambda e: (sign * e[1], e[2], e[0]))
     ties = [e for e in eligible if e[1] == best[1]]
-    reason = f"best mean validation {metric} {best[1]:.4f} over seeds {list(seeds)}"
+    reason = (
+        f"{'lowest' if lower_is_better else 'best'} mean validation {metric} {best[1]:.4f} over seeds {list(seeds)}"
+    )
     if len(ties) > 1:
         reason += f" (tied with {[e[0] for e in ties if e[0] != best[0]]}; lower loss, then smaller lr, wins)"
     return LrChoice(best[0], table, reason)
 
 
 def paired_bootstrap(
-    diff: np.ndarray, n_boot: int = 4000, seed: int = 0, level: float = 0.95
+    diff: np.ndarray,
+    n_boot: int = 4000,
+    seed: int = 0,
+    level: float = 0.95,
+    strata: Sequence[Any] | None = None,
 ) -> tuple[float, float, float]:
     """Mean of paired differences with a percentile bootstrap interval, resampling seeds and examples.
 
@@ -84,6 +96,8 @@ def paired_bootstrap(
         n_boot: Bootstrap replicates.
         seed: Seed of the resampling.
         level: Coverage of the interval.
+        strata: Optional label per row (e.g. the budget of each paired run when pooling budgets): rows are then
+            resampled within their stratum, so every replicate keeps each stratum's number of rows.
 
     Returns:
         (mean, low, high). Each replicate draws the seeds with replacement and, independently, the examples with
@@ -95,8 +109,17 @@ def paired_bootstrap(
     n_seeds, n_examples = d.shape
     rng = np.random.default_rng(seed)
     stats = np.empty(n_boot)
+    groups = None
+    if strata is not None:
+        labels = list(strata)
+        if len(labels) != n_seeds:
+            raise ValueError(f"strata has {len(labels)} labels for {n_seeds} rows")
+        groups = [np.array([i for i, x in enumerate(labels) if x == g]) for g in dict.fromkeys(labels)]
     for b in range(n_boot):
-        s = rng.integers(0, n_seeds, n_seeds)
+        if groups is None:
+            s = rng.integers(0, n_seeds, n_seeds)
+        else:
+            s = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
         if n_examples == 1:
             stats[b] = d[s, 0].mean()
             continue

@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from . import capacity
 from .paired_stats import discordant, mcnemar_exact, paired_bootstrap, select_lr, unbits, verdict
-from .suites import BASE, EVIDENCE, Block
+from .suites import BASE, EVIDENCE, GATES, Block
+from .suites import COMPARISONS as CAPACITY_SUITES
 
 Record = dict[str, Any]
 NOTES = Path(__file__).resolve().parents[1] / "notes_evidence.md"
@@ -94,8 +96,11 @@ def paired(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | None:
         return None
     mean, low, high = paired_bootstrap(ca - cb)
     n_b, n_c = discordant(ca, cb)
-    loss = [a[s]["eval_loss"] - b[s]["eval_loss"] for s in seeds]
-    loss_mean, loss_low, loss_high = paired_bootstrap(np.array(loss))
+    if all(cross_entropy(a[s]) and cross_entropy(b[s]) for s in seeds):
+        loss = [a[s]["eval_loss"] - b[s]["eval_loss"] for s in seeds]
+        loss_mean, loss_low, loss_high = paired_bootstrap(np.array(loss))
+    else:  # an AdaLoRA record whose eval loss includes its orthogonality regulariser: not comparable
+        loss_mean = loss_low = loss_high = float("nan")
     per_seed = (ca.mean(axis=1) - cb.mean(axis=1)).tolist()
     return {
         "seeds": seeds,
@@ -110,6 +115,68 @@ def paired(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | None:
         "wins": sum(d > 0 for d in per_seed),
         "losses": sum(d < 0 for d in per_seed),
     }
+
+
+def cross_entropy(record: Record) -> bool:
+    """Whether the record's eval loss is the plain cross-entropy. AdaLoRA records made before the fix
+    (`benchmarks.harness.worker.cross_entropy_only`) include PEFT's orthogonality regulariser (orth_reg_weight 0.5 × Σ‖PᵀP −
+    I‖²), so their loss is not comparable with the other methods' and their lr tie-break was made on it."""
+    return record.get("method") != "adalora" or bool(record.get("info", {}).get("eval_loss_excludes_orth_reg"))
+
+
+def pooled(per_regime: list[tuple[dict[int, Record], dict[int, Record]]]) -> dict[str, Any] | None:
+    """A − B pooled over budgets (regimes) on the same test examples: each regime's paired seeds become rows of one
+    [regime × seed, examples] difference matrix, bootstrapped as one (seeds resampled within their budget, the test
+    examples together across budgets)."""
+    rows, strata = [], []
+    for k, (a, b) in enumerate(per_regime):
+        seeds = sorted(s for s in set(a) & set(b) if not a[s].get("diverged") and not b[s].get("diverged"))
+        seeds = [s for s in seeds if a[s].get("correct") and b[s].get("correct")]
+        rows += [np.array(unbits(a[s]["correct"]), dtype=np.int8) - np.array(unbits(b[s]["correct"])) for s in seeds]
+        strata += [k] * len(seeds)
+    if not rows or len({r.shape for r in rows}) != 1:
+        return None
+    mean, low, high = paired_bootstrap(np.vstack(rows), strata=strata)
+    return {"mean": mean, "low": low, "high": high, "verdict": verdict(low, high), "rows": len(rows)}
+
+
+POOLED_PAIRS = [("gora", "rslora"), ("gora", "lora"), ("rslora", "lora")]
+
+
+def pooled_table(by_regime: dict[tuple[str, str], dict[str, dict[int, Record]]]) -> list[str]:
+    """Per task with more than one budget: GoRA vs rsLoRA / LoRA and rsLoRA vs LoRA pooled over the budgets (the
+    metric's difference in points: accuracy or exact match, both 0/1 per example)."""
+    scale = 100.0
+    lines = []
+    for task in sorted({t for t, _ in by_regime}):
+        regimes = sorted(r for t, r in by_regime if t == task)
+        if len(regimes) < 2:
+            continue
+        for a, b in POOLED_PAIRS:
+            pairs = [
+                (by_regime[(task, r)][a], by_regime[(task, r)][b])
+                for r in regimes
+                if a in by_regime[(task, r)] and b in by_regime[(task, r)]
+            ]
+            if len(pairs) < 2:
+                continue
+            st = pooled(pairs)
+            if st is None:
+                continue
+            if not lines:
+                lines = [
+                    "Pooled over budgets (each budget's paired seeds as rows of one bootstrap, resampled within their "
+                    "budget; the per-budget verdicts above stay the primary ones):",
+                    "",
+                    "| task | A − B | budgets | paired runs | Δ metric (points) [95% CI] | verdict |",
+                    "|---|---|---|---|---|---|",
+                ]
+            lines.append(
+                f"| {task} | `{a}` − `{b}` | {', '.join(regimes)} | {st['rows']} | "
+                f"{_fmt(st['mean'], 2, scale, True)} [{_fmt(st['low'], 2, scale, True)}, "
+                f"{_fmt(st['high'], 2, scale, True)}] | **{st['verdict']}** |"
+            )
+    return [*lines, ""] if lines else []
 
 
 def _epoch_losses(record: Record) -> tuple[float | None, float | None]:
@@ -284,17 +351,26 @@ def evidence_section(suite: str, records: list[Record]) -> list[str]:
     """The markdown lines of one evidence suite."""
     blocks = list(_blocks(suite).values())
     tests = sorted({r["eval_size"] for r in records if r.get("stage") == "main" and r.get("eval_size")})
-    out = [
-        f"## Suite `{suite}`: "
-        + ("learning rate tuned per method" if any(b.tune_seeds for b in blocks) else "one fixed lr per method")
-        + ", paired seeds",
-        "",
-        f"Model: {', '.join(sorted({r['model'] for r in records}))}. Reproduce: `python -m benchmarks.harness.run {suite} && python -m benchmarks.harness.report_doc` "
-        "(resumable; one command runs tuning, lr selection and the main runs).",
-        "",
+    tuned = any(b.tune_seeds for b in blocks)
+    lr_rule = (
         "Protocol: per method, the lr with the best mean validation metric over the tuning seeds (ties: lower "
         "validation loss, then the smaller lr; diverged runs make an lr ineligible) — on a validation split carved "
         "from the training pool — then that lr on the main seeds, evaluated on the test split"
+        if tuned
+        else "Protocol: no learning-rate tuning — one fixed lr per method, set before the runs (the lr of each "
+        "block is listed below; no validation split was used) — on the main seeds, evaluated on the test split"
+    )
+    out = [
+        f"## Suite `{suite}`: "
+        + ("learning rate tuned per method" if tuned else "one fixed lr per method (not tuned)")
+        + ", paired seeds",
+        "",
+        f"Model: {', '.join(sorted({r['model'] for r in records}))}. Reproduce: `python -m benchmarks.harness.run {suite} && python -m benchmarks.harness.report_doc` "
+        "(resumable; one command runs "
+        + ("tuning, lr selection and the main runs" if tuned else "the main runs")
+        + ").",
+        "",
+        lr_rule
         + (f" ({'/'.join(map(str, tests))} examples)" if tests else "")
         + ". A seed fixes the training rows, their order in every epoch, the head and dropout for every method; A0 "
         "is drawn from seed + 1000. Verdicts: paired bootstrap 95% interval of A − B (4,000 replicates resampling "
@@ -336,15 +412,145 @@ def evidence_section(suite: str, records: list[Record]) -> list[str]:
                 f"AdaLoRA check (seed {ada[0]['seed']}): `update_and_allocate` ran {i.get('adalora_update_calls')} "
                 f"times; total rank {i.get('adalora_rank_total_start')} (init_r) → "
                 f"{i.get('adalora_rank_total_end')} non-zero singular values at the end; runs that predict one class "
-                f"for every test example: {single} of {len(ada)}.",
+                f"for every test example: {single} of {len(ada)}."
+                + (
+                    ""
+                    if all(cross_entropy(r) for r in ada)
+                    else " These AdaLoRA records predate the cross-entropy fix: their eval loss includes PEFT's "
+                    "orthogonality regulariser (AdaLoraModel.forward adds it in evaluation too), so their Δ eval "
+                    "loss is not shown and their lr tie-break (every lr at the same accuracy) was made on it; the "
+                    "harness now evaluates AdaLoRA on cross-entropy only (`benchmarks.harness.worker.cross_entropy_only`), "
+                    "which takes a re-run of this block to show."
+                ),
                 "",
             ]
+    pooled_lines = pooled_table(by_regime)
+    if pooled_lines:
+        out += ["### Pooled over budgets", "", *pooled_lines]
     out += ["### Compute", "", *compute_table(records, blocks), ""]
     cuts = [b.note for b in blocks if b.note]
     out += ["### What was cut to fit this machine", "", *[f"- {c}" for c in PROTOCOL_CUTS + cuts], ""]
     return out
 
 
+WHEN = ("<!-- when-to-use -->", "<!-- /when-to-use -->")
+
+
+def _notes() -> tuple[str, str]:
+    """(the "when to use GoRA" paragraph, the rest) of `notes_evidence.md`."""
+    if not NOTES.is_file():
+        return "", ""
+    text = NOTES.read_text()
+    if WHEN[0] in text and WHEN[1] in text:
+        head, rest = text.split(WHEN[0], 1)
+        when, tail = rest.split(WHEN[1], 1)
+        return when.strip(), (head + tail).strip()
+    return "", text.strip()
+
+
+def when_to_use() -> list[str]:
+    """The hand-written paragraph under the verdict table (between the when-to-use markers of notes_evidence.md)."""
+    when, _ = _notes()
+    return [when, ""] if when else []
+
+
 def discussion() -> list[str]:
-    """The hand-written discussion of all evidence suites (`notes_evidence.md`), once after the last of them."""
-    return [NOTES.read_text().strip(), ""] if NOTES.is_file() else []
+    """The hand-written discussion of all evidence suites (`notes_evidence.md` without the when-to-use paragraph),
+    once after the last of them."""
+    _, rest = _notes()
+    return [rest, ""] if rest else []
+
+
+# ------------------------------------------------------------------------------------- the verdict at the top
+
+
+def _ci(st: dict[str, Any] | None, scale: float, digits: int) -> str:
+    if not st:
+        return "–"
+    return (
+        f"{st['mean'] * scale:+.{digits}f} [{st['low'] * scale:+.{digits}f}, {st['high'] * scale:+.{digits}f}] "
+        f"**{st['verdict']}**"
+    )
+
+
+def _overall(vs_rs: dict[str, Any] | None, vs_lora: dict[str, Any] | None) -> str:
+    verdicts = {v["verdict"] for v in (vs_rs, vs_lora) if v}
+    if not verdicts:
+        return "–"
+    if verdicts == {"tied"}:
+        return "GoRA ties both"
+    parts = []
+    for name, st in (("rsLoRA", vs_rs), ("LoRA", vs_lora)):
+        if st:
+            parts.append(f"{st['verdict']} than {name}" if st["verdict"] != "tied" else f"tied with {name}")
+    return "GoRA " + ", ".join(parts)
+
+
+def headline_table(data: dict[str, list[Record]]) -> list[str]:
+    """The one table BENCHMARKS.md opens with: per regime GoRA − rsLoRA and GoRA − LoRA (paired 95% intervals), from
+    the evidence suites' main runs; the capacity gate's finding in its own row."""
+    lines = [
+        "| regime (suite) | metric (A − B; + = GoRA better unless noted) | GoRA − rsLoRA [95% CI] | GoRA − LoRA [95% CI] "
+        "| verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for suite in EVIDENCE:
+        records = data.get(suite)
+        if not records:
+            continue
+        by_regime = _main(records)
+        tuned = any(b.tune_seeds for b in EVIDENCE[suite])
+        for (task, regime), methods in sorted(by_regime.items()):
+            if "gora" not in methods:
+                continue
+            metric = next(iter(methods["gora"].values()))["metric_name"]
+            rs = paired(methods["gora"], methods["rslora"]) if "rslora" in methods else None
+            lo = paired(methods["gora"], methods["lora"]) if "lora" in methods else None
+            seeds = len(methods["gora"])
+            note = "" if tuned else ", lr not tuned"
+            lines.append(
+                f"| {task}, r = {regime.lstrip('r')} (`{suite}`, {seeds} seeds{note}) | {metric}, points | "
+                f"{_ci(rs, 100, 2)} | {_ci(lo, 100, 2)} | {_overall(rs, lo)} |"
+            )
+        regimes = sorted({r for t, r in by_regime})
+        if len(regimes) > 1:
+            tasks = sorted({t for t, _ in by_regime})
+            for task in tasks:
+                get = [by_regime[(task, r)] for r in regimes if (task, r) in by_regime]
+                rs = pooled([(m["gora"], m["rslora"]) for m in get if "gora" in m and "rslora" in m])
+                lo = pooled([(m["gora"], m["lora"]) for m in get if "gora" in m and "lora" in m])
+                lines.append(
+                    f"| {task}, pooled over r = {', '.join(r.lstrip('r') for r in regimes)} (`{suite}`) | "
+                    f"accuracy, points | {_ci(rs, 100, 2)} | {_ci(lo, 100, 2)} | {_overall(rs, lo)} |"
+                )
+    for gate_suite in GATES:
+        records = data.get(gate_suite)
+        if not records:
+            continue
+        rows = capacity.gate_rows(records, gate_suite, capacity.gate_ratio(gate_suite))
+        done = [r for r in rows if r.ratio is not None]
+        chosen = capacity.qualifying(rows)
+        found = (
+            f"qualifies: {chosen.task} (NLL r = 32 / r = 4 = {chosen.ratio:.3f})"
+            if chosen
+            else "no candidate qualifies"
+        )
+        ratios = ", ".join(f"{r.task} {r.ratio:.3f}" for r in done)
+        lines.append(
+            f"| capacity gate (`{gate_suite}`): does rank bind on SmolLM2-135M? | NLL(r = 32) / NLL(r = 4), "
+            f"validation | {ratios or '–'} | | {found} ({len(done)} of {len(rows)} candidates measured) |"
+        )
+    for suite in CAPACITY_SUITES:
+        records = data.get(suite)
+        if not records:
+            continue
+        for (task, regime), pairs in sorted(capacity.comparison_verdicts(records).items()):
+            rs, lo = pairs.get(("gora", "rslora")), pairs.get(("gora", "lora"))
+            if not rs and not lo:
+                continue
+            seeds = len((rs or lo)["seeds"])
+            lines.append(
+                f"| {task}, r = {regime.lstrip('r')} (`{suite}`, {seeds} seeds) | test answer-token NLL, nats "
+                f"(− = GoRA better) | {_ci(rs, 1, 4)} | {_ci(lo, 1, 4)} | {_overall(rs, lo)} |"
+            )
+    return lines

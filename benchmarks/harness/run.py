@@ -31,11 +31,11 @@ from typing import Any
 
 from . import provenance
 from .paired_stats import select_lr
-from .suites import EVIDENCE, SUITES, Block, main_specs, suite_specs, tune_specs
+from .suites import COMPARISONS, EVIDENCE, GATES, SUITES, Block, gate_specs, main_specs, suite_specs, tune_specs
 from .worker import run_id, run_spec
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
-SMOKE_SUITES = ("smoke", "evidence-smoke")
+SMOKE_SUITES = ("smoke", "evidence-smoke", "capacity-gate-smoke", "evidence-capacity-smoke")
 
 logger = logging.getLogger("benchmarks.harness.run")
 
@@ -161,6 +161,8 @@ def _filter(specs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[
         specs = [{**s, key: json.loads(value)} for s in specs]
     if args.threads:
         specs = [{**s, "threads": args.threads} for s in specs]
+    if getattr(args, "device", "cpu") != "cpu":  # in the run id only off the CPU (CPU records keep their ids)
+        specs = [{**s, "device": args.device} for s in specs]
     return specs
 
 
@@ -216,6 +218,95 @@ def run_evidence(suite: str, args: argparse.Namespace, runner: Runner | None, pa
             runner.run(main, f"{block.name} main")
 
 
+def _capacity_tune(
+    suite: str, block: Block, method_lrs: dict[str, list[float]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Tuning specs of `block` at each method's lrs, the grid from its middle outwards, lr-major (so a tuning cut short
+    has every method at the central lrs)."""
+    from . import capacity
+
+    order = capacity.center_out(tuple(sorted({lr for v in method_lrs.values() for lr in v})))
+    specs = [
+        capacity.tune_spec(suite, block, m, seed, lr)
+        for lr in order
+        for m in block.tuned
+        if lr in method_lrs.get(m, [])
+        for seed in block.tune_seeds
+    ]
+    return _filter(specs, args)
+
+
+def _capacity_pick(
+    path: Path, suite: str, block: Block, grids: dict[str, list[float]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """method -> LrChoice (lowest mean validation NLL) from the block's tuning records, logged."""
+    records = read_records(path)
+    out = {}
+    for method in block.tuned:
+        wanted = {run_id(s) for s in _capacity_tune(suite, block, {method: grids[method]}, args)}
+        rows = [r for r in records if r["run_id"] in wanted]
+        choice = select_lr(rows, grids[method], block.tune_seeds, lower_is_better=True)
+        out[method] = choice
+        table = ", ".join(
+            f"{lr:g}: {'–' if m is None else f'{m:.4f}'}" for lr, (m, _, _) in sorted(choice.table.items())
+        )
+        logger.info("%s %s: lr %s (%s) [%s]", block.name, method, choice.lr, choice.reason, table)
+    return out
+
+
+def run_capacity(suite: str, args: argparse.Namespace, runner: Runner | None, path: Path) -> int:
+    """The capacity comparison (`benchmarks.harness.capacity`): blocks from the gate's records; per block the tuning runs
+    (grid from its middle outwards, each lr for every method before the next lr), widened while a method's best lr
+    (lowest validation NLL) sits at an edge, then the main runs at the chosen lrs. 3 when the gate stops it."""
+    from . import capacity
+
+    comp = capacity.COMPARISONS[suite]
+    gate_path = args.gate_results or args.out / f"{comp.gate}.jsonl"
+    try:
+        blocks = capacity.comparison_blocks(suite, read_records(gate_path))
+    except capacity.StopComparison as stop:
+        print(f"{suite}: {stop} (gate records: {gate_path})", file=sys.stderr)
+        return 3
+    blocks = [_block(b, args) for b in blocks if not args.blocks or b.name in args.blocks]
+    chosen: dict[str, dict[str, float | None]] = {}  # regime -> method -> lr
+    for block in blocks:
+        grids = {m: list(block.lrs) for m in block.tuned}
+
+        if runner is None:
+            todo = [s for s in _capacity_tune(suite, block, grids, args) if run_id(s) not in done_ids(path)]
+            print(f"# {block.name}: {len(todo)} tuning runs to run (before any widening)")
+            for spec in todo:
+                print("tune", run_id(spec))
+        else:
+            runner.run(_capacity_tune(suite, block, grids, args), f"{block.name} tune")
+        choices = _capacity_pick(path, suite, block, grids, args) if block.tune_seeds else {}
+        while runner is not None:  # widen while a best lr sits at an edge
+            extra = {}
+            for method, choice in choices.items():
+                lr = capacity.widened(grids[method], choice.lr, block.lrs, comp.widen)
+                if lr is not None:
+                    grids[method].append(lr)
+                    extra[method] = [lr]
+            if not extra:
+                break
+            runner.run(
+                _capacity_tune(suite, block, {m: extra.get(m, []) for m in block.tuned}, args),
+                f"{block.name} widen {extra}",
+            )
+            choices = _capacity_pick(path, suite, block, grids, args)
+        regime = chosen.setdefault(block.regime, {})
+        regime.update({m: c.lr for m, c in choices.items()})
+        main = _filter(main_specs(suite, block, regime), args)
+        if runner is None:
+            print(f"# {block.name}: {len(main)} main runs listed (methods waiting for tuning are left out)")
+            for spec in main:
+                if run_id(spec) not in done_ids(path):
+                    print("main", run_id(spec))
+        else:
+            runner.run(main, f"{block.name} main")
+    return 1 if runner is not None and runner.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m benchmarks.harness.run", description=__doc__.split("\n\n")[0])
@@ -225,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", help="evidence suites: replace the learning-rate grid")
     parser.add_argument("--blocks", nargs="+", help="evidence suites: only these blocks (see benchmarks.harness.suites)")
     parser.add_argument("--methods", nargs="+", help="only these methods (see benchmarks.harness.methods.METHODS)")
+    parser.add_argument(
+        "--gate-results", type=Path, help="capacity comparison: the gate's records (default OUT/<gate suite>.jsonl)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where runs train (cuda: bf16 autocast forwards)"
+    )
+    parser.add_argument("--gate-tasks", nargs="+", help="capacity gate: only these candidate tasks")
     parser.add_argument("--groups", nargs="+", help="historic suites: only these groups (main, cost, ablation, ...)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     parser.add_argument("--in-process", action="store_true", help="run here, not one subprocess per run")
@@ -267,6 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite in EVIDENCE:
         run_evidence(args.suite, args, runner, path)
         return 1 if runner is not None and runner.failed else 0
+    if args.suite in COMPARISONS:
+        return run_capacity(args.suite, args, runner, path)
+    if args.suite in GATES:
+        specs = _filter(gate_specs(args.suite), args)
+        if args.gate_tasks:
+            specs = [s for s in specs if s["gate_task"] in args.gate_tasks]
+        if runner is None:
+            for spec in [s for s in specs if run_id(s) not in done_ids(path)]:
+                print("gate", run_id(spec))
+            return 0
+        runner.run(specs, args.suite)
+        return 1 if runner.failed else 0
 
     specs = suite_specs(args.suite, args.seeds)
     if args.groups:

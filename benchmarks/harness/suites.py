@@ -23,6 +23,7 @@ the main seeds, so the test results are not those of the runs the lr was picked 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +200,85 @@ BASE.update(
     }
 )
 
+BASE.update(
+    {
+        # the capacity suite (issue #19): SmolLM2-135M-Instruct on ONE reasoning-gym task with a multi-token answer
+        # (`rg_tasks` / `rg_config` come from the gate candidate); primary metric answer-token NLL (lower is better),
+        # exact match of the greedy answer secondary; prompts of 50-130 tokens with the chat template
+        "rg-capacity": {
+            "task": "rg-capacity",
+            "metric": "answer_nll",
+            "train_size": 1536,
+            "val_size": 200,
+            "test_size": 400,
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 160,
+            "num_batches": 32,
+            "r": 8,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "max_new_tokens": 24,
+            "eval_batch_size": 50,
+            "threads": 1,
+        },
+        # the CPU gate, sized to this shared 2-core machine (a step of 8 x ~60 tokens took 15-25 s on one thread
+        # with 4-5 other jobs running): 512 training problems, one epoch of batch 8 (64 steps), 100 validation
+        # problems (answer-token NLL only; no generation)
+        "rg-capacity-gate": {
+            "task": "rg-capacity",
+            "metric": "answer_nll",
+            "train_size": 512,
+            "val_size": 100,
+            "test_size": 400,
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 160,
+            "num_batches": 32,
+            "r": 8,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "eval_batch_size": 50,
+            "threads": 1,
+        },
+        # the prepared GPU run (scripts/gpu_capacity.sh, one large GPU, bf16 autocast): 4x the CPU gate's steps
+        "rg-capacity-gpu": {
+            "task": "rg-capacity",
+            "metric": "answer_nll",
+            "train_size": 2048,
+            "val_size": 200,
+            "test_size": 400,
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 160,
+            "num_batches": 32,
+            "r": 8,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "eval_batch_size": 100,
+            "threads": 1,
+        },
+        "smoke-rg-capacity": {
+            "task": "smoke-rg-capacity",
+            "metric": "answer_nll",
+            "eva_tau": 0.5,
+            "train_size": 32,  # 8 batches: N = 2 calibration + gamma="auto"'s 4 held-out training batches
+            "val_size": 4,
+            "test_size": 6,
+            "epochs": 1,
+            "batch_size": 4,
+            "max_length": 128,
+            "num_batches": 2,
+            "r": 4,
+            "warmup_ratio": 0.1,
+            "scheduler": "linear",
+            "max_new_tokens": 4,
+            "eval_batch_size": 4,
+            "threads": 1,
+        },
+    }
+)
+
 LR_GRID = (1e-4, 3e-4, 1e-3, 4e-3)  # 4 values spanning 1e-4..4e-3, steps of ~3.3x
 TUNE_SEEDS = (100, 101)
 MAIN_SEEDS = tuple(range(8))
@@ -312,7 +392,139 @@ EVIDENCE: dict[str, list[Block]] = {
     ],
 }
 
-SUITES = ("smoke", "nlu", "nlg", *EVIDENCE)
+# --- the capacity gate (issue #19) ------------------------------------------------------------------------------
+# Before any comparison: is there a task where rank binds on SmolLM2-135M? Candidates: reasoning-gym tasks whose
+# multi-token answers need a skill the base model lacks (its answer-token NLL is 4-8 nats before training). Each
+# runs rsLoRA at r = 4 and r = 32 at one lr (rsLoRA's scaling makes the lr transfer across ranks) on one seed; a
+# task qualifies when r = 32's validation answer-token NLL is at most QUALIFY_RATIO times r = 4's. (A fixed-shift
+# Caesar cipher was a candidate too, but reasoning-gym draws its sentences from a small corpus: 88 distinct
+# 3-6-word problems in 248 draws, too few for a training set disjoint from validation and test.)
+GATE_TASKS: dict[str, dict[str, Any]] = {
+    "spell_backward": {
+        "rg_tasks": ["spell_backward"],
+        "rg_config": {"spell_backward": {"min_word_len": 5, "max_word_len": 10}},
+        "max_new_tokens": 12,
+    },
+    "base_conversion": {"rg_tasks": ["base_conversion"], "rg_config": {"base_conversion": {}}, "max_new_tokens": 16},
+    "word_sorting": {
+        "rg_tasks": ["word_sorting"],
+        "rg_config": {"word_sorting": {"min_words": 3, "max_words": 5, "min_word_length": 3, "max_word_length": 8}},
+        "max_new_tokens": 24,
+    },
+    "word_sequence_reversal": {
+        "rg_tasks": ["word_sequence_reversal"],
+        "rg_config": {"word_sequence_reversal": {"min_words": 3, "max_words": 6}},
+        "max_new_tokens": 24,
+    },
+}
+GATE_RANKS = (4, 32)
+GATE_LRS = (1e-3,)
+GATE_SEEDS = (100,)  # a tuning seed: disjoint from the comparison's main seeds
+QUALIFY_RATIO = 0.9  # NLL(r = 32) <= 0.9 NLL(r = 4)
+GATE_BASE = "rg-capacity-gate"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The capacity gate: every candidate task at every rank and lr on the gate seeds (validation split)."""
+
+    base: str = GATE_BASE
+    tasks: tuple[str, ...] = tuple(GATE_TASKS)
+    ranks: tuple[int, ...] = GATE_RANKS
+    lrs: tuple[float, ...] = GATE_LRS
+    seeds: tuple[int, ...] = GATE_SEEDS
+    method: str = "rslora"
+
+
+GATES: dict[str, Gate] = {
+    "capacity-gate": Gate(),
+    "capacity-gate-gpu": Gate(base="rg-capacity-gpu"),
+    "capacity-gate-smoke": Gate(base="smoke-rg-capacity", tasks=("spell_backward", "base_conversion"), lrs=(5e-3,)),
+}
+
+
+def gate_specs(suite: str, gate: Gate | None = None, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The gate's runs, candidate-major (both ranks of a task finish before the next task starts)."""
+    gate = gate or GATES[suite]
+    specs = []
+    for name in gate.tasks:
+        for lr in gate.lrs:
+            for seed in gate.seeds:
+                for r in gate.ranks:
+                    specs.append(
+                        {
+                            **BASE[gate.base],
+                            **GATE_TASKS[name],
+                            **(overrides or {}),
+                            "suite": suite,
+                            "block": "gate",
+                            "regime": f"r{r}",
+                            "stage": "gate",
+                            "gate_task": name,
+                            "method": gate.method,
+                            "r": r,
+                            "seed": seed,
+                            "init_seed": seed + INIT_SEED_OFFSET,
+                            "lr": lr,
+                            "eval_split": "val",
+                            "groups": ["gate"],
+                        }
+                    )
+    return specs
+
+
+CAPACITY_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # factors of 2 around rsLoRA's usual 1e-3
+WIDEN = 2  # extra lrs a method may get on each side of the grid while its best sits at an edge
+WINDOW_NATS = 0.02  # an lr is "within the window" when its validation NLL is at most this above the method's best
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How a comparison suite is built from its gate.
+
+    Attributes:
+        gate: The gate suite whose records pick the task.
+        base: The BASE setting of the comparison (training budget, split sizes).
+        main_seeds / tune_seeds / control_seeds: Seeds of the core block (lora, rslora, gora, r = 32 reference),
+            of the tuning, and of the other blocks.
+        lrs: The starting lr grid.
+        blocks: Which blocks to build, in run order ("core", "controls", "r8").
+        widen: How many lrs a method may get beyond each edge of `lrs` while its best sits at that edge.
+        qualify_ratio: NLL(r = 32) / NLL(r = 4) at or below which a task qualifies.
+    """
+
+    gate: str
+    base: str
+    main_seeds: tuple[int, ...] = tuple(range(8))
+    tune_seeds: tuple[int, ...] = (100,)
+    control_seeds: tuple[int, ...] = tuple(range(4))
+    lrs: tuple[float, ...] = CAPACITY_LRS
+    blocks: tuple[str, ...] = ("core", "controls", "r8")
+    widen: int = WIDEN
+    qualify_ratio: float = QUALIFY_RATIO
+
+
+COMPARISONS: dict[str, Comparison] = {
+    "evidence-capacity": Comparison("capacity-gate", "rg-capacity-gate"),
+    # the prepared GPU run (scripts/gpu_capacity.sh): the core comparison only, 5 seeds
+    "evidence-capacity-gpu": Comparison(
+        "capacity-gate-gpu", "rg-capacity-gpu", main_seeds=tuple(range(5)), blocks=("core",)
+    ),
+    # CI: the code path on a random tiny model (the ratio lets any finished gate through: nothing binds there)
+    "evidence-capacity-smoke": Comparison(
+        "capacity-gate-smoke",
+        "smoke-rg-capacity",
+        main_seeds=(0, 1),
+        control_seeds=(0,),
+        lrs=(2.5e-3, 5e-3),
+        blocks=("core", "controls"),  # EVA ran for minutes without finishing on the random tiny Llama
+        widen=1,
+        qualify_ratio=math.inf,
+    ),
+}
+
+
+SUITES = ("smoke", "nlu", "nlg", *EVIDENCE, *GATES, *COMPARISONS)
 
 
 def _block_spec(suite: str, block: Block, method: str, seed: int, lr: float, stage: str) -> dict[str, Any]:

@@ -189,14 +189,15 @@ def load_nlu(spec: dict[str, Any]) -> TaskData:
 # ----------------------------------------------------------------------------------------------------------- NLG
 
 
-def rg_rows(tasks: list[str], per_task: int, seed: int) -> list[dict]:
-    """`per_task` problems of each reasoning-gym task (generator seed `seed`) as {"prompt", "response", "answer",
-    "task"}, interleaved task by task; the response is the answer alone."""
+def rg_rows(tasks: list[str], per_task: int, seed: int, config: dict[str, dict] | None = None) -> list[dict]:
+    """`per_task` problems of each reasoning-gym task (generator seed `seed`; `config[task]`: the generator's options,
+    e.g. a fixed Caesar shift) as {"prompt", "response", "answer", "task"}, interleaved task by task; the response is
+    the answer alone."""
     import reasoning_gym
 
     columns = []
     for name in tasks:
-        data = reasoning_gym.create_dataset(name, size=per_task, seed=seed)
+        data = reasoning_gym.create_dataset(name, size=per_task, seed=seed, **(config or {}).get(name, {}))
         columns.append(
             [
                 {"prompt": x["question"], "response": str(x["answer"]), "answer": str(x["answer"]), "task": name}
@@ -208,12 +209,12 @@ def rg_rows(tasks: list[str], per_task: int, seed: int) -> list[dict]:
 
 def rg_split(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     """(train rows for the seed, evaluation rows of `eval_split`) for the `rg-short` task."""
-    tasks = list(spec["rg_tasks"])
-    test = rg_rows(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED)
-    val = rg_rows(tasks, spec["val_size"] // len(tasks), RG_VAL_SEED) if spec.get("val_size") else []
+    tasks, config = list(spec["rg_tasks"]), spec.get("rg_config")
+    test = rg_rows(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED, config)
+    val = rg_rows(tasks, spec["val_size"] // len(tasks), RG_VAL_SEED, config) if spec.get("val_size") else []
     held = {r["prompt"] for r in test + val}
     need = -(-spec["train_size"] // len(tasks))
-    pool = [r for r in rg_rows(tasks, need + need // 2 + 8, 1 + spec["seed"]) if r["prompt"] not in held]
+    pool = [r for r in rg_rows(tasks, need + need // 2 + 8, 1 + spec["seed"], config) if r["prompt"] not in held]
     per_task: dict[str, list[dict]] = {}
     for r in pool:
         per_task.setdefault(r["task"], []).append(r)
@@ -281,6 +282,8 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
     eval_bs = spec.get("eval_batch_size", 25)
 
     def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        if spec.get("metric") == "answer_nll":
+            return evaluate_answer_nll(m, spec, tokenizer, eval_rows, eval_examples, eval_set, collator)
         config = getattr(m, "config", None) or model.config
         config.use_cache = True  # generation; training runs without the cache
         try:
@@ -312,7 +315,7 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
         train_batches=train,
         calib_batches=train[: spec["num_batches"]],
         evaluate=evaluate,
-        metric_name="exact_match",
+        metric_name=spec.get("metric", "exact_match"),
         model_name=model_name,
         target_modules=NLG_TARGETS,
         task_type="CAUSAL_LM",
@@ -321,10 +324,94 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
     )
 
 
+def autocast(spec: dict[str, Any]):
+    """bf16 autocast on CUDA (`spec["device"] == "cuda"`), nothing on the CPU: what training and evaluation forwards
+    run under. GoRA's statistics, the initializations and every reported number stay float32."""
+    import contextlib
+
+    if spec.get("device", "cpu") == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def answer_nll(
+    model: torch.nn.Module, dataset: list[dict], collator: Any, batch_size: int, spec: dict[str, Any] | None = None
+) -> tuple[list[float], list[int]]:
+    """Per example of an encoded SFT set: the summed negative log-likelihood (nats, float32) of its learned tokens
+    (the answer and the end-of-turn marker after it; labels != -100 after the causal shift) and how many there are,
+    in the order of `dataset`. Batched shortest first (padding changes, the per-example values do not)."""
+    from gora.app.sft import IGNORE_INDEX
+    from gora.batches import eval_mode, model_device, to_device
+
+    device = model_device(model)
+    sums, counts = [0.0] * len(dataset), [0] * len(dataset)
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = to_device(collator([dataset[i] for i in chunk]), device)
+            labels = batch.pop("labels")
+            with autocast(spec or {}):
+                logits = model(**batch).logits
+            logits, target = logits[:, :-1].float(), labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            mask = target != IGNORE_INDEX
+            for i, total, n in zip(chunk, (nll * mask).sum(1).tolist(), mask.sum(1).tolist()):
+                sums[i], counts[i] = total, int(n)
+    return sums, counts
+
+
+def evaluate_answer_nll(
+    model: torch.nn.Module,
+    spec: dict[str, Any],
+    tokenizer: Any,
+    rows: list[dict],
+    examples: list[Any],
+    encoded: list[dict],
+    collator: Any,
+) -> dict[str, Any]:
+    """The capacity suite's evaluation: answer-token NLL (the primary metric: Σ NLL / Σ answer tokens over the
+    evaluation set; per example its sum and token count, for paired tests) and, when `max_new_tokens` is set, exact
+    match of the greedy answer on the test split (secondary; per-example predictions and hits)."""
+    from gora.app.sft import evaluate_sft
+
+    from .paired_stats import bits
+
+    bs = spec.get("eval_batch_size", 25)
+    sums, counts = answer_nll(model, encoded, collator, bs, spec)
+    nll = sum(sums) / sum(counts)
+    out: dict[str, Any] = {
+        "answer_nll": nll,
+        "eval_loss": nll,
+        "nll_sum": [round(v, 5) for v in sums],
+        "nll_tokens": counts,
+    }
+    if spec.get("max_new_tokens") and spec.get("eval_split") == "test":  # generation is slow on a CPU: test only
+        config = getattr(model, "config", None)
+        config.use_cache = True  # generation; training runs without the cache
+        try:
+            with autocast(spec):
+                gen = evaluate_sft(
+                    model,
+                    tokenizer,
+                    examples,
+                    batch_size=bs,
+                    max_new_tokens=spec["max_new_tokens"],
+                    keep_predictions=True,
+                )
+        finally:
+            config.use_cache = False
+        out.update(exact_match=gen["exact_match"], predictions=gen["predictions"], correct=bits(gen["correct"]))
+    return out
+
+
 def load_task(spec: dict[str, Any]) -> TaskData:
     """Build the task named by `spec["task"]`."""
     if kind(spec["task"]) in ("nlu", "rt-sentiment"):
         return load_nlu(spec)
-    if kind(spec["task"]) in ("nlg", "rg-short"):
+    if kind(spec["task"]) in ("nlg", "rg-short", "rg-capacity"):
         return load_nlg(spec)
     raise ValueError(f"unknown task {spec['task']!r}")

@@ -9,9 +9,11 @@ tuning, not an error to retry).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,8 +44,10 @@ def train(
     loraplus_ratio: float | None = None,
     adalora: bool = False,
     max_grad_norm: float = 1.0,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> TrainResult:
-    """One optimizer step per batch of `batches` (every epoch, in order)."""
+    """One optimizer step per batch of `batches` (every epoch, in order); each forward under `autocast()` when given
+    (bf16 on CUDA), the backward and optimizer step outside it."""
     from transformers import get_scheduler
 
     steps = len(batches)
@@ -60,7 +64,8 @@ def train(
     start, cpu_start = time.perf_counter(), time.process_time()
     for step, batch in enumerate(batches):
         t0 = time.perf_counter()
-        loss = model(**batch).loss
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            loss = model(**batch).loss
         value = float(loss.detach())
         if not math.isfinite(value):
             curve.append((step + 1, None))  # JSON has no NaN

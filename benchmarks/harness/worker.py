@@ -6,6 +6,7 @@ its record to OUT_JSON; `benchmarks.harness.run` calls it once per run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +24,7 @@ import torch
 
 from . import methods as M
 from .measure import RssSampler, Timer, machine, maxrss_mb, now, versions
-from .tasks import load_task
+from .tasks import TaskData, autocast, load_task
 from .training import train
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,42 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def cross_entropy_only(model: torch.nn.Module, kind: str) -> Iterator[None]:
+    """AdaLoRA: PEFT's AdaLoraModel.forward adds orth_reg_weight × its orthogonality regulariser to `.loss` in
+    evaluation too; inside this block the weight is 0, so the evaluation loss (and the lr tie-break on it) is the
+    cross-entropy every other method reports. Training keeps AdaLoRA's objective. Other methods: nothing changes."""
+    if kind != "adalora":
+        yield
+        return
+    configs = list(model.peft_config.values())
+    weights = [c.orth_reg_weight for c in configs]
+    for c in configs:
+        c.orth_reg_weight = 0.0
+    try:
+        yield
+    finally:
+        for c, w in zip(configs, weights):
+            c.orth_reg_weight = w
+
+
+def on_device(task: TaskData, spec: dict[str, Any]) -> None:
+    """Move the model and every batch to `spec["device"]` (default the CPU: nothing moves)."""
+    device = spec.get("device", "cpu")
+    if device == "cpu":
+        return
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device: run on a GPU machine or drop --device")
+    from gora.batches import to_device
+
+    task.model.to(device)
+    moved = {id(b): to_device(b, torch.device(device)) for b in task.train_batches}
+    task.train_batches = [moved[id(b)] for b in task.train_batches]
+    task.calib_batches = [
+        moved[id(b)] if id(b) in moved else to_device(b, torch.device(device)) for b in task.calib_batches
+    ]
+
+
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one spec (see `benchmarks.harness.suites`) and return its record."""
     if spec.get("method") == "init-cost":
@@ -79,11 +117,14 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         with sampler.phase("load"):
             task = load_task(spec)
+            on_device(task, spec)
         model = task.model
         build_spec = {**spec, "steps": len(task.train_batches)}  # AdaLoRA's schedule needs the step count
         # one untimed forward+backward so that every method's timings start from a warm allocator
         model.train()
-        model(**task.calib_batches[0]).loss.backward()
+        with autocast(spec):
+            loss = model(**task.calib_batches[0]).loss
+        loss.backward()
         model.zero_grad(set_to_none=True)
         # the cost ratio of data-driven inits (historic suites; the evidence suites skip it to save time)
         measure = method.kind in M.DATA_DRIVEN and "stage" not in spec
@@ -112,17 +153,20 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 scheduler=spec["scheduler"],
                 loraplus_ratio=method.loraplus,
                 adalora=method.kind == "adalora",
+                autocast=lambda: autocast(spec),
             )
         if method.kind == "adalora":
             extra["adalora_rank_total_end"] = M.adalora_rank_total(model)
             extra["adalora_update_calls"] = result.adalora_calls
-        with sampler.phase("eval"), Timer() as t_eval:
+        with sampler.phase("eval"), Timer() as t_eval, cross_entropy_only(model, method.kind):
             metrics = task.evaluate(model) if not result.diverged else {task.metric_name: None, "eval_loss": None}
+        if method.kind == "adalora":
+            extra["eval_loss_excludes_orth_reg"] = True
     finally:
         sampler.close()
     estimate_s = float(info.pop("estimate_s"))
     init_s = float(info.pop("init_s"))
-    per_example = {k: metrics.pop(k) for k in ("predictions", "correct") if k in metrics}
+    per_example = {k: metrics.pop(k) for k in ("predictions", "correct", "nll_sum", "nll_tokens") if k in metrics}
     record: dict[str, Any] = {
         "suite": spec["suite"],
         "task": spec["task"],
@@ -174,7 +218,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "machine": machine(),
         "date": now(),
     }
-    for key in ("stage", "block", "regime", "eval_split", "epochs", "val_size", "init_seed", "lr_from"):
+    for key in ("stage", "block", "regime", "eval_split", "epochs", "val_size", "init_seed", "lr_from", "gate_task"):
         if key in spec:
             record[key] = spec[key]
     if "epochs" in spec:

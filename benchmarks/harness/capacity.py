@@ -1,0 +1,532 @@
+"""The capacity suite (issue #19): a gate that looks for a task where rank binds, the comparison on the task it
+finds, and their part of docs/BENCHMARKS.md.
+
+1. Gate (`capacity-gate`; candidates, ranks and lr in `benchmarks.harness.suites.GATES`): rsLoRA at r = 4 and r = 32 on each
+   candidate task, validation answer-token NLL. A task qualifies when NLL(r = 32) <= QUALIFY_RATIO · NLL(r = 4)
+   (`gate_rows`); the comparison runs on the qualifying task with the largest gap (`qualifying`), at the gate's
+   low rank (where the gap was measured) and with the gate's training budget. No qualifying task: the comparison
+   stops there with a message that gives the numbers (`StopComparison`).
+2. Comparison (`evidence-capacity`; `comparison_blocks`): the evidence protocol of `benchmarks.harness.suites` (paired
+   seeds, A0 seeded apart, lr tuned per method on a validation split, per-example outputs, provenance lock) with an
+   lr grid in factors of 2 that is widened while a method's best lr sits at an edge (`widened`), N = 32
+   calibration batches, answer-token NLL on the test split as the primary endpoint (lower is better; exact match of
+   the greedy answer secondary), and the capacity reference: rsLoRA at r = 32 on the same seeds at rsLoRA's lr. Runs
+   go in priority order: lr tuning and main seeds of lora / rslora / gora (+ the r = 32 reference) first, then GoRA
+   with γ = "auto" and the controls, then the rsLoRA-scaled baselines at r_ref = 8.
+3. Report (`gate_section`, `comparison_section`): the gate table; per regime each method's test NLL and exact match,
+   the paired verdicts on NLL (bootstrap over seeds × test examples of the per-example NLL, weighted by answer
+   tokens) and on exact match (+ McNemar), the fraction of the r → 32 gap each method closes, the lr curves (PNG) and
+   each method's lr window (the lrs within WINDOW_NATS of its best validation NLL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .paired_stats import discordant, mcnemar_exact, paired_bootstrap, select_lr, unbits, verdict
+from .suites import (
+    BASE,
+    COMPARISONS,
+    CONTROLS,
+    GATE_TASKS,
+    GATES,
+    INIT_SEED_OFFSET,
+    QUALIFY_RATIO,
+    WIDEN,
+    WINDOW_NATS,
+    Block,
+)
+
+Record = dict[str, Any]
+
+
+class StopComparison(RuntimeError):
+    """No gate task qualifies (or the gate has not finished): the comparison does not run."""
+
+
+# ----------------------------------------------------------------------------------------------------------- gate
+
+
+@dataclasses.dataclass(frozen=True)
+class GateRow:
+    """One candidate of the gate: its best validation NLL per rank (over the gate's lrs; mean over its seeds)."""
+
+    task: str
+    nll: dict[int, float | None]  # rank -> NLL
+    lr: dict[int, float | None]  # rank -> the lr of that NLL
+    ratio: float | None  # NLL(high rank) / NLL(low rank)
+    qualifies: bool
+    complete: bool
+
+
+def gate_rows(records: list[Record], gate_suite: str, ratio: float = QUALIFY_RATIO) -> list[GateRow]:
+    """The gate's verdict per candidate task (in the gate's order)."""
+    gate = GATES[gate_suite]
+    low, high = min(gate.ranks), max(gate.ranks)
+    rows = []
+    for name in gate.tasks:
+        nll: dict[int, float | None] = {}
+        best_lr: dict[int, float | None] = {}
+        complete = True
+        for r in gate.ranks:
+            runs = [x for x in records if x.get("gate_task") == name and x["r"] == r and x.get("stage") == "gate"]
+            choice = select_lr(runs, gate.lrs, gate.seeds, lower_is_better=True)
+            nll[r] = choice.table[choice.lr][0] if choice.lr is not None else None
+            best_lr[r] = choice.lr
+            complete &= all(choice.table.get(float(lr), (None, None, 0))[2] == len(gate.seeds) for lr in gate.lrs)
+        value = nll[high] / nll[low] if nll[low] and nll[high] is not None else None
+        rows.append(GateRow(name, nll, best_lr, value, value is not None and value <= ratio, complete))
+    return rows
+
+
+def gate_ratio(gate_suite: str) -> float:
+    """The qualifying ratio the comparison built on `gate_suite` uses (QUALIFY_RATIO unless a smoke suite lets any
+    finished candidate through)."""
+    return next((c.qualify_ratio for c in COMPARISONS.values() if c.gate == gate_suite), QUALIFY_RATIO)
+
+
+def qualifying(rows: list[GateRow]) -> GateRow | None:
+    """The qualifying candidate with the largest relative gap (smallest NLL ratio), or None."""
+    ok = [row for row in rows if row.qualifies]
+    return min(ok, key=lambda row: row.ratio) if ok else None
+
+
+def stop_message(rows: list[GateRow], ratio: float) -> str:
+    """Why the comparison does not run: every candidate's numbers, and whether the gate is finished."""
+    parts = [
+        f"{row.task}: "
+        + ", ".join(f"r={r} {'–' if v is None else f'{v:.3f}'}" for r, v in row.nll.items())
+        + (f" (ratio {row.ratio:.3f})" if row.ratio is not None else "")
+        + ("" if row.complete else " [gate not finished]")
+        for row in rows
+    ]
+    unfinished = sum(not row.complete for row in rows)
+    verdict = (
+        f"The gate has not finished ({len(rows) - unfinished} of {len(rows)} candidates measured): the comparison "
+        "does not start until a candidate qualifies."
+        if unfinished
+        else "The comparison stops here: on this model and budget rank does not bind on any candidate."
+    )
+    return f"no gate task qualifies (NLL(r=32) <= {ratio:g} x NLL(r=4) on validation): {'; '.join(parts)}. {verdict}"
+
+
+# ----------------------------------------------------------------------------------------------------- comparison
+
+
+def comparison_blocks(suite: str, gate_records: list[Record]) -> list[Block]:
+    """The comparison's blocks on the gate's qualifying task.
+
+    Raises:
+        StopComparison: when no candidate qualifies (the message gives every candidate's numbers).
+    """
+    comp = COMPARISONS[suite]
+    gate = GATES[comp.gate]
+    rows = gate_rows(gate_records, comp.gate, comp.qualify_ratio)
+    chosen = qualifying(rows)
+    if chosen is None:
+        raise StopComparison(stop_message(rows, comp.qualify_ratio))
+    task = {**GATE_TASKS[chosen.task], "gate_task": chosen.task}
+    low = min(gate.ranks)
+    r_low = {"r": low, "gora_min_rank": max(1, low // 2)}  # the paper's r_min = r_ref / 2
+    blocks = {
+        "core": Block(
+            "cap-core",
+            comp.base,
+            f"r{low}",
+            ("lora", "rslora", "gora"),
+            (("rslora-r32", "rslora"),),
+            seeds=comp.main_seeds,
+            tune_seeds=comp.tune_seeds,
+            lrs=comp.lrs,
+            overrides={**task, **r_low},
+        ),
+        "controls": Block(
+            "cap-controls",
+            comp.base,
+            f"r{low}",
+            ("gora-auto",),
+            CONTROLS,
+            seeds=comp.control_seeds,
+            tune_seeds=comp.tune_seeds,
+            lrs=comp.lrs,
+            overrides={**task, **r_low},
+            note="GoRA γ = auto and the controls on the first "
+            f"{len(comp.control_seeds)} seeds; the controls at GoRA's lr",
+        ),
+        "r8": Block(
+            "cap-r8",
+            comp.base,
+            "r8",
+            ("rslora", "gora", "pissa-rs", "loraga-rs", "eva-rs"),
+            seeds=comp.control_seeds,
+            tune_seeds=comp.tune_seeds,
+            lrs=comp.lrs,
+            overrides={**task, "r": 8},
+            note=f"r_ref = 8 (baselines) on the first {len(comp.control_seeds)} seeds",
+        ),
+    }
+    return [blocks[name] for name in comp.blocks]
+
+
+def center_out(lrs: tuple[float, ...]) -> list[float]:
+    """The grid from its middle outwards (1e-3, 5e-4, 2e-3, ...): a tuning cut short still has every method at the
+    central lrs."""
+    mid = (len(lrs) - 1) / 2
+    return sorted(lrs, key=lambda lr: (abs(lrs.index(lr) - mid), lr))
+
+
+def widened(lrs: list[float], best: float | None, base: tuple[float, ...], limit: int = WIDEN) -> float | None:
+    """The next lr to try when `best` sits at an edge of the lrs run so far (`lrs`): twice the largest or half the
+    smallest, at most `limit` beyond the starting grid `base` on each side; None when `best` is inside (or no lr
+    qualified, or the limit is reached)."""
+    if best is None or len(lrs) < 2:
+        return None
+    lo, hi = min(lrs), max(lrs)
+    if best == hi and sum(lr > max(base) for lr in lrs) < limit:
+        return hi * 2
+    if best == lo and sum(lr < min(base) for lr in lrs) < limit:
+        return lo / 2
+    return None
+
+
+def tune_spec(suite: str, block: Block, method: str, seed: int, lr: float) -> dict[str, Any]:
+    return {
+        **BASE[block.base],
+        **block.overrides,
+        "suite": suite,
+        "block": block.name,
+        "regime": block.regime,
+        "stage": "tune",
+        "method": method,
+        "seed": seed,
+        "init_seed": seed + INIT_SEED_OFFSET,
+        "lr": lr,
+        "eval_split": "val",
+        "groups": [block.name],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, digits: int = 3, sign: bool = False) -> str:
+    if value is None or not np.isfinite(value):
+        return "–"
+    return f"{value:{'+' if sign else ''}.{digits}f}"
+
+
+def gate_section(suite: str, records: list[Record]) -> list[str]:
+    gate = GATES[suite]
+    ratio = gate_ratio(suite)
+    rows = gate_rows(records, suite, ratio)
+    low, high = min(gate.ranks), max(gate.ranks)
+    b = BASE[gate.base]
+    steps = b["train_size"] // b["batch_size"] * b.get("epochs", 1)
+    out = [
+        f"## Suite `{suite}`: does rank bind? (the gate before the capacity comparison)",
+        "",
+        f"rsLoRA at r = {low} and r = {high} (lr {', '.join(f'{lr:g}' for lr in gate.lrs)}; seed "
+        f"{', '.join(map(str, gate.seeds))}) on each candidate reasoning-gym task, {b['train_size']} training "
+        f"problems × {b.get('epochs', 1)} epoch = {steps} steps of {b['batch_size']}, N = {b['num_batches']} "
+        f"calibration batches, {b['val_size']} validation problems. Metric: validation answer-token NLL (nats per "
+        "answer token: the answer and its end-of-turn marker). A task qualifies when NLL(r = "
+        f"{high}) ≤ {ratio:g} · NLL(r = {low}). Reproduce: `python -m benchmarks.harness.run {suite}`.",
+        "",
+        f"| task | NLL r = {low} | NLL r = {high} | ratio | qualifies | first-step training loss | s / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        runs = [r for r in records if r.get("gate_task") == row.task]
+        first = [r["loss_curve"][0][1] for r in runs if r.get("loss_curve")]
+        times = [r.get("run_s") or r.get("wall_s") for r in runs]
+        out.append(
+            f"| {row.task} | {_fmt(row.nll.get(low))} | {_fmt(row.nll.get(high))} | {_fmt(row.ratio)} | "
+            + ("**yes**" if row.qualifies else ("no" if row.complete else "not finished"))
+            + f" | {_fmt(statistics.mean(first), 2) if first else '–'} | "
+            f"{_fmt(statistics.median(times), 0) if times else '–'} |"
+        )
+    chosen = qualifying(rows)
+    out += [
+        "",
+        (
+            f"Qualifying task with the largest gap: **{chosen.task}** (ratio {chosen.ratio:.3f}); the comparison "
+            f"({', '.join(f'`{n}`' for n, c in COMPARISONS.items() if c.gate == suite)}) runs on it."
+            if chosen
+            else stop_message(rows, ratio)
+        ),
+        "",
+    ]
+    return out
+
+
+def _nll_matrix(runs: dict[int, Record], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    sums = np.array([runs[s]["nll_sum"] for s in seeds], dtype=np.float64)
+    tokens = np.array(runs[seeds[0]]["nll_tokens"], dtype=np.float64)
+    return sums, tokens
+
+
+def paired_nll(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | None:
+    """A − B in test answer-token NLL over the seeds both ran: the mean over seeds of Σ ΔNLL / Σ tokens, with a
+    bootstrap interval (seeds and test examples resampled together; each example weighted by its answer tokens)."""
+    seeds = sorted(s for s in set(a) & set(b) if a[s].get("nll_sum") and b[s].get("nll_sum"))
+    if not seeds:
+        return None
+    sa, tokens = _nll_matrix(a, seeds)
+    sb, _ = _nll_matrix(b, seeds)
+    # per-example ΔNLL scaled so that the plain mean over examples is the token-weighted mean
+    diff = (sa - sb) * len(tokens) / tokens.sum()
+    mean, low, high = paired_bootstrap(diff)
+    per_seed = diff.mean(axis=1)
+    return {
+        "seeds": seeds,
+        "mean": mean,
+        "low": low,
+        "high": high,
+        "verdict": verdict(-high, -low),  # lower NLL is better
+        "wins": int((per_seed < 0).sum()),
+        "losses": int((per_seed > 0).sum()),
+    }
+
+
+def paired_em(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | None:
+    seeds = sorted(s for s in set(a) & set(b) if a[s].get("correct") and b[s].get("correct"))
+    if not seeds:
+        return None
+    ca = np.array([unbits(a[s]["correct"]) for s in seeds], dtype=np.int8)
+    cb = np.array([unbits(b[s]["correct"]) for s in seeds], dtype=np.int8)
+    mean, low, high = paired_bootstrap(ca - cb)
+    n_b, n_c = discordant(ca, cb)
+    return {"mean": mean, "low": low, "high": high, "verdict": verdict(low, high), "p": mcnemar_exact(n_b, n_c)}
+
+
+def gap_closed(method: dict[int, Record], ref: dict[int, Record], top: dict[int, Record]) -> dict[str, Any] | None:
+    """The fraction of the gap from `ref` (rsLoRA at the low rank) to `top` (rsLoRA at r = 32) that `method`
+    closes: (NLL_ref − NLL_method) / (NLL_ref − NLL_top), with a bootstrap interval over seeds and examples."""
+    seeds = sorted(
+        s for s in set(method) & set(ref) & set(top) if all(x[s].get("nll_sum") for x in (method, ref, top))
+    )
+    if not seeds:
+        return None
+    m, tokens = _nll_matrix(method, seeds)
+    r, _ = _nll_matrix(ref, seeds)
+    t, _ = _nll_matrix(top, seeds)
+    num, den = r - m, r - t
+    value = num.sum() / den.sum() if den.sum() else math.nan
+    rng = np.random.default_rng(0)
+    reps = []
+    for _ in range(2000):
+        s = rng.integers(0, len(seeds), len(seeds))
+        e = rng.integers(0, num.shape[1], num.shape[1])
+        d = den[s][:, e].sum()
+        if d:
+            reps.append(num[s][:, e].sum() / d)
+    low, high = (np.quantile(reps, [0.025, 0.975]).tolist()) if reps else (math.nan, math.nan)
+    return {"value": value, "low": low, "high": high, "gap": float(den.sum() / tokens.sum() / len(seeds))}
+
+
+def lr_curves(records: list[Record]) -> dict[tuple[str, str], dict[str, dict[float, float]]]:
+    """(task, regime) -> method -> lr -> mean validation NLL over the tuning seeds (non-diverged runs)."""
+    acc: dict[tuple[str, str], dict[str, dict[float, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in records:
+        if r.get("stage") == "tune" and not r.get("diverged") and r.get("metric") is not None:
+            acc[(r.get("gate_task", r["task"]), r["regime"])][r["method"]][float(r["lr"])].append(r["metric"])
+    return {
+        key: {m: {lr: statistics.mean(v) for lr, v in sorted(by_lr.items())} for m, by_lr in methods.items()}
+        for key, methods in acc.items()
+    }
+
+
+def lr_window(curve: dict[float, float], nats: float = WINDOW_NATS) -> tuple[float, float, float] | None:
+    """(smallest lr, largest lr, width in factors of 2) of the contiguous run of grid lrs around the best whose
+    validation NLL is within `nats` of the best."""
+    if not curve:
+        return None
+    lrs = sorted(curve)
+    best = min(lrs, key=lambda lr: curve[lr])
+    i = j = lrs.index(best)
+    while i > 0 and curve[lrs[i - 1]] <= curve[best] + nats:
+        i -= 1
+    while j < len(lrs) - 1 and curve[lrs[j + 1]] <= curve[best] + nats:
+        j += 1
+    return lrs[i], lrs[j], math.log2(lrs[j] / lrs[i])
+
+
+def plot_lr_curves(records: list[Record], path: Path) -> bool:
+    """Every method's validation NLL against the lr (one panel per task and regime); False when nothing to plot."""
+    curves = lr_curves(records)
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(curves)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for method, curve in sorted(curves[key].items()):
+            xs = sorted(curve)
+            ax.plot(xs, [curve[x] for x in xs], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation answer-token NLL (nats)")
+        ax.set_title(f"{key[0]}, {key[1]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+METHOD_ORDER = [
+    "lora",
+    "rslora",
+    "gora",
+    "gora-auto",
+    "gora-gamma0",
+    "gora-fixed",
+    "gora-random",
+    "pissa-rs",
+    "loraga-rs",
+    "eva-rs",
+    "rslora-r32",
+]
+CAPACITY_PAIRS = [
+    ("gora", "rslora", "GoRA vs its scaling baseline"),
+    ("gora", "lora", "GoRA vs LoRA"),
+    ("rslora", "lora", "scaling alone (rsLoRA vs LoRA)"),
+    ("gora-auto", "gora", "GoRA γ = auto vs γ = 5e-2"),
+    ("gora-gamma0", "gora", "control: allocation only (γ = 0) vs GoRA"),
+    ("gora-fixed", "gora", "control: initialization only (fixed rank) vs GoRA"),
+    ("gora-random", "gora", "control: GoRA's ranks on random layers vs GoRA"),
+    ("pissa-rs", "rslora", "baseline vs rsLoRA"),
+    ("loraga-rs", "rslora", "baseline vs rsLoRA"),
+    ("eva-rs", "rslora", "baseline vs rsLoRA"),
+    ("gora", "pissa-rs", "GoRA vs baseline"),
+    ("gora", "loraga-rs", "GoRA vs baseline"),
+    ("gora", "eva-rs", "GoRA vs baseline"),
+    ("rslora-r32", "rslora", "capacity reference: rsLoRA r = 32 vs the budget"),
+]
+
+
+def comparison_verdicts(records: list[Record]) -> dict[tuple[str, str], dict[tuple[str, str], dict[str, Any]]]:
+    """(task, regime) -> (A, B) -> paired NLL statistics, for the verdict table at the top of BENCHMARKS.md."""
+    main: dict[tuple[str, str], dict[str, dict[int, Record]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if r.get("stage") == "main" and not r.get("diverged"):
+            main[(r.get("gate_task", r["task"]), r["regime"])][r["method"]][r["seed"]] = r
+    out: dict[tuple[str, str], dict[tuple[str, str], dict[str, Any]]] = {}
+    for key, methods in main.items():
+        out[key] = {}
+        for a, b, _ in CAPACITY_PAIRS:
+            if a in methods and b in methods:
+                st = paired_nll(methods[a], methods[b])
+                if st:
+                    out[key][(a, b)] = st
+    return out
+
+
+def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel: str) -> list[str]:
+    """The comparison's tables, lr curves and windows."""
+    main: dict[tuple[str, str], dict[str, dict[int, Record]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if r.get("stage") == "main":
+            main[(r.get("gate_task", r["task"]), r["regime"])][r["method"]][r["seed"]] = r
+    tests = sorted({r["eval_size"] for r in records if r.get("stage") == "main" and r.get("eval_size")})
+    out = [
+        f"## Suite `{suite}`: GoRA where rank binds (the gate's qualifying task)",
+        "",
+        "Protocol: evidence-nlu's (per-method lr on a validation split, then paired main seeds; a seed fixes the "
+        "training rows and their order for every method, A0 is drawn from seed + 1000) with an lr grid in factors "
+        f"of 2 ({', '.join(f'{lr:g}' for lr in COMPARISONS[suite].lrs)}, widened by up to "
+        f"{COMPARISONS[suite].widen} values while a method's best "
+        "sits at an edge), N = 32 calibration batches, primary endpoint the test answer-token NLL (lower is better), "
+        "secondary the exact match of the greedy answer"
+        + (f" on {'/'.join(map(str, tests))} test problems" if tests else "")
+        + ". Intervals: paired bootstrap 95% (seeds and test examples resampled together, examples weighted by "
+        "their answer tokens). The capacity reference is rsLoRA at r = 32 at rsLoRA's lr on the same seeds; "
+        "'gap closed' = (NLL_rsLoRA − NLL_method) / (NLL_rsLoRA − NLL_r32).",
+        "",
+    ]
+    for key in sorted(main):
+        methods = main[key]
+        out += [
+            f"### {key[0]}, regime {key[1]}",
+            "",
+            "| method | lr | seeds | test NLL | exact match (%) | gap closed [95% CI] |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method in sorted(methods, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+            rs = [methods[method][s] for s in sorted(methods[method])]
+            ok = [r for r in rs if not r.get("diverged")]
+            em = [r["metrics"].get("exact_match") for r in ok if r["metrics"].get("exact_match") is not None]
+            gap = None
+            if "rslora" in methods and "rslora-r32" in methods and method not in ("rslora", "rslora-r32"):
+                gap = gap_closed(methods[method], methods["rslora"], methods["rslora-r32"])
+            nll = [r["metric"] for r in ok]
+            out.append(
+                f"| `{method}` | {'/'.join(f'{x:g}' for x in sorted({r['lr'] for r in rs}))} | {len(rs)} | "
+                f"{_fmt(statistics.mean(nll)) if nll else '–'}"
+                + (f" ± {statistics.stdev(nll):.3f}" if len(nll) > 1 else "")
+                + f" | {_fmt(100 * statistics.mean(em), 1) if em else '–'} | "
+                + (f"{gap['value']:.2f} [{gap['low']:.2f}, {gap['high']:.2f}]" if gap else "–")
+                + " |"
+            )
+        out += [
+            "",
+            "| comparison | A − B | paired seeds | Δ test NLL [95% CI] | verdict | seeds A better / worse | "
+            "Δ exact match (points) [95% CI], McNemar p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for a, b, what in CAPACITY_PAIRS:
+            if a not in methods or b not in methods:
+                continue
+            st = paired_nll(methods[a], methods[b])
+            if st is None:
+                continue
+            em = paired_em(methods[a], methods[b])
+            em_text = (
+                f"{100 * em['mean']:+.2f} [{100 * em['low']:+.2f}, {100 * em['high']:+.2f}], p = {em['p']:.3g}"
+                if em
+                else "–"
+            )
+            out.append(
+                f"| {what} | `{a}` − `{b}` | {len(st['seeds'])} | {st['mean']:+.4f} [{st['low']:+.4f}, "
+                f"{st['high']:+.4f}] | **{st['verdict']}** | {st['wins']} / {st['losses']} | {em_text} |"
+            )
+        out.append("")
+    curves = lr_curves(records)
+    if curves:
+        name = f"{suite}-lr-curves.png"
+        if plot_lr_curves(records, img_dir / name):
+            out += [f"![learning-rate curves]({img_rel}/{name})", ""]
+        out += [
+            f"Learning-rate windows (contiguous grid lrs within {WINDOW_NATS} nats of each method's best "
+            "validation NLL; width in factors of 2):",
+            "",
+            "| task, regime | method | best lr | best validation NLL | window | width (×2 steps) | lrs run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key in sorted(curves):
+            for method, curve in sorted(curves[key].items()):
+                window = lr_window(curve)
+                best = min(curve, key=lambda lr: curve[lr])
+                edge = window[0] == min(curve) or window[1] == max(curve)
+                out.append(
+                    f"| {key[0]}, {key[1]} | `{method}` | {best:g} | {curve[best]:.4f} | "
+                    f"{window[0]:g} – {window[1]:g}{' (reaches the edge of the lrs run)' if edge else ''} | "
+                    f"{window[2]:.0f} | {len(curve)} |"
+                )
+        out.append("")
+    return out
