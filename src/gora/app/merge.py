@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..experts import check_parameter_layers
-from ..export import DTYPES
+from ..export import DTYPES, read_adapter
 from ..fileio import check_output_folder, staged_folder
 from ..record import RECORD_NAME, GoraRecord
 from .errors import UsageError
@@ -88,8 +88,6 @@ def _check_base_fits(model: nn.Module, adapter: str, base: str) -> None:
     Raises:
         UsageError: naming the first modules that are missing or of another shape.
     """
-    from ..export import read_adapter
-
     saved = read_adapter(adapter)
     problems, covered = check_parameter_layers(  # target_parameters: fused expert stacks (docs/moe.md)
         model,
