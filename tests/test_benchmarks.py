@@ -439,20 +439,25 @@ def test_gate_qualifies_a_task_only_when_rank_32_is_10_percent_lower():
         _gate_record("word_sorting", 32, 0.5),  # 0.5: largest gap
         _gate_record("word_sequence_reversal", 4, 1.0),
     ]
-    rows = {row.task: row for row in capacity.gate_rows(records, "capacity-gate")}
+    rows = {row.task: row for row in capacity.gate_rows(records, "capacity-gate-gpu")}  # all four candidates
     assert rows["spell_backward"].qualifies and not rows["base_conversion"].qualifies
     assert rows["word_sequence_reversal"].ratio is None and not rows["word_sequence_reversal"].complete
     assert capacity.qualifying(list(rows.values())).task == "word_sorting"
-    blocks = capacity.comparison_blocks("evidence-capacity", records)
+    # the CPU gate: word_sorting only, at its own lr (records at another lr are not its runs)
+    cpu_lr = suites.GATES["capacity-gate"].lrs[0]
+    cpu = [_gate_record("word_sorting", 4, 1.0, lr=cpu_lr), _gate_record("word_sorting", 32, 0.5, lr=cpu_lr)]
+    blocks = capacity.comparison_blocks("evidence-capacity", cpu)
     assert [b.name for b in blocks] == ["cap-core", "cap-controls", "cap-r8"]
     core = blocks[0]
     assert core.overrides["gate_task"] == "word_sorting" and core.overrides["r"] == 4
     assert core.tuned == ("lora", "rslora", "gora") and dict(core.borrowed) == {"rslora-r32": "rslora"}
     assert len(core.seeds) >= 8 and len(core.lrs) >= 5
     assert all(b / a == 2 for a, b in zip(core.lrs, core.lrs[1:]))  # factors of 2
-    failing = [r for r in records if r["gate_task"] in ("base_conversion", "word_sequence_reversal")]
+    with pytest.raises(capacity.StopComparison, match=r"word_sorting: r=4 –, r=32 – \[gate not finished\]"):
+        capacity.comparison_blocks("evidence-capacity", records)  # the CPU gate's lr has no run there
+    failing = [_gate_record("word_sorting", 4, 1.0, lr=cpu_lr), _gate_record("word_sorting", 32, 0.91, lr=cpu_lr)]
     with pytest.raises(
-        capacity.StopComparison, match=r"no gate task qualifies.*base_conversion: r=4 1\.000, r=32 0\.910"
+        capacity.StopComparison, match=r"no gate task qualifies.*word_sorting: r=4 1\.000, r=32 0\.910"
     ):
         capacity.comparison_blocks("evidence-capacity", failing)
 
