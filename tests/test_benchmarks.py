@@ -332,8 +332,17 @@ def test_evidence_resume_skips_done_runs_and_refuses_another_environment(evidenc
     assert path.read_text() == before
     lock = evidence_results / "evidence-smoke.lock.json"
     saved = lock.read_text()
+    fields = json.loads(saved)
     try:
-        lock.write_text(saved.replace('"commit": "', '"commit": "0000'))
+        # the code is compared by content: the same files under another commit resume (records committed since)
+        lock.write_text(json.dumps({**fields, "commit": "0" * 40}))
+        assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 0
+        lock.write_text(json.dumps({**fields, "code_sha256": "0" * 64}))  # other code: refused
+        assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 2
+        legacy = {k: v for k, v in fields.items() if k != "code_sha256"}  # a lock from before code_sha256
+        lock.write_text(json.dumps(legacy))
+        assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 0
+        lock.write_text(json.dumps({**legacy, "commit": "0" * 40}))  # compared by commit, as it was written
         assert run.main(["evidence-smoke", "--out", str(evidence_results), "--blocks", "smoke-nlg"]) == 2
     finally:
         lock.write_text(saved)
@@ -377,6 +386,30 @@ def test_the_lock_counts_tracked_code_and_names_what_it_left_out(tmp_path: Path)
     (repo / "code.py").write_text("x = 0\n")
     staged = provenance.git_state(root=repo)
     assert staged["dirty"] and staged["not_counted"]["untracked"] == 1
+    assert staged["code_sha256"] != before["code_sha256"]
+
+
+def test_the_code_hash_follows_content_not_commits(tmp_path: Path):
+    """Protects resumption across commits and copies: committing results or docs changes the commit, not the code's
+    hash; the same tracked files under another git history (a device's snapshot) hash the same; an uncommitted edit
+    hashes like the commit that makes it; any change to tracked code changes the hash."""
+    repo = _make_repository(tmp_path / "repo")
+    start = provenance.git_state(root=repo)
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "results" / "suite.jsonl").write_text("{}\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "records")
+    committed = provenance.git_state(root=repo)
+    assert committed["commit"] != start["commit"] and committed["code_sha256"] == start["code_sha256"]
+    copy = _make_repository(tmp_path / "copy")  # another history, same code.py
+    assert provenance.git_state(root=copy)["code_sha256"] == start["code_sha256"]
+    (copy / "code.py").write_text("x = 3\n")
+    edited = provenance.git_state(root=copy)
+    assert edited["dirty"] and edited["code_sha256"] != start["code_sha256"]
+    _git(copy, "commit", "-q", "-am", "x = 3")
+    assert provenance.git_state(root=copy)["code_sha256"] == edited["code_sha256"]
+    (copy / "code.py").unlink()  # a tracked file deleted in the working tree
+    assert provenance.git_state(root=copy)["code_sha256"] != edited["code_sha256"]
 
 
 # --- the capacity suite (issue #19) -----------------------------------------------------------------------------------

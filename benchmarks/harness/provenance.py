@@ -3,17 +3,22 @@ the lock that keeps one results file to one code version and one environment.
 
 A suite's results folder holds, next to `<suite>.jsonl`:
 - `<suite>.freeze.txt`: `pip freeze` of the environment the suite started in;
-- `<suite>.lock.json`: the commit (and whether the tracked files differ from it, with a hash of the diff), the hash
-  of the freeze, the torch threads, Python, the command that started the suite, and what was not counted as code
-  (untracked files, results, docs, logs: `git_state`).
-`check_lock` refuses to add runs to a results file under another commit, another diff, other package versions or
-another thread count: an interrupted suite resumes only under the code and environment it started with.
+- `<suite>.lock.json`: the hash of the code's content (`code_sha256`: every tracked file outside results, docs and
+  logs, as it is in the working tree), the commit it was started from (and whether the tracked files differed from
+  it, with a hash of the diff), the hash of the freeze, the torch threads, Python, the command that started the
+  suite, and what was not counted as code (untracked files, results, docs, logs: `git_state`).
+`check_lock` refuses to add runs to a results file under other code, other package versions or another thread
+count: an interrupted suite resumes only under the code and environment it started with. The code is compared by
+content, not by commit: committing the suite's own records (or the report) does not stop it from resuming, and
+neither does a copy of the same files under another git history (a device machine's snapshot). Locks written before
+`code_sha256` existed are compared by commit and diff (LEGACY_LOCK_KEYS).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -22,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCK_KEYS = ("commit", "dirty", "diff_sha256", "freeze_sha256", "threads", "python")
+LOCK_KEYS = ("code_sha256", "freeze_sha256", "threads", "python")
+LEGACY_LOCK_KEYS = ("commit", "dirty", "diff_sha256", "freeze_sha256", "threads", "python")
+INFO_KEYS = ("commit", "dirty", "diff_sha256", "command", "not_counted")  # written to the lock, not compared
 
 
 class LockError(RuntimeError):
@@ -42,8 +49,9 @@ UNTRACKED_NAMED = 10  # how many untracked files a lock names (it counts them al
 
 
 def git_state(outputs: tuple[Path, ...] = (), root: Path | None = None) -> dict[str, Any]:
-    """{"commit", "dirty", "diff_sha256", "not_counted"}: HEAD, whether tracked files differ from it, the sha256 of
-    `git diff HEAD` (None when clean), and what was not counted as code.
+    """{"commit", "dirty", "diff_sha256", "code_sha256", "not_counted"}: HEAD, whether tracked files differ from it,
+    the sha256 of `git diff HEAD` (None when clean), the sha256 of the code's content (`code_sha256`), and what was
+    not counted as code.
 
     The code that runs is the tracked files and the diff to them (staged or not). Untracked files are not counted
     (a log, a results file or a scratch script written into the checkout must not change the code's identity); they
@@ -66,12 +74,30 @@ def git_state(outputs: tuple[Path, ...] = (), root: Path | None = None) -> dict[
         "commit": commit,
         "dirty": dirty,
         "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None,
+        "code_sha256": code_sha256(root, spec),
         "not_counted": {
             "paths": [*excluded, "**/*.log"],
             "untracked": len(untracked),
             "untracked_named": untracked[:UNTRACKED_NAMED],
         },
     }
+
+
+def code_sha256(root: Path, spec: list[str]) -> str:
+    """sha256 over (path, sha256 of the working-tree bytes) of every tracked file matching `spec`, in path order; a
+    tracked file deleted from the working tree counts as deleted. Same files, same hash, whatever the commit."""
+    paths = sorted(_git(root, "ls-files", "-z", "--", *spec).split("\0"))
+    total = hashlib.sha256()
+    for rel in filter(None, paths):
+        path = root / rel
+        if path.is_symlink():
+            content = os.readlink(path).encode()
+        elif path.is_file():
+            content = path.read_bytes()
+        else:
+            content = b"\0deleted"
+        total.update(f"{rel}\0{hashlib.sha256(content).hexdigest()}\n".encode())
+    return total.hexdigest()
 
 
 def pip_freeze() -> str:
@@ -113,8 +139,8 @@ def current(argv: list[str], threads: int | None, out: Path | None = None) -> tu
 
 
 def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None:
-    """Write the suite's lock and freeze when it starts; afterwards refuse any other commit, diff, environment or
-    thread count.
+    """Write the suite's lock and freeze when it starts; afterwards refuse other code (by content; by commit and diff
+    for a legacy lock), another environment or another thread count.
 
     Raises:
         LockError: with what differs and how to proceed.
@@ -123,10 +149,13 @@ def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None
     if not lock_path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         freeze_path.write_text(freeze)
-        lock_path.write_text(json.dumps({k: prov[k] for k in (*LOCK_KEYS, "command", "not_counted")}, indent=1) + "\n")
+        lock_path.write_text(json.dumps({k: prov[k] for k in (*LOCK_KEYS, *INFO_KEYS)}, indent=1) + "\n")
         return
     lock = json.loads(lock_path.read_text())
-    diffs = [f"{k}: {lock.get(k)!r} there, {prov[k]!r} now" for k in LOCK_KEYS if lock.get(k) != prov[k]]
+    keys = LOCK_KEYS if "code_sha256" in lock else LEGACY_LOCK_KEYS
+    diffs = [f"{k}: {lock.get(k)!r} there, {prov[k]!r} now" for k in keys if lock.get(k) != prov[k]]
+    if lock.get("code_sha256") not in (None, prov["code_sha256"]):
+        diffs.insert(0, f"the tracked code differs from the files the suite started with (commit {lock.get('commit')})")
     if diffs:
         hint = ""
         if lock.get("freeze_sha256") != prov["freeze_sha256"] and freeze_path.is_file():
@@ -134,7 +163,8 @@ def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None
             hint = f" (packages there only: {sorted(old - new)[:6]}; here only: {sorted(new - old)[:6]})"
         raise LockError(
             f"{lock_path} was started under another code version or environment ({'; '.join(diffs)}){hint}: "
-            f"resume from that commit and environment, or start a new results folder with --out"
+            f"resume from that code (e.g. `git worktree add --detach DIR {lock.get('commit')}`) and environment, or "
+            f"start a new results folder with --out"
         )
 
 
