@@ -632,3 +632,20 @@ def test_gpu_command_runs_gate_comparison_and_report_on_the_cpu(gpu_command_dry_
     doc = (out / "BENCHMARKS.md").read_text()
     assert doc.index("## Verdict") < doc.index("## Suite `capacity-gate-smoke`")
     assert "(`evidence-capacity-smoke`" in doc and (out / "img" / "evidence-capacity-smoke-lr-curves.png").is_file()
+
+
+def test_the_report_blames_other_work_only_when_the_load_exceeds_the_suites_own():
+    """Protects the compute lines' honesty: a load about the suite's own runs × threads is not 'other work'; a load
+    above it is."""
+    from benchmarks.harness import report_evidence
+
+    def records(load: float, jobs: int) -> list[dict]:
+        prov = {"commit": "c" * 40, "dirty": False, "command": f"python -m benchmarks.harness.run s --jobs {jobs}"}
+        return [
+            {"provenance": prov, "versions": {"torch": "x"}, "threads": 1, "machine": {"load_avg_1m": load}, "date": "d"}
+        ]
+
+    assert "no other work of note" in report_evidence.provenance_lines(records(2.1, 2))[-1]
+    assert "other work shared the machine" in report_evidence.provenance_lines(records(4.0, 2))[-1]
+    no_jobs = [{**records(2.0, 1)[0], "provenance": {"command": "python -m benchmarks.harness.run s"}}]
+    assert "ran 1 at a time (other work shared" in report_evidence.provenance_lines(no_jobs)[-1]  # default: 1

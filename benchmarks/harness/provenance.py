@@ -63,7 +63,7 @@ def git_state(outputs: tuple[Path, ...] = (), root: Path | None = None) -> dict[
     excluded = [*NOT_CODE]
     for path in outputs:
         path = Path(path).resolve()
-        if path.is_relative_to(root):
+        if path.is_relative_to(root) and str(path.relative_to(root)) not in excluded:
             excluded.append(str(path.relative_to(root)))
     spec = [".", *(f":(exclude){p}" for p in excluded), ":(exclude,glob)**/*.log"]
     commit = _git(root, "rev-parse", "HEAD").strip()

@@ -340,11 +340,27 @@ def provenance_lines(records: list[Record]) -> list[str]:
         out.append(f"- code: commit `{commit}`{' (dirty tree)' if dirty else ''}; command `{command}`")
     out += [f"- versions: {v}" for v in sorted(vers)]
     if loads:
+        jobs = max(_jobs(command) for _, _, command in provs)
+        own = jobs * max(threads or [1])  # the suite's own runnable threads
+        shared = (
+            "other work shared the machine; times are indicative"
+            if max(loads) > own + 0.5
+            else "about the suite's own load: no other work of note"
+        )
         out.append(
             f"- 1-minute load average at the end of each run: median {statistics.median(loads):.1f}, max "
-            f"{max(loads):.1f} (other work shared the machine; times are indicative)"
+            f"{max(loads):.1f}; the suite ran {jobs} at a time ({shared})"
         )
     return out
+
+
+def _jobs(command: str | None) -> int:
+    """Runs at a time from the suite's command line (`--jobs N`; 1 when absent)."""
+    words = (command or "").split()
+    for i, word in enumerate(words[:-1]):
+        if word == "--jobs" and words[i + 1].isdigit():
+            return int(words[i + 1])
+    return 1
 
 
 def evidence_section(suite: str, records: list[Record]) -> list[str]:
