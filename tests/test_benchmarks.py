@@ -634,6 +634,34 @@ def test_gpu_command_runs_gate_comparison_and_report_on_the_cpu(gpu_command_dry_
     assert "(`evidence-capacity-smoke`" in doc and (out / "img" / "evidence-capacity-smoke-lr-curves.png").is_file()
 
 
+def test_gpu_command_skips_the_gate_when_told_and_reads_its_records(gpu_command_dry_run: Path):
+    """Protects GATE= (a device session reusing gate records run under older code): the gate step is skipped, so its
+    lock is not checked, and the comparison still finds its task in the gate's records; with the gate step the same
+    folder is refused."""
+    import os
+    import subprocess
+
+    out = gpu_command_dry_run
+    lock = out / "capacity-gate-smoke.lock.json"
+    saved = lock.read_text()
+    before = (out / "evidence-capacity-smoke.jsonl").read_text()
+    lock.write_text(json.dumps({**json.loads(saved), "code_sha256": "0" * 64}))  # the gate ran under other code
+    try:
+        env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "COMPARE": "evidence-capacity-smoke"}
+        env |= {"OUT": str(out), "JOBS": "1", "DOC": str(out / "BENCHMARKS.md"), "OMP_NUM_THREADS": "1"}
+        script = ["bash", str(ROOT / "scripts" / "gpu_capacity.sh")]
+        skip = subprocess.run(script, env={**env, "GATE": ""}, capture_output=True, text=True, timeout=600)
+        assert skip.returncode == 0, skip.stderr[-3000:]
+        assert "gate done" not in skip.stdout and "comparison finished with status 0" in skip.stdout
+        assert (out / "evidence-capacity-smoke.jsonl").read_text() == before  # every run was done: none added
+        gate = subprocess.run(
+            script, env={**env, "GATE": "capacity-gate-smoke"}, capture_output=True, text=True, timeout=600
+        )
+        assert gate.returncode == 2 and "another code version" in gate.stderr
+    finally:
+        lock.write_text(saved)
+
+
 def test_the_report_blames_other_work_only_when_the_load_exceeds_the_suites_own():
     """Protects the compute lines' honesty: a load about the suite's own runs × threads is not 'other work'; a load
     above it is."""

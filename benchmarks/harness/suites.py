@@ -529,10 +529,8 @@ class Comparison:
 
 COMPARISONS: dict[str, Comparison] = {
     "evidence-capacity": Comparison("capacity-gate", "rg-capacity-gate"),
-    # the prepared GPU run (scripts/gpu_capacity.sh): the core comparison only, 5 seeds
-    "evidence-capacity-gpu": Comparison(
-        "capacity-gate-gpu", "rg-capacity-gpu", main_seeds=tuple(range(5)), blocks=("core",)
-    ),
+    # the prepared GPU run (scripts/gpu_capacity.sh): the core comparison only, 8 paired seeds
+    "evidence-capacity-gpu": Comparison("capacity-gate-gpu", "rg-capacity-gpu", blocks=("core",)),
     # CI: the code path on a random tiny model (the ratio lets any finished gate through: nothing binds there)
     "evidence-capacity-smoke": Comparison(
         "capacity-gate-smoke",
