@@ -258,23 +258,6 @@ BASE.update(
             "eval_batch_size": 100,
             "threads": 1,
         },
-        # the GPU gate's budget (256 steps of 8, 200 validation problems) on this CPU: float32, 50 per eval batch
-        "rg-capacity-long": {
-            "task": "rg-capacity",
-            "metric": "answer_nll",
-            "train_size": 2048,
-            "val_size": 200,
-            "test_size": 400,
-            "epochs": 1,
-            "batch_size": 8,
-            "max_length": 160,
-            "num_batches": 32,
-            "r": 8,
-            "warmup_ratio": 0.1,
-            "scheduler": "linear",
-            "eval_batch_size": 50,
-            "threads": 1,
-        },
         "smoke-rg-capacity": {
             "task": "smoke-rg-capacity",
             "metric": "answer_nll",
@@ -295,6 +278,8 @@ BASE.update(
         },
     }
 )
+# the GPU gate's budget (256 steps of 8, 200 validation problems) on this CPU: float32, 50 per eval batch
+BASE["rg-capacity-long"] = {**BASE["rg-capacity-gpu"], "eval_batch_size": 50}
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 4e-3)  # 4 values spanning 1e-4..4e-3, steps of ~3.3x
 TUNE_SEEDS = (100, 101)
