@@ -239,8 +239,17 @@ def shuffled_ranks(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], se
     return {name: out[name] for name in ranks}
 
 
+def _wrap(task: TaskData, config: Any) -> tuple[Any, dict[str, Any]]:
+    """`get_peft_model` on the task's model, timed: for the methods with nothing to estimate before it."""
+    from peft import get_peft_model
+
+    with Timer() as t:
+        model = get_peft_model(task.model, config)
+    return model, {"estimate_s": 0.0, "init_s": t.s}
+
+
 def build_lora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     options = dict(options)
     config = LoraConfig(
@@ -250,9 +259,7 @@ def build_lora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) ->
         task_type=task.task_type,
         **options,
     )
-    with Timer() as t:
-        model = get_peft_model(task.model, config)
-    return model, {"estimate_s": 0.0, "init_s": t.s}
+    return _wrap(task, config)
 
 
 def build_loraga(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -318,7 +325,7 @@ def build_eva(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> 
 
 
 def build_adalora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from peft import AdaLoraConfig, get_peft_model
+    from peft import AdaLoraConfig
 
     total = spec["steps"]
     config = AdaLoraConfig(
@@ -332,9 +339,7 @@ def build_adalora(task: TaskData, spec: dict[str, Any], options: dict[str, Any])
         target_modules=task.target_modules,
         task_type=task.task_type,
     )
-    with Timer() as t:
-        model = get_peft_model(task.model, config)
-    return model, {"estimate_s": 0.0, "init_s": t.s}
+    return _wrap(task, config)
 
 
 def build_full(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
