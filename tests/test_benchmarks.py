@@ -495,6 +495,27 @@ def test_gate_qualifies_a_task_only_when_rank_32_is_10_percent_lower():
         capacity.comparison_blocks("evidence-capacity", failing)
 
 
+def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
+    """Protects the lr check of the gate: with two lrs, each rank's NLL is its best over them (r = 4 at 4e-3, r = 32
+    at 2e-3 here), the report names the lr and every value, and a gate no comparison reads says so."""
+    from benchmarks.harness import capacity
+
+    lrs = suites.GATES["capacity-gate-long"].lrs
+    assert len(lrs) >= 2
+    records = [
+        _gate_record("word_sorting", 4, 0.50, lr=lrs[0]),
+        _gate_record("word_sorting", 4, 0.44, lr=lrs[1]),
+        _gate_record("word_sorting", 32, 0.38, lr=lrs[0]),
+        _gate_record("word_sorting", 32, 0.40, lr=lrs[1]),
+    ]
+    (row,) = capacity.gate_rows(records, "capacity-gate-long")
+    assert row.nll == {4: 0.44, 32: 0.38} and row.lr == {4: lrs[1], 32: lrs[0]}
+    assert row.ratio == pytest.approx(0.38 / 0.44) and row.qualifies
+    text = "\n".join(capacity.gate_section("capacity-gate-long", records))
+    assert f"r = 4 best at {lrs[1]} ({lrs[0]:g}: 0.500, {lrs[1]:g}: 0.440)" in text
+    assert "no comparison reads this gate" in text
+
+
 def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
     """Protects the lr protocol: a best lr at the top (bottom) edge adds twice the largest (half the smallest), at
     most WIDEN beyond the starting grid on each side; a best inside adds nothing. The window is the contiguous run of

@@ -245,24 +245,31 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
     for row in rows:
         runs = [r for r in records if r.get("gate_task") == row.task]
         first = [r["loss_curve"][0][1] for r in runs if r.get("loss_curve")]
-        times = [r.get("run_s") or r.get("wall_s") for r in runs]
+        times = [t for r in runs if (t := r.get("run_s") or r.get("wall_s")) is not None]
         out.append(
             f"| {row.task} | {_fmt(row.nll.get(low))} | {_fmt(row.nll.get(high))} | {_fmt(row.ratio)} | "
             + ("**yes**" if row.qualifies else ("no" if row.complete else "not finished"))
             + f" | {_fmt(statistics.mean(first), 2) if first else '–'} | "
             f"{_fmt(statistics.median(times), 0) if times else '–'} |"
         )
+    if len(gate.lrs) > 1:  # each rank at its best lr: say which, and what every lr gave
+        out.append("")
+        for row in rows:
+            cells = []
+            for r in gate.ranks:
+                runs = [x for x in records if x.get("gate_task") == row.task and x["r"] == r and x.get("stage") == "gate"]
+                table = select_lr(runs, gate.lrs, gate.seeds, lower_is_better=True).table
+                at = ", ".join(f"{lr:g}: {_fmt(table[lr][0]) if lr in table else '–'}" for lr in map(float, gate.lrs))
+                cells.append(f"r = {r} best at {row.lr.get(r) or '–'} ({at})")
+            out.append(f"- {row.task}, NLL by lr: {'; '.join(cells)}")
     chosen = qualifying(rows)
-    out += [
-        "",
-        (
-            f"Qualifying task with the largest gap: **{chosen.task}** (ratio {chosen.ratio:.3f}); the comparison "
-            f"({', '.join(f'`{n}`' for n, c in COMPARISONS.items() if c.gate == suite)}) runs on it."
-            if chosen
-            else stop_message(rows, ratio)
-        ),
-        "",
-    ]
+    comparisons = [f"`{n}`" for n, c in COMPARISONS.items() if c.gate == suite]
+    if chosen:
+        then = f"the comparison ({', '.join(comparisons)}) runs on it" if comparisons else "no comparison reads this gate"
+        verdict = f"Qualifying task with the largest gap: **{chosen.task}** (ratio {chosen.ratio:.3f}); {then}."
+    else:
+        verdict = stop_message(rows, ratio)
+    out += ["", verdict, ""]
     return out
 
 
