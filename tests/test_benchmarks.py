@@ -496,24 +496,34 @@ def test_gate_qualifies_a_task_only_when_rank_32_is_10_percent_lower():
 
 
 def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
-    """Protects the lr check of the gate: with two lrs, each rank's NLL is its best over them (r = 4 at 4e-3, r = 32
-    at 2e-3 here), the report names the lr and every value, and a gate no comparison reads says so."""
+    """Protects the lr check of the gate: each rank's NLL is its best over its own lr grid (r = 4 looks up from 2e-3,
+    r = 32 down), the runs go grid position by grid position (every rank's first lr before any second), the report
+    names each rank's best lr and every value, a record at an lr outside a rank's grid is not its run, and a gate no
+    comparison reads says so."""
     from benchmarks.harness import capacity
 
-    lrs = suites.GATES["capacity-gate-long"].lrs
-    assert len(lrs) >= 2
+    gate = suites.GATES["capacity-gate-long"]
+    lo, hi = gate.lrs_for(4), gate.lrs_for(32)
+    assert len(lo) >= 2 and len(hi) >= 2 and max(lo) > max(hi) and min(hi) < min(lo)
+    specs = suites.gate_specs("capacity-gate-long")
+    assert [(s["r"], s["lr"]) for s in specs] == [(4, lo[0]), (32, hi[0]), (4, lo[1]), (32, hi[1])]
     records = [
-        _gate_record("word_sorting", 4, 0.50, lr=lrs[0]),
-        _gate_record("word_sorting", 4, 0.44, lr=lrs[1]),
-        _gate_record("word_sorting", 32, 0.38, lr=lrs[0]),
-        _gate_record("word_sorting", 32, 0.40, lr=lrs[1]),
+        _gate_record("word_sorting", 4, 0.50, lr=lo[0]),
+        _gate_record("word_sorting", 4, 0.44, lr=lo[1]),
+        _gate_record("word_sorting", 32, 0.40, lr=hi[0]),
+        _gate_record("word_sorting", 32, 0.38, lr=hi[1]),
+        _gate_record("word_sorting", 32, 0.10, lr=max(lo)),  # outside r = 32's grid: ignored
     ]
     (row,) = capacity.gate_rows(records, "capacity-gate-long")
-    assert row.nll == {4: 0.44, 32: 0.38} and row.lr == {4: lrs[1], 32: lrs[0]}
+    assert row.nll == {4: 0.44, 32: 0.38} and row.lr == {4: lo[1], 32: hi[1]} and row.complete
     assert row.ratio == pytest.approx(0.38 / 0.44) and row.qualifies
     text = "\n".join(capacity.gate_section("capacity-gate-long", records))
-    assert f"r = 4 best at {lrs[1]} ({lrs[0]:g}: 0.500, {lrs[1]:g}: 0.440)" in text
+    a, b = sorted(lo)
+    assert f"r = 4 best at {lo[1]} ({a:g}: 0.500, {b:g}: 0.440)" in text
+    assert f"r = 4: {a:g}, {b:g}" in text  # the header names each rank's grid
     assert "no comparison reads this gate" in text
+    (partial,) = capacity.gate_rows(records[:3], "capacity-gate-long")
+    assert not partial.complete  # r = 32 has one of its two lrs
 
 
 def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():

@@ -42,6 +42,7 @@ from .suites import (
     WIDEN,
     WINDOW_NATS,
     Block,
+    Gate,
 )
 
 Record = dict[str, Any]
@@ -77,10 +78,11 @@ def gate_rows(records: list[Record], gate_suite: str, ratio: float = QUALIFY_RAT
         complete = True
         for r in gate.ranks:
             runs = [x for x in records if x.get("gate_task") == name and x["r"] == r and x.get("stage") == "gate"]
-            choice = select_lr(runs, gate.lrs, gate.seeds, lower_is_better=True)
+            choice = select_lr(runs, gate.lrs_for(r), gate.seeds, lower_is_better=True)
             nll[r] = choice.table[choice.lr][0] if choice.lr is not None else None
             best_lr[r] = choice.lr
-            complete &= all(choice.table.get(float(lr), (None, None, 0))[2] == len(gate.seeds) for lr in gate.lrs)
+            grid = gate.lrs_for(r)
+            complete &= all(choice.table.get(float(lr), (None, None, 0))[2] == len(gate.seeds) for lr in grid)
         value = nll[high] / nll[low] if nll[low] and nll[high] is not None else None
         rows.append(GateRow(name, nll, best_lr, value, value is not None and value <= ratio, complete))
     return rows
@@ -222,6 +224,14 @@ def _fmt(value: float | None, digits: int = 3, sign: bool = False) -> str:
     return f"{value:{'+' if sign else ''}.{digits}f}"
 
 
+def gate_lrs(gate: Gate) -> str:
+    """The gate's lr grid in words: "lr 1e-3", or each rank's own grid when they differ."""
+    if not gate.rank_lrs and len(gate.lrs) == 1:
+        return f"lr {gate.lrs[0]:g}"
+    grids = "; ".join(f"r = {r}: {', '.join(f'{lr:g}' for lr in sorted(gate.lrs_for(r)))}" for r in gate.ranks)
+    return f"each rank at its best lr of {grids}"
+
+
 def gate_section(suite: str, records: list[Record]) -> list[str]:
     gate = GATES[suite]
     ratio = gate_ratio(suite)
@@ -232,7 +242,7 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
     out = [
         f"## Suite `{suite}`: does rank bind? (the gate before the capacity comparison)",
         "",
-        f"rsLoRA at r = {low} and r = {high} (lr {', '.join(f'{lr:g}' for lr in gate.lrs)}; seed "
+        f"rsLoRA at r = {low} and r = {high} ({gate_lrs(gate)}; seed "
         f"{', '.join(map(str, gate.seeds))}) on each candidate reasoning-gym task, {b['train_size']} training "
         f"problems × {b.get('epochs', 1)} epoch = {steps} steps of {b['batch_size']}, N = {b['num_batches']} "
         f"calibration batches, {b['val_size']} validation problems. Metric: validation answer-token NLL (nats per "
@@ -252,14 +262,16 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
             + f" | {_fmt(statistics.mean(first), 2) if first else '–'} | "
             f"{_fmt(statistics.median(times), 0) if times else '–'} |"
         )
-    if len(gate.lrs) > 1:  # each rank at its best lr: say which, and what every lr gave
+    if len(gate.all_lrs) > 1:  # each rank at its best lr: say which, and what every lr gave
         out.append("")
         for row in rows:
             cells = []
             for r in gate.ranks:
                 runs = [x for x in records if x.get("gate_task") == row.task and x["r"] == r and x.get("stage") == "gate"]
-                table = select_lr(runs, gate.lrs, gate.seeds, lower_is_better=True).table
-                at = ", ".join(f"{lr:g}: {_fmt(table[lr][0]) if lr in table else '–'}" for lr in map(float, gate.lrs))
+                table = select_lr(runs, gate.lrs_for(r), gate.seeds, lower_is_better=True).table
+                at = ", ".join(
+                    f"{lr:g}: {_fmt(table[lr][0]) if lr in table else '–'}" for lr in sorted(map(float, gate.lrs_for(r)))
+                )
                 cells.append(f"r = {r} best at {row.lr.get(r) or '–'} ({at})")
             out.append(f"- {row.task}, NLL by lr: {'; '.join(cells)}")
     chosen = qualifying(rows)

@@ -556,9 +556,8 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
         base = BASE[gate.base]
         steps = base["train_size"] // base["batch_size"] * base.get("epochs", 1)
         where = "GPU" if any(r.get("spec", {}).get("device", "cpu") != "cpu" for r in records) else "CPU"
-        lrs = "each rank at its best lr of " if len(gate.lrs) > 1 else "lr "
         lines.append(
-            f"| capacity gate (`{gate_suite}`, {steps} steps, {where}, {lrs}{', '.join(f'{x:g}' for x in gate.lrs)}):"
+            f"| capacity gate (`{gate_suite}`, {steps} steps, {where}, {capacity.gate_lrs(gate)}):"
             f" does rank bind on SmolLM2-135M? | NLL(r = 32) / NLL(r = 4), validation | {ratios or '–'} | | {found} "
             f"({len(done)} of {len(rows)} candidates measured) |"
         )
