@@ -512,7 +512,7 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
         _gate_record("word_sorting", 4, 0.44, lr=lo[1]),
         _gate_record("word_sorting", 32, 0.40, lr=hi[0]),
         _gate_record("word_sorting", 32, 0.38, lr=hi[1]),
-        _gate_record("word_sorting", 32, 0.10, lr=max(lo)),  # outside r = 32's grid: ignored
+        _gate_record("word_sorting", 32, 0.10, lr=3e-3),  # neither r = 32's grid nor a widening of it: ignored
     ]
     (row,) = capacity.gate_rows(records, "capacity-gate-long")
     assert row.nll == {4: 0.44, 32: 0.38} and row.lr == {4: lo[1], 32: hi[1]} and row.complete
@@ -524,6 +524,38 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
     assert "no comparison reads this gate" in text
     (partial,) = capacity.gate_rows(records[:3], "capacity-gate-long")
     assert not partial.complete  # r = 32 has one of its two lrs
+
+
+def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widened_runs():
+    """Protects the gate's lr protocol: a rank whose best lr sits at an edge of the lrs it has run gets twice the
+    largest (half the smallest) next, at most `widen` beyond its grid on each side; once the best is inside it stops;
+    the gate's verdict takes the widened runs and no lr that is not a widening of the grid."""
+    from benchmarks.harness import capacity
+
+    gate = suites.GATES["capacity-gate-long"]
+    (lo_a, lo_b), (hi_a, hi_b) = gate.lrs_for(4), gate.lrs_for(32)  # r = 4 up from 2e-3, r = 32 down
+    records = [
+        _gate_record("word_sorting", 4, 0.46, lr=lo_a),
+        _gate_record("word_sorting", 4, 0.44, lr=lo_b),  # best at the top edge
+        _gate_record("word_sorting", 32, 0.60, lr=hi_a),
+        _gate_record("word_sorting", 32, 0.42, lr=hi_b),  # best at the bottom edge
+    ]
+    assert capacity.gate_widen(gate, "word_sorting", 4, records) == 2 * max(lo_a, lo_b)
+    assert capacity.gate_widen(gate, "word_sorting", 32, records) == min(hi_a, hi_b) / 2
+    records += [
+        _gate_record("word_sorting", 4, 0.50, lr=2 * max(lo_a, lo_b)),  # worse: r = 4's optimum is located
+        _gate_record("word_sorting", 32, 0.40, lr=min(hi_a, hi_b) / 2),  # better again
+    ]
+    assert capacity.gate_widen(gate, "word_sorting", 4, records) is None
+    assert capacity.gate_widen(gate, "word_sorting", 32, records) == min(hi_a, hi_b) / 4
+    records.append(_gate_record("word_sorting", 32, 0.39, lr=min(hi_a, hi_b) / 4))
+    assert capacity.gate_widen(gate, "word_sorting", 32, records) is None  # gate.widen = 2 below the grid: stop
+    records.append(_gate_record("word_sorting", 32, 0.01, lr=min(hi_a, hi_b) / 8))  # beyond the widening: not read
+    (row,) = capacity.gate_rows(records, "capacity-gate-long")
+    assert row.nll == {4: 0.44, 32: 0.39} and row.lr == {4: max(lo_a, lo_b), 32: min(hi_a, hi_b) / 4}
+    text = "\n".join(capacity.gate_section("capacity-gate-long", records))
+    assert "r = 32 best at" in text and "at the edge of the lrs run" in text  # r = 32 still at its lowest lr
+    assert text.count("at the edge of the lrs run") == 1  # r = 4's optimum is inside
 
 
 def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
@@ -642,12 +674,20 @@ def gpu_command_dry_run(tmp_path_factory) -> Path:
 def test_gpu_command_runs_gate_comparison_and_report_on_the_cpu(gpu_command_dry_run: Path):
     """Protects the prepared GPU run: one command runs the gate, the comparison on the task the gate picked (tuning,
     main seeds with per-example NLL and exact match, the r = 32 reference at rsLoRA's lr), and the report (verdict
-    table first, lr-curve PNG)."""
+    table first, lr-curve PNG); a gate rank whose best lr sits at an edge of its grid gets the next lr out."""
+    from benchmarks.harness import capacity
+
     out = gpu_command_dry_run
     gate = run.read_records(out / "capacity-gate-smoke.jsonl")
     assert {(r["gate_task"], r["r"]) for r in gate} == {
         (t, r) for t in ("spell_backward", "base_conversion") for r in (4, 32)
     }
+    for task in suites.GATES["capacity-gate-smoke"].tasks:  # r = 4 ran 5e-3 and 1e-2, then one lr past the better
+        nll = {r["lr"]: r["metric"] for r in gate if r["gate_task"] == task and r["r"] == 4}
+        past = 2e-2 if nll[1e-2] < nll[5e-3] else 2.5e-3
+        assert sorted(nll) == sorted([5e-3, 1e-2, past]), (task, nll)
+        (row,) = [row for row in capacity.gate_rows(gate, "capacity-gate-smoke", 1.0) if row.task == task]
+        assert row.nll[4] == min(nll.values())  # the widened run counts
     comp = run.read_records(out / "evidence-capacity-smoke.jsonl")
     main = [r for r in comp if r["stage"] == "main"]
     assert main and all(r["eval_split"] == "test" and len(r["nll_sum"]) == r["eval_size"] for r in main)

@@ -67,6 +67,30 @@ class GateRow:
     complete: bool
 
 
+def gate_grid(gate: Gate, r: int, runs: list[Record]) -> list[float]:
+    """Rank `r`'s lrs: its grid in `gate`, and the lrs of `runs` that continue it outwards by factors of 2 (at most
+    `gate.widen` on each side: what widening ran; a single-lr grid never widens). An lr elsewhere is not the gate's."""
+    grid = sorted(map(float, gate.lrs_for(r)))
+    if len(grid) < 2:  # one lr has no edge to widen from (`widened`)
+        return grid
+    have = {float(x["lr"]) for x in runs}
+    for _ in range(gate.widen):
+        if grid[-1] * 2 in have:
+            grid.append(grid[-1] * 2)
+    for _ in range(gate.widen):
+        if grid[0] / 2 in have:
+            grid.insert(0, grid[0] / 2)
+    return grid
+
+
+def gate_widen(gate: Gate, task: str, r: int, records: list[Record]) -> float | None:
+    """The next lr rank `r` of `task` needs (its best so far sits at an edge of the lrs it has run), or None."""
+    runs = [x for x in records if x.get("gate_task") == task and x["r"] == r and x.get("stage") == "gate"]
+    grid = gate_grid(gate, r, runs)
+    best = select_lr(runs, grid, gate.seeds, lower_is_better=True).lr
+    return widened(grid, best, gate.lrs_for(r), gate.widen)
+
+
 def gate_rows(records: list[Record], gate_suite: str, ratio: float = QUALIFY_RATIO) -> list[GateRow]:
     """The gate's verdict per candidate task (in the gate's order)."""
     gate = GATES[gate_suite]
@@ -78,7 +102,7 @@ def gate_rows(records: list[Record], gate_suite: str, ratio: float = QUALIFY_RAT
         complete = True
         for r in gate.ranks:
             runs = [x for x in records if x.get("gate_task") == name and x["r"] == r and x.get("stage") == "gate"]
-            choice = select_lr(runs, gate.lrs_for(r), gate.seeds, lower_is_better=True)
+            choice = select_lr(runs, gate_grid(gate, r, runs), gate.seeds, lower_is_better=True)
             nll[r] = choice.table[choice.lr][0] if choice.lr is not None else None
             best_lr[r] = choice.lr
             grid = gate.lrs_for(r)
@@ -268,11 +292,12 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
             cells = []
             for r in gate.ranks:
                 runs = [x for x in records if x.get("gate_task") == row.task and x["r"] == r and x.get("stage") == "gate"]
-                table = select_lr(runs, gate.lrs_for(r), gate.seeds, lower_is_better=True).table
-                at = ", ".join(
-                    f"{lr:g}: {_fmt(table[lr][0]) if lr in table else '–'}" for lr in sorted(map(float, gate.lrs_for(r)))
-                )
-                cells.append(f"r = {r} best at {row.lr.get(r) or '–'} ({at})")
+                grid = gate_grid(gate, r, runs)
+                table = select_lr(runs, grid, gate.seeds, lower_is_better=True).table
+                at = ", ".join(f"{lr:g}: {_fmt(table[lr][0]) if lr in table else '–'}" for lr in grid)
+                best = row.lr.get(r)
+                edge = " — at the edge of the lrs run: its optimum is not located" if best in (grid[0], grid[-1]) else ""
+                cells.append(f"r = {r} best at {best or '–'} ({at}){edge}")
             out.append(f"- {row.task}, NLL by lr: {'; '.join(cells)}")
     chosen = qualifying(rows)
     comparisons = [f"`{n}`" for n, c in COMPARISONS.items() if c.gate == suite]

@@ -254,6 +254,34 @@ def _capacity_pick(
     return out
 
 
+def run_gate(suite: str, args: argparse.Namespace, runner: Runner | None, path: Path) -> int:
+    """The capacity gate: every candidate task at each rank's lrs, then, while a rank's best lr (lowest validation
+    NLL) sits at an edge of the lrs it has run, the next lr out (`Gate.widen` per side; `capacity.gate_widen`)."""
+    from . import capacity
+
+    gate = GATES[suite]
+    specs = _filter(gate_specs(suite), args)
+    if args.gate_tasks:
+        specs = [s for s in specs if s["gate_task"] in args.gate_tasks]
+    if runner is None:
+        for spec in [s for s in specs if run_id(s) not in done_ids(path)]:
+            print("gate", run_id(spec))
+        print("# (before any widening)")
+        return 0
+    runner.run(specs, suite)
+    while True:
+        records = read_records(path)
+        extra = []
+        for spec in specs:
+            lr = capacity.gate_widen(gate, spec["gate_task"], spec["r"], records)
+            if lr is not None and (spec["gate_task"], spec["r"]) not in {(x["gate_task"], x["r"]) for x in extra}:
+                extra.append({**spec, "lr": lr})
+        if not extra or runner.failed:
+            break
+        runner.run(extra, f"{suite} widen " + ", ".join(f"r = {x['r']} lr {x['lr']:g}" for x in extra))
+    return 1 if runner.failed else 0
+
+
 def run_capacity(suite: str, args: argparse.Namespace, runner: Runner | None, path: Path) -> int:
     """The capacity comparison (`benchmarks.harness.capacity`): blocks from the gate's records; per block the tuning runs
     (grid from its middle outwards, each lr for every method before the next lr), widened while a method's best lr
@@ -368,15 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite in COMPARISONS:
         return run_capacity(args.suite, args, runner, path)
     if args.suite in GATES:
-        specs = _filter(gate_specs(args.suite), args)
-        if args.gate_tasks:
-            specs = [s for s in specs if s["gate_task"] in args.gate_tasks]
-        if runner is None:
-            for spec in [s for s in specs if run_id(s) not in done_ids(path)]:
-                print("gate", run_id(spec))
-            return 0
-        runner.run(specs, args.suite)
-        return 1 if runner.failed else 0
+        return run_gate(args.suite, args, runner, path)
 
     specs = suite_specs(args.suite, args.seeds)
     if args.groups:

@@ -439,6 +439,10 @@ class Gate:
     # (rank, lrs) for a rank whose grid differs from `lrs` (rsLoRA's effective step grows with sqrt(r), so a low rank's
     # optimum can sit above a high rank's); every rank's i-th lr runs before any rank's (i+1)-th
     rank_lrs: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    # while a rank's best lr sits at an edge of the lrs it has run, the next one out (twice the largest, half the
+    # smallest) runs, at most this many beyond its grid on each side, as the comparison's grid widens (a single-lr
+    # gate has no edge to read and never widens)
+    widen: int = 2
 
     def lrs_for(self, r: int) -> tuple[float, ...]:
         return dict(self.rank_lrs).get(r, self.lrs)
@@ -463,7 +467,14 @@ GATES: dict[str, Gate] = {
         lrs=(2e-3,),
         rank_lrs=((4, (2e-3, 4e-3)), (32, (2e-3, 1e-3))),
     ),
-    "capacity-gate-smoke": Gate(base="smoke-rg-capacity", tasks=("spell_backward", "base_conversion"), lrs=(5e-3,)),
+    # CI: r = 4 on two lrs, so the dry run widens once past the better one's edge
+    "capacity-gate-smoke": Gate(
+        base="smoke-rg-capacity",
+        tasks=("spell_backward", "base_conversion"),
+        lrs=(5e-3,),
+        rank_lrs=((4, (5e-3, 1e-2)),),
+        widen=1,
+    ),
 }
 
 
