@@ -524,6 +524,10 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
     assert "no comparison reads this gate" in text
     (partial,) = capacity.gate_rows(records[:3], "capacity-gate-long")
     assert not partial.complete  # r = 32 has one of its two lrs
+    from benchmarks.harness import report_evidence
+
+    (line,) = [x for x in report_evidence.headline_table({"capacity-gate-long": records[:3]}) if "capacity-gate-long" in x]
+    assert "(so far)" in line and "not finished" in line and "no candidate qualifies" not in line
 
 
 def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widened_runs():

@@ -544,14 +544,15 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
         if not records:
             continue
         rows = capacity.gate_rows(records, gate_suite, capacity.gate_ratio(gate_suite))
-        done = [r for r in rows if r.ratio is not None]
-        chosen = capacity.qualifying(rows)
-        found = (
-            f"qualifies: {chosen.task} (NLL r = 32 / r = 4 = {chosen.ratio:.3f})"
-            if chosen
-            else "no candidate qualifies"
+        done = [r for r in rows if r.complete and r.ratio is not None]
+        chosen = capacity.qualifying(done)
+        if chosen:
+            found = f"qualifies: {chosen.task} (NLL r = 32 / r = 4 = {chosen.ratio:.3f})"
+        else:
+            found = "not finished" if len(done) < len(rows) else "no candidate qualifies"
+        ratios = ", ".join(
+            f"{r.task} {r.ratio:.3f}" + ("" if r.complete else " (so far)") for r in rows if r.ratio is not None
         )
-        ratios = ", ".join(f"{r.task} {r.ratio:.3f}" for r in done)
         gate = GATES[gate_suite]
         base = BASE[gate.base]
         steps = base["train_size"] // base["batch_size"] * base.get("epochs", 1)
