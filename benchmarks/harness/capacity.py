@@ -263,10 +263,11 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
     low, high = min(gate.ranks), max(gate.ranks)
     b = BASE[gate.base]
     steps = b["train_size"] // b["batch_size"] * b.get("epochs", 1)
+    widen = ", widened by factors of 2 while a rank's best sits at an edge" if len(gate.all_lrs) > 1 and gate.widen else ""
     out = [
         f"## Suite `{suite}`: does rank bind? (the gate before the capacity comparison)",
         "",
-        f"rsLoRA at r = {low} and r = {high} ({gate_lrs(gate)}; seed "
+        f"rsLoRA at r = {low} and r = {high} ({gate_lrs(gate)}{widen}; seed "
         f"{', '.join(map(str, gate.seeds))}) on each candidate reasoning-gym task, {b['train_size']} training "
         f"problems × {b.get('epochs', 1)} epoch = {steps} steps of {b['batch_size']}, N = {b['num_batches']} "
         f"calibration batches, {b['val_size']} validation problems. Metric: validation answer-token NLL (nats per "
