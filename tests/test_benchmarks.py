@@ -557,6 +557,11 @@ def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widen
     records.append(_gate_record("word_sorting", 32, 0.01, lr=min(hi_a, hi_b) / 8))  # beyond the widening: not read
     (row,) = capacity.gate_rows(records, "capacity-gate-long")
     assert row.nll == {4: 0.44, 32: 0.39} and row.lr == {4: max(lo_a, lo_b), 32: min(hi_a, hi_b) / 4}
+    assert row.edge == (32,)  # r = 32's optimum is not located; the verdict row says so
+    from benchmarks.harness import report_evidence
+
+    (line,) = [x for x in report_evidence.headline_table({"capacity-gate-long": records}) if "capacity-gate-long" in x]
+    assert "qualifies: word_sorting" in line and "best lr of r = 32 at an edge" in line
     text = "\n".join(capacity.gate_section("capacity-gate-long", records))
     assert "r = 32 best at" in text and "at the edge of the lrs run" in text  # r = 32 still at its lowest lr
     assert text.count("at the edge of the lrs run") == 1  # r = 4's optimum is inside

@@ -65,6 +65,7 @@ class GateRow:
     ratio: float | None  # NLL(high rank) / NLL(low rank)
     qualifies: bool
     complete: bool
+    edge: tuple[int, ...] = ()  # ranks whose best lr sits at an edge of a multi-lr grid (optimum not located)
 
 
 def gate_grid(gate: Gate, r: int, runs: list[Record]) -> list[float]:
@@ -81,6 +82,13 @@ def gate_grid(gate: Gate, r: int, runs: list[Record]) -> list[float]:
         if grid[0] / 2 in have:
             grid.insert(0, grid[0] / 2)
     return grid
+
+
+def _edges(gate: Gate, task: str, r: int, records: list[Record]) -> tuple[float, ...]:
+    """The lowest and highest lr rank `r` of `task` has run, when its grid has several (else none)."""
+    runs = [x for x in records if x.get("gate_task") == task and x["r"] == r and x.get("stage") == "gate"]
+    grid = gate_grid(gate, r, runs)
+    return (grid[0], grid[-1]) if len(grid) > 1 else ()
 
 
 def gate_widen(gate: Gate, task: str, r: int, records: list[Record]) -> float | None:
@@ -108,7 +116,8 @@ def gate_rows(records: list[Record], gate_suite: str, ratio: float = QUALIFY_RAT
             grid = gate.lrs_for(r)
             complete &= all(choice.table.get(float(lr), (None, None, 0))[2] == len(gate.seeds) for lr in grid)
         value = nll[high] / nll[low] if nll[low] and nll[high] is not None else None
-        rows.append(GateRow(name, nll, best_lr, value, value is not None and value <= ratio, complete))
+        edge = tuple(r for r in gate.ranks if best_lr[r] is not None and best_lr[r] in _edges(gate, name, r, records))
+        rows.append(GateRow(name, nll, best_lr, value, value is not None and value <= ratio, complete, edge))
     return rows
 
 
@@ -296,9 +305,8 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
                 grid = gate_grid(gate, r, runs)
                 table = select_lr(runs, grid, gate.seeds, lower_is_better=True).table
                 at = ", ".join(f"{lr:g}: {_fmt(table[lr][0]) if lr in table else '–'}" for lr in grid)
-                best = row.lr.get(r)
-                edge = " — at the edge of the lrs run: its optimum is not located" if best in (grid[0], grid[-1]) else ""
-                cells.append(f"r = {r} best at {best or '–'} ({at}){edge}")
+                edge = " — at the edge of the lrs run: its optimum is not located" if r in row.edge else ""
+                cells.append(f"r = {r} best at {row.lr.get(r) or '–'} ({at}){edge}")
             out.append(f"- {row.task}, NLL by lr: {'; '.join(cells)}")
     chosen = qualifying(rows)
     comparisons = [f"`{n}`" for n, c in COMPARISONS.items() if c.gate == suite]

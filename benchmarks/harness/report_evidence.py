@@ -548,6 +548,9 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
         chosen = capacity.qualifying(done)
         if chosen:
             found = f"qualifies: {chosen.task} (NLL r = 32 / r = 4 = {chosen.ratio:.3f})"
+            if chosen.edge:
+                ranks = " and ".join(f"r = {r}" for r in chosen.edge)
+                found += f", with the best lr of {ranks} at an edge of the lrs run (optimum not located)"
         else:
             found = "not finished" if len(done) < len(rows) else "no candidate qualifies"
         ratios = ", ".join(
