@@ -84,16 +84,14 @@ def gate_grid(gate: Gate, r: int, runs: list[Record]) -> list[float]:
     return grid
 
 
-def _edges(gate: Gate, task: str, r: int, records: list[Record]) -> tuple[float, ...]:
-    """The lowest and highest lr rank `r` of `task` has run, when its grid has several (else none)."""
-    runs = [x for x in records if x.get("gate_task") == task and x["r"] == r and x.get("stage") == "gate"]
-    grid = gate_grid(gate, r, runs)
-    return (grid[0], grid[-1]) if len(grid) > 1 else ()
+def _gate_runs(records: list[Record], task: str, r: int) -> list[Record]:
+    """The gate's runs of candidate `task` at rank `r`."""
+    return [x for x in records if x.get("gate_task") == task and x["r"] == r and x.get("stage") == "gate"]
 
 
 def gate_widen(gate: Gate, task: str, r: int, records: list[Record]) -> float | None:
     """The next lr rank `r` of `task` needs (its best so far sits at an edge of the lrs it has run), or None."""
-    runs = [x for x in records if x.get("gate_task") == task and x["r"] == r and x.get("stage") == "gate"]
+    runs = _gate_runs(records, task, r)
     grid = gate_grid(gate, r, runs)
     best = select_lr(runs, grid, gate.seeds, lower_is_better=True).lr
     return widened(grid, best, gate.lrs_for(r), gate.widen)
@@ -108,16 +106,19 @@ def gate_rows(records: list[Record], gate_suite: str, ratio: float = QUALIFY_RAT
         nll: dict[int, float | None] = {}
         best_lr: dict[int, float | None] = {}
         complete = True
+        edge: list[int] = []
         for r in gate.ranks:
-            runs = [x for x in records if x.get("gate_task") == name and x["r"] == r and x.get("stage") == "gate"]
-            choice = select_lr(runs, gate_grid(gate, r, runs), gate.seeds, lower_is_better=True)
+            runs = _gate_runs(records, name, r)
+            grid = gate_grid(gate, r, runs)
+            choice = select_lr(runs, grid, gate.seeds, lower_is_better=True)
             nll[r] = choice.table[choice.lr][0] if choice.lr is not None else None
             best_lr[r] = choice.lr
-            grid = gate.lrs_for(r)
-            complete &= all(choice.table.get(float(lr), (None, None, 0))[2] == len(gate.seeds) for lr in grid)
+            base = gate.lrs_for(r)
+            complete &= all(choice.table.get(float(lr), (None, None, 0))[2] == len(gate.seeds) for lr in base)
+            if len(grid) > 1 and choice.lr in (grid[0], grid[-1]):
+                edge.append(r)
         value = nll[high] / nll[low] if nll[low] and nll[high] is not None else None
-        edge = tuple(r for r in gate.ranks if best_lr[r] is not None and best_lr[r] in _edges(gate, name, r, records))
-        rows.append(GateRow(name, nll, best_lr, value, value is not None and value <= ratio, complete, edge))
+        rows.append(GateRow(name, nll, best_lr, value, value is not None and value <= ratio, complete, tuple(edge)))
     return rows
 
 
@@ -301,7 +302,7 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
         for row in rows:
             cells = []
             for r in gate.ranks:
-                runs = [x for x in records if x.get("gate_task") == row.task and x["r"] == r and x.get("stage") == "gate"]
+                runs = _gate_runs(records, row.task, r)
                 grid = gate_grid(gate, r, runs)
                 table = select_lr(runs, grid, gate.seeds, lower_is_better=True).table
                 at = ", ".join(f"{lr:g}: {_fmt(table[lr][0]) if lr in table else '–'}" for lr in grid)

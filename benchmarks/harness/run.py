@@ -269,16 +269,15 @@ def run_gate(suite: str, args: argparse.Namespace, runner: Runner | None, path: 
         print("# (before any widening)")
         return 0
     runner.run(specs, suite)
-    while True:
+    pairs = dict.fromkeys((s["gate_task"], s["r"]) for s in specs)  # (task, rank), in run order
+    while not runner.failed:
         records = read_records(path)
-        extra = []
-        for spec in specs:
-            lr = capacity.gate_widen(gate, spec["gate_task"], spec["r"], records)
-            if lr is not None and (spec["gate_task"], spec["r"]) not in {(x["gate_task"], x["r"]) for x in extra}:
-                extra.append({**spec, "lr": lr})
-        if not extra or runner.failed:
+        need = {key: lr for key in pairs if (lr := capacity.gate_widen(gate, *key, records)) is not None}
+        if not need:
             break
-        runner.run(extra, f"{suite} widen " + ", ".join(f"r = {x['r']} lr {x['lr']:g}" for x in extra))
+        # every seed's spec at the new lr (the runner runs each run id once)
+        extra = [{**s, "lr": need[key]} for s in specs if (key := (s["gate_task"], s["r"])) in need]
+        runner.run(extra, f"{suite} widen " + ", ".join(f"{t} r = {r} lr {lr:g}" for (t, r), lr in need.items()))
     return 1 if runner.failed else 0
 
 
