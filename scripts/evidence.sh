@@ -9,6 +9,7 @@
 # (results go to benchmarks/results/evidence-*.jsonl; they, docs/ and *.log files do not count as changes to the code)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the library of this checkout (see the lock)
 PY=.venv/bin/python
 status=0
 $PY -m benchmarks.harness.run evidence-nlu --in-process --blocks nlu-r8-core nlu-r2-core || status=1

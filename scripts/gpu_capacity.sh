@@ -18,6 +18,7 @@
 # Exit status: 0 done; 3 no gate task qualifies (the comparison stops; the report says so); else a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the library of this checkout (see the lock)
 PY="${PYTHON:-.venv/bin/python}"
 DEVICE="${DEVICE:-cuda}"
 GATE="${GATE-capacity-gate-gpu}"  # set and empty: skip the gate

@@ -412,6 +412,20 @@ def test_the_code_hash_follows_content_not_commits(tmp_path: Path):
     assert provenance.git_state(root=copy)["code_sha256"] != edited["code_sha256"]
 
 
+def test_a_suite_refuses_a_library_imported_from_another_checkout(tmp_path: Path, monkeypatch, capsys):
+    """Protects the lock's meaning: it hashes the harness's checkout, so `gora` must be imported from that checkout
+    (a worktree of an older commit next to an editable install of the main checkout would otherwise run the main
+    checkout's library under the worktree's hash); the refusal names the fix and writes nothing."""
+    provenance.check_imports()  # the tests' own checkout: gora comes from its src/
+    worktree = tmp_path / "worktree"
+    monkeypatch.setattr(provenance, "HARNESS_CHECKOUT", worktree)
+    with pytest.raises(provenance.LockError, match=f"PYTHONPATH={worktree / 'src'}"):
+        provenance.check_imports()
+    out = tmp_path / "out"
+    assert run.main(["smoke", "--out", str(out)]) == 2
+    assert "gora is imported from" in capsys.readouterr().err and not out.exists()
+
+
 # --- the capacity suite (issue #19) -----------------------------------------------------------------------------------
 
 
@@ -521,7 +535,7 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
     a, b = sorted(lo)
     assert f"r = 4 best at {lo[1]} ({a:g}: 0.500, {b:g}: 0.440)" in text
     assert f"r = 4: {a:g}, {b:g}" in text  # the header names each rank's grid
-    assert "no comparison reads this gate" in text
+    assert "the comparison (`evidence-capacity-long`) runs on it" in text
     (partial,) = capacity.gate_rows(records[:3], "capacity-gate-long")
     assert not partial.complete  # r = 32 has one of its two lrs
     from benchmarks.harness import report_evidence

@@ -26,7 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gora
+
 ROOT = Path(__file__).resolve().parents[2]
+# the checkout this harness is imported from: the library it benchmarks must come from the same one (`check_imports`)
+HARNESS_CHECKOUT = ROOT
 LOCK_KEYS = ("code_sha256", "freeze_sha256", "threads", "python")
 LEGACY_LOCK_KEYS = ("commit", "dirty", "diff_sha256", "freeze_sha256", "threads", "python")
 INFO_KEYS = ("commit", "dirty", "diff_sha256", "command", "not_counted")  # written to the lock, not compared
@@ -81,6 +85,24 @@ def git_state(outputs: tuple[Path, ...] = (), root: Path | None = None) -> dict[
             "untracked_named": untracked[:UNTRACKED_NAMED],
         },
     }
+
+
+def check_imports(checkout: Path | None = None) -> None:
+    """Refuse to run when `gora` is imported from outside the checkout the harness runs from: the lock hashes this
+    checkout's files, so the library that runs must be its `src/gora`. (A `git worktree` of an older commit next to
+    an editable install of the main checkout imports the main checkout's library unless PYTHONPATH says otherwise.)
+
+    Raises:
+        LockError: naming both places and the fix.
+    """
+    checkout = Path(HARNESS_CHECKOUT if checkout is None else checkout).resolve()
+    where = Path(gora.__file__).resolve().parent
+    if not where.is_relative_to(checkout):
+        raise LockError(
+            f"gora is imported from {where}, not from this checkout ({checkout}): the lock would name code that does "
+            f"not run. Run with PYTHONPATH={checkout / 'src'} (a worktree next to an editable install of another "
+            "checkout), or install this checkout"
+        )
 
 
 def code_sha256(root: Path, spec: list[str]) -> str:
@@ -163,7 +185,8 @@ def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None
             hint = f" (packages there only: {sorted(old - new)[:6]}; here only: {sorted(new - old)[:6]})"
         raise LockError(
             f"{lock_path} was started under another code version or environment ({'; '.join(diffs)}){hint}: "
-            f"resume from that code (e.g. `git worktree add --detach DIR {lock.get('commit')}`) and environment, or "
+            f"resume from that code (e.g. `git worktree add --detach DIR {lock.get('commit')}`, run in DIR with "
+            "PYTHONPATH=DIR/src) and environment, or "
             f"start a new results folder with --out"
         )
 

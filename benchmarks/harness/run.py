@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         runner = None
     else:
+        try:
+            provenance.check_imports()
+        except provenance.LockError as err:
+            print(str(err), file=sys.stderr)
+            return 2
         prov, freeze = provenance.current(argv, args.threads, args.out)
         if prov["not_counted"]["untracked"]:
             logger.info(
