@@ -548,8 +548,8 @@ COMPARISONS: dict[str, Comparison] = {
     # the prepared GPU run (scripts/gpu_capacity.sh): the core comparison only, 8 paired seeds
     "evidence-capacity-gpu": Comparison("capacity-gate-gpu", "rg-capacity-gpu", blocks=("core",)),
     # the same comparison on this CPU, at the GPU's budget (256 steps) where `capacity-gate-long` found that rank binds
-    # with each rank at its own lr: about 40 minutes of one core a run, so it is run block by block (`--blocks`) over
-    # several sessions from one frozen checkout (scripts/capacity_cpu.sh)
+    # with each rank at its own lr: about 40 minutes of one core a run, so it runs over several sessions from one
+    # frozen checkout (scripts/capacity_cpu.sh; all blocks in one invocation, so later blocks see the core's lrs)
     "evidence-capacity-long": Comparison("capacity-gate-long", "rg-capacity-long"),
     # CI: the code path on a random tiny model (the ratio lets any finished gate through: nothing binds there)
     "evidence-capacity-smoke": Comparison(
