@@ -576,6 +576,9 @@ def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widen
 
     (line,) = [x for x in report_evidence.headline_table({"capacity-gate-long": records}) if "capacity-gate-long" in x]
     assert "qualifies: word_sorting" in line and "best lr of r = 32 at an edge" in line
+    # the row names every lr each rank ran (its grid and the widening), and no lr beyond the widening
+    assert f"r = 32: {min(hi_a, hi_b) / 4:g}, {min(hi_a, hi_b) / 2:g}, " in line and f"{min(hi_a, hi_b) / 8:g}" not in line
+    assert f"best lr r = 4 at {max(lo_a, lo_b):g}, r = 32 at {min(hi_a, hi_b) / 4:g}" in line
     text = "\n".join(capacity.gate_section("capacity-gate-long", records))
     assert "r = 32 best at" in text and "at the edge of the lrs run" in text  # r = 32 still at its lowest lr
     assert text.count("at the edge of the lrs run") == 1  # r = 4's optimum is inside

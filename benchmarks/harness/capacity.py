@@ -258,12 +258,18 @@ def _fmt(value: float | None, digits: int = 3, sign: bool = False) -> str:
     return f"{value:{'+' if sign else ''}.{digits}f}"
 
 
-def gate_lrs(gate: Gate) -> str:
-    """The gate's lr grid in words: "lr 1e-3", or each rank's own grid when they differ."""
+def gate_lrs(gate: Gate, records: list[Record] | None = None) -> str:
+    """The gate's lr grid in words: "lr 1e-3", or each rank's own grid when they differ. Given the gate's `records`,
+    each rank's grid includes the lrs that widening ran (over all candidates), not only the grid it started from."""
     if not gate.rank_lrs and len(gate.lrs) == 1:
         return f"lr {gate.lrs[0]:g}"
-    grids = "; ".join(f"r = {r}: {', '.join(f'{lr:g}' for lr in sorted(gate.lrs_for(r)))}" for r in gate.ranks)
-    return f"each rank at its best lr of {grids}"
+    grids = []
+    for r in gate.ranks:
+        lrs = set(map(float, gate.lrs_for(r)))
+        for task in gate.tasks if records else ():
+            lrs.update(gate_grid(gate, r, _gate_runs(records, task, r)))
+        grids.append(f"r = {r}: {', '.join(f'{lr:g}' for lr in sorted(lrs))}")
+    return f"each rank at its best lr of {'; '.join(grids)}"
 
 
 def gate_section(suite: str, records: list[Record]) -> list[str]:

@@ -547,7 +547,9 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
         done = [r for r in rows if r.complete and r.ratio is not None]
         chosen = capacity.qualifying(done)
         if chosen:
-            found = f"qualifies: {chosen.task} (NLL r = 32 / r = 4 = {chosen.ratio:.3f})"
+            at = ", ".join(f"r = {r} at {lr:g}" for r, lr in sorted(chosen.lr.items()) if lr is not None)
+            at = f"; best lr {at}" if len(GATES[gate_suite].all_lrs) > 1 else ""
+            found = f"qualifies: {chosen.task} (NLL r = 32 / r = 4 = {chosen.ratio:.3f}{at})"
             if chosen.edge:
                 ranks = " and ".join(f"r = {r}" for r in chosen.edge)
                 found += f", with the best lr of {ranks} at an edge of the lrs run (optimum not located)"
@@ -561,7 +563,7 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
         steps = base["train_size"] // base["batch_size"] * base.get("epochs", 1)
         where = "GPU" if any(r.get("spec", {}).get("device", "cpu") != "cpu" for r in records) else "CPU"
         lines.append(
-            f"| capacity gate (`{gate_suite}`, {steps} steps, {where}, {capacity.gate_lrs(gate)}):"
+            f"| capacity gate (`{gate_suite}`, {steps} steps, {where}, {capacity.gate_lrs(gate, records)}):"
             f" does rank bind on SmolLM2-135M? | NLL(r = 32) / NLL(r = 4), validation | {ratios or '–'} | | {found} "
             f"({len(done)} of {len(rows)} candidates measured) |"
         )
