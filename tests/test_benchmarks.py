@@ -601,6 +601,19 @@ def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
     assert capacity.center_out((1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2))[:3] == [4e-3, 2e-3, 8e-3]
 
 
+
+def test_lr_curve_scale_keeps_the_compared_points_when_one_lr_blows_up():
+    """Protects the lr-curve PNG's readability: a point above twice the panel's median (a diverging lr: 5.29 nats
+    against ~0.5) sets no scale, every other point stays on it; with no such point the scale is matplotlib's."""
+    from benchmarks.harness import capacity
+
+    values = [0.69, 0.64, 0.60, 0.49, 0.42, 0.71, 0.67, 0.62, 0.58, 0.49, 0.43, 5.29]
+    ceiling = capacity.lr_curve_ceiling(values)
+    assert ceiling is not None and ceiling < 5.29
+    assert all(v <= ceiling for v in values if v != 5.29)
+    assert capacity.lr_curve_ceiling(values[:-1]) is None
+    assert capacity.lr_curve_ceiling([]) is None
+
 def test_select_lr_lowest_when_lower_is_better():
     """Protects NLL-based tuning: with lower_is_better the lowest mean validation NLL wins (not the highest)."""
     recs = [_tune(1e-3, s, 1.2, loss=1.2) for s in (0, 1)] + [_tune(2e-3, s, 1.0, loss=1.0) for s in (0, 1)]

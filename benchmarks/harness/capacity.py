@@ -420,8 +420,18 @@ def lr_window(curve: dict[float, float], nats: float = WINDOW_NATS) -> tuple[flo
     return lrs[i], lrs[j], math.log2(lrs[j] / lrs[i])
 
 
+def lr_curve_ceiling(values: list[float]) -> float | None:
+    """The top of an lr-curve panel's y-axis when a point blew up (above twice the panel's median NLL), so that one
+    diverging lr does not flatten the curves a reader compares; None when every point fits on the scale."""
+    if not values:
+        return None
+    cap = 2 * statistics.median(values)
+    return cap if max(values) > cap else None
+
+
 def plot_lr_curves(records: list[Record], path: Path) -> bool:
-    """Every method's validation NLL against the lr (one panel per task and regime); False when nothing to plot."""
+    """Every method's validation NLL against the lr (one panel per task and regime); False when nothing to plot.
+    A point above the panel's ceiling (`lr_curve_ceiling`) is drawn as a triangle at the top edge with its value."""
     curves = lr_curves(records)
     if not curves:
         return False
@@ -433,9 +443,22 @@ def plot_lr_curves(records: list[Record], path: Path) -> bool:
     keys = sorted(curves)
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
+        values = [v for curve in curves[key].values() for v in curve.values()]
+        ceiling = lr_curve_ceiling(values)
         for method, curve in sorted(curves[key].items()):
             xs = sorted(curve)
-            ax.plot(xs, [curve[x] for x in xs], marker="o", label=method)
+            off = [x for x in xs if ceiling is not None and curve[x] > ceiling]
+            ys = [ceiling if x in off else curve[x] for x in xs]
+            (line,) = ax.plot(xs, ys, marker="o", label=method, markevery=[i for i, x in enumerate(xs) if x not in off])
+            for x in off:
+                ax.plot([x], [ceiling], marker="^", markersize=9, color=line.get_color(), clip_on=False)
+                ax.annotate(
+                    f"{curve[x]:.2f} (off scale)", (x, ceiling), textcoords="offset points", xytext=(-8, -14),
+                    ha="right", fontsize=8, color=line.get_color(),
+                )
+        if ceiling is not None:
+            low = min(values)
+            ax.set_ylim(low - 0.05 * (ceiling - low), ceiling)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("validation answer-token NLL (nats)")
