@@ -44,12 +44,18 @@ def test_classification_predictions_come_back_in_input_order():
         ("x = 3 #### 4", "4", "4", True),  # after ####
         ("mother", "mother-in-law", "mother", False),
         ("Tuesday", "1", None, False),  # a numeric reference reads numbers only
+        ("1,234 apples", "1234", "1234", True),  # thousands separators
+        ("The total is 1234", "1,234", "1234", True),
+        ("French, PROVIDED, beauty\n", "French, PROVIDED, beauty", "French, PROVIDED, beauty", True),  # a list
+        ("French, beauty, PROVIDED", "French, PROVIDED, beauty", "French, beauty, PROVIDED", False),  # order counts
+        ("French PROVIDED beauty", "French, PROVIDED, beauty", "French PROVIDED beauty", False),  # commas count
     ],
 )
 def test_answer_of_reads_words_and_numbers(text, reference, answer, hit):
     """Protects exact match on short answers: word references are matched on the first line, ignoring case;
-    numeric ones on the last number (or what follows ####), numerically."""
-    from gora.app.sft import _same_answer, answer_of
+    numeric ones on the last number (or what follows ####), numerically; a comma-separated answer keeps its commas
+    (the scorer once dropped the reference's commas only, so no list answer could match)."""
+    from gora.app.sft import answer_of, same_answer
 
     assert answer_of(text, reference) == answer
-    assert _same_answer(answer_of(text, reference), reference) is hit
+    assert same_answer(answer_of(text, reference), reference) is hit

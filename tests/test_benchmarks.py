@@ -302,7 +302,9 @@ def test_evidence_smoke_tunes_selects_and_runs_paired_seeds(evidence_results: Pa
             assert r["eval_split"] == ("val" if r["stage"] == "tune" else "test")
             assert len(r["correct"]) == r["eval_size"] and set(r["correct"]) <= {"0", "1"}
             assert sum(map(int, r["correct"])) / r["eval_size"] == pytest.approx(r["metric"])
-            assert r["provenance"]["commit"] and r["provenance"]["command"].startswith("python -m benchmarks.harness.run")
+            assert r["provenance"]["commit"] and r["provenance"]["command"].startswith(
+                "python -m benchmarks.harness.run"
+            )
             assert r["threads"] == 1 and r["init_seed"] == r["seed"] + suites.INIT_SEED_OFFSET
             if r["task"] == "smoke-rt-sentiment":
                 assert r["eval_size"] == (base["val_size"] if r["stage"] == "tune" else base["test_size"])
@@ -540,7 +542,9 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
     assert not partial.complete  # r = 32 has one of its two lrs
     from benchmarks.harness import report_evidence
 
-    (line,) = [x for x in report_evidence.headline_table({"capacity-gate-long": records[:3]}) if "capacity-gate-long" in x]
+    (line,) = [
+        x for x in report_evidence.headline_table({"capacity-gate-long": records[:3]}) if "capacity-gate-long" in x
+    ]
     assert "(so far)" in line and "not finished" in line and "no candidate qualifies" not in line
 
 
@@ -577,7 +581,10 @@ def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widen
     (line,) = [x for x in report_evidence.headline_table({"capacity-gate-long": records}) if "capacity-gate-long" in x]
     assert "qualifies: word_sorting" in line and "best lr of r = 32 at an edge" in line
     # the row names every lr each rank ran (its grid and the widening), and no lr beyond the widening
-    assert f"r = 32: {min(hi_a, hi_b) / 4:g}, {min(hi_a, hi_b) / 2:g}, " in line and f"{min(hi_a, hi_b) / 8:g}" not in line
+    assert (
+        f"r = 32: {min(hi_a, hi_b) / 4:g}, {min(hi_a, hi_b) / 2:g}, " in line
+        and f"{min(hi_a, hi_b) / 8:g}" not in line
+    )
     assert f"best lr r = 4 at {max(lo_a, lo_b):g}, r = 32 at {min(hi_a, hi_b) / 4:g}" in line
     text = "\n".join(capacity.gate_section("capacity-gate-long", records))
     assert "r = 32 best at" in text and "at the edge of the lrs run" in text  # r = 32 still at its lowest lr
@@ -601,7 +608,6 @@ def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
     assert capacity.center_out((1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2))[:3] == [4e-3, 2e-3, 8e-3]
 
 
-
 def test_lr_curve_scale_keeps_the_compared_points_when_one_lr_blows_up():
     """Protects the lr-curve PNG's readability: a point above twice the panel's median (a diverging lr: 5.29 nats
     against ~0.5) sets no scale, every other point stays on it; with no such point the scale is matplotlib's."""
@@ -613,6 +619,44 @@ def test_lr_curve_scale_keeps_the_compared_points_when_one_lr_blows_up():
     assert all(v <= ceiling for v in values if v != 5.29)
     assert capacity.lr_curve_ceiling(values[:-1]) is None
     assert capacity.lr_curve_ceiling([]) is None
+
+
+def test_exact_match_is_rescored_from_the_stored_answers_of_comma_separated_tasks():
+    """Protects the capacity suite's secondary endpoint: a run recorded with the old scorer (every comma-separated
+    answer a miss) is scored again from its stored greedy answers against the regenerated references: an answer equal
+    to its reference is a hit, a reordered one is not, and a record already scored right is left as it is."""
+    from benchmarks.harness import tasks
+
+    spec = {
+        "rg_tasks": ["word_sorting"],
+        "rg_config": {"word_sorting": {"min_words": 3, "max_words": 5}},
+        "test_size": 6,
+        "eval_split": "test",
+    }
+    refs = [row["answer"] for row in tasks.rg_held_out(spec)[0]]
+    assert len(refs) == 6 and all(", " in a for a in refs)
+    predictions = [
+        refs[0],
+        refs[1].upper(),
+        ", ".join(reversed(refs[2].split(", "))),
+        None,
+        refs[4].replace(",", ""),
+        refs[5],
+    ]
+    old = {
+        "spec": spec,
+        "eval_split": "test",
+        "predictions": predictions,
+        "correct": "000000",
+        "metrics": {"exact_match": 0.0},
+    }
+    right = {**old, "correct": "110001", "metrics": {"exact_match": 0.5}}
+    assert tasks.rescore_exact_match([old, right]) == 1
+    assert old["correct"] == right["correct"] == "110001"
+    assert old["metrics"]["exact_match"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="4 predictions for 6 test problems"):
+        tasks.rescore_exact_match([{**old, "predictions": predictions[:4]}])
+
 
 def test_select_lr_lowest_when_lower_is_better():
     """Protects NLL-based tuning: with lower_is_better the lowest mean validation NLL wins (not the highest)."""
@@ -780,7 +824,13 @@ def test_the_report_blames_other_work_only_when_the_load_exceeds_the_suites_own(
     def records(load: float, jobs: int) -> list[dict]:
         prov = {"commit": "c" * 40, "dirty": False, "command": f"python -m benchmarks.harness.run s --jobs {jobs}"}
         return [
-            {"provenance": prov, "versions": {"torch": "x"}, "threads": 1, "machine": {"load_avg_1m": load}, "date": "d"}
+            {
+                "provenance": prov,
+                "versions": {"torch": "x"},
+                "threads": 1,
+                "machine": {"load_avg_1m": load},
+                "date": "d",
+            }
         ]
 
     assert "no other work of note" in report_evidence.provenance_lines(records(2.1, 2))[-1]

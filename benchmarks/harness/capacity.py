@@ -537,7 +537,8 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
         "sits at an edge), N = 32 calibration batches, primary endpoint the test answer-token NLL (lower is better), "
         "secondary the exact match of the greedy answer"
         + (f" on {'/'.join(map(str, tests))} test problems" if tests else "")
-        + ". Intervals: paired bootstrap 95% (seeds and test examples resampled together, examples weighted by "
+        + " (scored by this report from each run's stored answers, `tasks.rescore_exact_match`: the runs' own "
+        "scorer before 2026-12-07 dropped the reference's commas and matched no comma-separated answer). Intervals: paired bootstrap 95% (seeds and test examples resampled together, examples weighted by "
         "their answer tokens). The capacity reference is rsLoRA at r = 32 at rsLoRA's lr on the same seeds; "
         "'gap closed' = (NLL_rsLoRA − NLL_method) / (NLL_rsLoRA − NLL_r32).",
         "",

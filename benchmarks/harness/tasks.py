@@ -207,11 +207,47 @@ def rg_rows(tasks: list[str], per_task: int, seed: int, config: dict[str, dict] 
     return [row for group in zip(*columns) for row in group]
 
 
-def rg_split(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
-    """(train rows for the seed, evaluation rows of `eval_split`) for the `rg-short` task."""
+def rg_held_out(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(test rows, validation rows) of a reasoning-gym task: fixed generator seeds, the same for every run seed."""
     tasks, config = list(spec["rg_tasks"]), spec.get("rg_config")
     test = rg_rows(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED, config)
     val = rg_rows(tasks, spec["val_size"] // len(tasks), RG_VAL_SEED, config) if spec.get("val_size") else []
+    return test, val
+
+
+def rescore_exact_match(records: list[dict[str, Any]]) -> int:
+    """Score each reasoning-gym run's stored greedy answers (`predictions`) against the references again with
+    `gora.app.sft.same_answer`, in place (`correct`, `metrics["exact_match"]`); returns how many records changed.
+    Runs made before the scorer's fix (it dropped the reference's commas only) scored every comma-separated answer
+    (word_sorting, word_sequence_reversal) as a miss; the predictions they stored are what was generated."""
+    from gora.app.sft import same_answer
+
+    from .paired_stats import bits
+
+    references: dict[str, list[str]] = {}
+    changed = 0
+    for r in records:
+        spec, predictions = r.get("spec") or {}, r.get("predictions")
+        if not predictions or not spec.get("rg_tasks") or r.get("eval_split", spec.get("eval_split")) != "test":
+            continue
+        key = repr((spec["rg_tasks"], spec.get("rg_config"), spec["test_size"]))
+        if key not in references:
+            references[key] = [row["answer"] for row in rg_held_out(spec)[0]]
+        ref = references[key]
+        if len(ref) != len(predictions):
+            raise ValueError(f"run {r.get('run_id')}: {len(predictions)} predictions for {len(ref)} test problems")
+        hits = [same_answer(p, a) for p, a in zip(predictions, ref)]
+        if bits(hits) != r.get("correct"):
+            changed += 1
+        r["correct"] = bits(hits)
+        r.setdefault("metrics", {})["exact_match"] = sum(hits) / len(hits)
+    return changed
+
+
+def rg_split(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(train rows for the seed, evaluation rows of `eval_split`) for the `rg-short` task."""
+    tasks, config = list(spec["rg_tasks"]), spec.get("rg_config")
+    test, val = rg_held_out(spec)
     held = {r["prompt"] for r in test + val}
     need = -(-spec["train_size"] // len(tasks))
     pool = [r for r in rg_rows(tasks, need + need // 2 + 8, 1 + spec["seed"], config) if r["prompt"] not in held]

@@ -97,7 +97,7 @@ def evaluate_sft(
                 texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 for example, text in zip(chunk, texts):
                     predicted = answer_of(text, example.answer)
-                    hit = _same_answer(predicted, example.answer)
+                    hit = same_answer(predicted, example.answer)
                     hits += hit
                     predictions.append(predicted)
                     correct.append(hit)
@@ -138,14 +138,16 @@ def answer_of(text: str, reference: str | None) -> str | None:
     return lines[0] if lines else None
 
 
-def _same_answer(predicted: str | None, reference: str | None) -> bool:
+def same_answer(predicted: str | None, reference: str | None) -> bool:
+    """Whether a generation's answer is the reference: numerically where both are numbers (thousands separators
+    ignored: "1,234" = 1234), else as text ignoring case, a final period and runs of whitespace ("a, b" is not "a b")."""
     if predicted is None or reference is None:
         return False
-    a, b = predicted.strip().rstrip("."), reference.strip().rstrip(".").replace(",", "")
+    a, b = predicted.strip().rstrip("."), reference.strip().rstrip(".")
     try:
-        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
+        return math.isclose(float(a.replace(",", "")), float(b.replace(",", "")), rel_tol=0, abs_tol=1e-6)
     except ValueError:
-        return a.casefold() == b.casefold()
+        return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 def generation_examples(task: TaskData, data: Any) -> list[SftExample]:
