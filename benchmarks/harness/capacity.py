@@ -355,6 +355,14 @@ def paired_nll(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | N
     }
 
 
+def interim(suite: str, st: dict[str, Any]) -> str | None:
+    """'k of n paired seeds' while a comparison has fewer paired seeds than its suite plans, else None. Its interval
+    then resamples the test problems of those seeds only, not the seed-to-seed variation (A0, data order) that the
+    planned seeds measure, so it is no verdict yet."""
+    planned = len(COMPARISONS[suite].main_seeds) if suite in COMPARISONS else 0
+    return f"{len(st['seeds'])} of {planned} paired seeds" if len(st["seeds"]) < planned else None
+
+
 def paired_em(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | None:
     seeds = sorted(s for s in set(a) & set(b) if a[s].get("correct") and b[s].get("correct"))
     if not seeds:
@@ -585,9 +593,11 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
                 if em
                 else "–"
             )
+            so_far = interim(suite, st)
+            called = f"interim ({so_far})" if so_far else f"**{st['verdict']}**"
             out.append(
                 f"| {what} | `{a}` − `{b}` | {len(st['seeds'])} | {st['mean']:+.4f} [{st['low']:+.4f}, "
-                f"{st['high']:+.4f}] | **{st['verdict']}** | {st['wins']} / {st['losses']} | {em_text} |"
+                f"{st['high']:+.4f}] | {called} | {st['wins']} / {st['losses']} | {em_text} |"
             )
         out.append("")
     curves = lr_curves(records)
