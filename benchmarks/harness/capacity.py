@@ -359,7 +359,7 @@ def interim(suite: str, st: dict[str, Any]) -> str | None:
     """'k of n paired seeds' while a comparison has fewer paired seeds than its suite plans, else None. Its interval
     then resamples the test problems of those seeds only, not the seed-to-seed variation (A0, data order) that the
     planned seeds measure, so it is no verdict yet."""
-    planned = len(COMPARISONS[suite].main_seeds) if suite in COMPARISONS else 0
+    planned = len(COMPARISONS[suite].main_seeds)
     return f"{len(st['seeds'])} of {planned} paired seeds" if len(st["seeds"]) < planned else None
 
 
@@ -546,8 +546,9 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
         "secondary the exact match of the greedy answer"
         + (f" on {'/'.join(map(str, tests))} test problems" if tests else "")
         + " (scored by this report from each run's stored answers, `tasks.rescore_exact_match`: the runs' own "
-        "scorer before 2026-12-07 dropped the reference's commas and matched no comma-separated answer). Intervals: paired bootstrap 95% (seeds and test examples resampled together, examples weighted by "
-        "their answer tokens). The capacity reference is rsLoRA at r = 32 at rsLoRA's lr on the same seeds; "
+        "scorer before 2026-12-07 dropped the reference's commas and matched no comma-separated answer). Intervals: "
+        "paired bootstrap 95% (seeds and test examples resampled together, examples weighted by their answer "
+        "tokens). The capacity reference is rsLoRA at r = 32 at rsLoRA's lr on the same seeds; "
         "'gap closed' = (NLL_rsLoRA − NLL_method) / (NLL_rsLoRA − NLL_r32).",
         "",
     ]
