@@ -623,8 +623,9 @@ def test_lr_curve_scale_keeps_the_compared_points_when_one_lr_blows_up():
 
 def test_exact_match_is_rescored_from_the_stored_answers_of_comma_separated_tasks():
     """Protects the capacity suite's secondary endpoint: a run recorded with the old scorer (every comma-separated
-    answer a miss) is scored again from its stored greedy answers against the regenerated references: an answer equal
-    to its reference is a hit, a reordered one is not, and a record already scored right is left as it is."""
+    answer a miss) is scored again from its stored greedy answers with reasoning-gym's own scorer: an answer equal to
+    its reference is a hit; a reordered one, one with its case changed (word_sorting sorts in ASCII order) or one
+    without its commas is not; a record already scored right is left as it is."""
     from benchmarks.harness import tasks
 
     spec = {
@@ -650,10 +651,10 @@ def test_exact_match_is_rescored_from_the_stored_answers_of_comma_separated_task
         "correct": "000000",
         "metrics": {"exact_match": 0.0},
     }
-    right = {**old, "correct": "110001", "metrics": {"exact_match": 0.5}}
+    right = {**old, "correct": "100001", "metrics": {"exact_match": 2 / 6}}
     assert tasks.rescore_exact_match([old, right]) == 1
-    assert old["correct"] == right["correct"] == "110001"
-    assert old["metrics"]["exact_match"] == pytest.approx(0.5)
+    assert old["correct"] == right["correct"] == "100001"
+    assert old["metrics"]["exact_match"] == pytest.approx(2 / 6)
     with pytest.raises(ValueError, match="4 predictions for 6 test problems"):
         tasks.rescore_exact_match([{**old, "predictions": predictions[:4]}])
 

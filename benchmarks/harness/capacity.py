@@ -279,7 +279,9 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
     low, high = min(gate.ranks), max(gate.ranks)
     b = BASE[gate.base]
     steps = b["train_size"] // b["batch_size"] * b.get("epochs", 1)
-    widen = ", widened by factors of 2 while a rank's best sits at an edge" if len(gate.all_lrs) > 1 and gate.widen else ""
+    widen = (
+        ", widened by factors of 2 while a rank's best sits at an edge" if len(gate.all_lrs) > 1 and gate.widen else ""
+    )
     out = [
         f"## Suite `{suite}`: does rank bind? (the gate before the capacity comparison)",
         "",
@@ -318,7 +320,9 @@ def gate_section(suite: str, records: list[Record]) -> list[str]:
     chosen = qualifying(rows)
     comparisons = [f"`{n}`" for n, c in COMPARISONS.items() if c.gate == suite]
     if chosen:
-        then = f"the comparison ({', '.join(comparisons)}) runs on it" if comparisons else "no comparison reads this gate"
+        then = (
+            f"the comparison ({', '.join(comparisons)}) runs on it" if comparisons else "no comparison reads this gate"
+        )
         verdict = f"Qualifying task with the largest gap: **{chosen.task}** (ratio {chosen.ratio:.3f}); {then}."
     else:
         verdict = stop_message(rows, ratio)
@@ -457,12 +461,19 @@ def plot_lr_curves(records: list[Record], path: Path) -> bool:
             xs = sorted(curve)
             off = [x for x in xs if ceiling is not None and curve[x] > ceiling]
             ys = [ceiling if x in off else curve[x] for x in xs]
-            (line,) = ax.plot(xs, ys, marker="o", label=method, markevery=[i for i, x in enumerate(xs) if x not in off])
+            (line,) = ax.plot(
+                xs, ys, marker="o", label=method, markevery=[i for i, x in enumerate(xs) if x not in off]
+            )
             for x in off:
                 ax.plot([x], [ceiling], marker="^", markersize=9, color=line.get_color(), clip_on=False)
                 ax.annotate(
-                    f"{curve[x]:.2f} (off scale)", (x, ceiling), textcoords="offset points", xytext=(-8, -14),
-                    ha="right", fontsize=8, color=line.get_color(),
+                    f"{curve[x]:.2f} (off scale)",
+                    (x, ceiling),
+                    textcoords="offset points",
+                    xytext=(-8, -14),
+                    ha="right",
+                    fontsize=8,
+                    color=line.get_color(),
                 )
         if ceiling is not None:
             low = min(values)
@@ -545,8 +556,9 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
         "sits at an edge), N = 32 calibration batches, primary endpoint the test answer-token NLL (lower is better), "
         "secondary the exact match of the greedy answer"
         + (f" on {'/'.join(map(str, tests))} test problems" if tests else "")
-        + " (scored by this report from each run's stored answers, `tasks.rescore_exact_match`: the runs' own "
-        "scorer before 2026-12-07 dropped the reference's commas and matched no comma-separated answer). Intervals: "
+        + " (scored by this report from each run's stored answers with reasoning-gym's own scorer, full credit only, "
+        "`tasks.rescore_exact_match`: the runs' own scorer before 2026-12-07 dropped the reference's commas and "
+        "matched no comma-separated answer, and it ignores case). Intervals: "
         "paired bootstrap 95% (seeds and test examples resampled together, examples weighted by their answer "
         "tokens). The capacity reference is rsLoRA at r = 32 at rsLoRA's lr on the same seeds; "
         "'gap closed' = (NLL_rsLoRA − NLL_method) / (NLL_rsLoRA − NLL_r32).",

@@ -189,22 +189,27 @@ def load_nlu(spec: dict[str, Any]) -> TaskData:
 # ----------------------------------------------------------------------------------------------------------- NLG
 
 
-def rg_rows(tasks: list[str], per_task: int, seed: int, config: dict[str, dict] | None = None) -> list[dict]:
+def rg_entries(
+    tasks: list[str], per_task: int, seed: int, config: dict[str, dict] | None = None
+) -> list[tuple[str, Any, dict]]:
     """`per_task` problems of each reasoning-gym task (generator seed `seed`; `config[task]`: the generator's options,
-    e.g. a fixed Caesar shift) as {"prompt", "response", "answer", "task"}, interleaved task by task; the response is
-    the answer alone."""
+    e.g. a fixed Caesar shift) as (task, dataset, entry), interleaved task by task: the dataset scores an answer to
+    its entry (`dataset.score_answer(answer, entry)`, 1.0 for full credit)."""
     import reasoning_gym
 
     columns = []
     for name in tasks:
         data = reasoning_gym.create_dataset(name, size=per_task, seed=seed, **(config or {}).get(name, {}))
-        columns.append(
-            [
-                {"prompt": x["question"], "response": str(x["answer"]), "answer": str(x["answer"]), "task": name}
-                for x in data
-            ]
-        )
-    return [row for group in zip(*columns) for row in group]
+        columns.append([(name, data, x) for x in data])
+    return [triple for group in zip(*columns) for triple in group]
+
+
+def rg_rows(tasks: list[str], per_task: int, seed: int, config: dict[str, dict] | None = None) -> list[dict]:
+    """The problems of `rg_entries` as {"prompt", "response", "answer", "task"}; the response is the answer alone."""
+    return [
+        {"prompt": x["question"], "response": str(x["answer"]), "answer": str(x["answer"]), "task": name}
+        for name, _, x in rg_entries(tasks, per_task, seed, config)
+    ]
 
 
 def rg_held_out(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
@@ -216,27 +221,28 @@ def rg_held_out(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
 
 
 def rescore_exact_match(records: list[dict[str, Any]]) -> int:
-    """Score each reasoning-gym run's stored greedy answers (`predictions`) against the references again with
-    `gora.app.sft.same_answer`, in place (`correct`, `metrics["exact_match"]`); returns how many records changed.
-    Runs made before the scorer's fix (it dropped the reference's commas only) scored every comma-separated answer
-    (word_sorting, word_sequence_reversal) as a miss; the predictions they stored are what was generated."""
-    from gora.app.sft import same_answer
-
+    """Score each reasoning-gym run's stored greedy answers (`predictions`) again with the task's own scorer, in place
+    (`correct`, `metrics["exact_match"]`); returns how many records changed. A hit is full credit from
+    `dataset.score_answer` (word_sorting: the same words in the same order, case included). Runs made before the
+    library's scorer was fixed (it dropped the reference's commas only) scored every comma-separated answer
+    (word_sorting, word_sequence_reversal) as a miss, and its text comparison ignores case; the predictions they stored
+    are what was generated."""
     from .paired_stats import bits
 
-    references: dict[str, list[str]] = {}
+    entries: dict[str, list[tuple[str, Any, dict]]] = {}
     changed = 0
     for r in records:
         spec, predictions = r.get("spec") or {}, r.get("predictions")
         if not predictions or not spec.get("rg_tasks") or r.get("eval_split", spec.get("eval_split")) != "test":
             continue
-        key = repr((spec["rg_tasks"], spec.get("rg_config"), spec["test_size"]))
-        if key not in references:
-            references[key] = [row["answer"] for row in rg_held_out(spec)[0]]
-        ref = references[key]
-        if len(ref) != len(predictions):
-            raise ValueError(f"run {r.get('run_id')}: {len(predictions)} predictions for {len(ref)} test problems")
-        hits = [same_answer(p, a) for p, a in zip(predictions, ref)]
+        tasks, config = list(spec["rg_tasks"]), spec.get("rg_config")
+        key = repr((tasks, config, spec["test_size"]))
+        if key not in entries:  # the test rows of rg_held_out, with their datasets
+            entries[key] = rg_entries(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED, config)
+        test = entries[key]
+        if len(test) != len(predictions):
+            raise ValueError(f"run {r.get('run_id')}: {len(predictions)} predictions for {len(test)} test problems")
+        hits = [p is not None and data.score_answer(p, x) == 1.0 for p, (_, data, x) in zip(predictions, test)]
         if bits(hits) != r.get("correct"):
             changed += 1
         r["correct"] = bits(hits)
