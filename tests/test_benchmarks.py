@@ -703,6 +703,9 @@ def test_a_capacity_comparison_with_fewer_paired_seeds_than_planned_gives_no_ver
 
     early = row(1)
     assert f"no verdict yet (1 of {planned} paired seeds" in early and "**" not in early and "better than" not in early
+    assert "spans test problems, not seeds" in early  # one seed: no seed-to-seed variation in the interval at all
+    some = row(3)
+    assert f"no verdict yet (3 of {planned} paired seeds)" in some and "better than" not in some
     done = row(planned)
     assert "**better**" in done and "GoRA better than rsLoRA, better than LoRA" in done and "no verdict" not in done
 

@@ -361,8 +361,8 @@ def paired_nll(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | N
 
 def interim(suite: str, st: dict[str, Any]) -> str | None:
     """'k of n paired seeds' while a comparison has fewer paired seeds than its suite plans, else None. Its interval
-    then resamples the test problems of those seeds only, not the seed-to-seed variation (A0, data order) that the
-    planned seeds measure, so it is no verdict yet."""
+    then rests on too few seeds to measure the seed-to-seed variation (A0, data order) that the planned seeds measure
+    (with one seed it resamples test problems only), so it is no verdict yet."""
     planned = len(COMPARISONS[suite].main_seeds)
     return f"{len(st['seeds'])} of {planned} paired seeds" if len(st["seeds"]) < planned else None
 

@@ -576,7 +576,8 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
                 continue
             seeds = len((rs or lo)["seeds"])
             so_far = capacity.interim(suite, rs or lo)
-            overall = f"no verdict yet ({so_far}; the interval spans test problems, not seeds)" if so_far else None
+            one_seed = "; the interval spans test problems, not seeds" if seeds == 1 else ""
+            overall = f"no verdict yet ({so_far}{one_seed})" if so_far else None
             lines.append(
                 f"| {task}, r = {regime.lstrip('r')} (`{suite}`, {seeds} seeds) | test answer-token NLL, nats "
                 f"(− = GoRA better) | {_ci(rs, 1, 4, not so_far)} | {_ci(lo, 1, 4, not so_far)} | "
