@@ -204,18 +204,29 @@ def rg_entries(
     return [triple for group in zip(*columns) for triple in group]
 
 
-def rg_rows(tasks: list[str], per_task: int, seed: int, config: dict[str, dict] | None = None) -> list[dict]:
-    """The problems of `rg_entries` as {"prompt", "response", "answer", "task"}; the response is the answer alone."""
+def _as_rows(entries: list[tuple[str, Any, dict]]) -> list[dict]:
+    """(task, dataset, entry) as {"prompt", "response", "answer", "task"}; the response is the answer alone."""
     return [
         {"prompt": x["question"], "response": str(x["answer"]), "answer": str(x["answer"]), "task": name}
-        for name, _, x in rg_entries(tasks, per_task, seed, config)
+        for name, _, x in entries
     ]
+
+
+def rg_rows(tasks: list[str], per_task: int, seed: int, config: dict[str, dict] | None = None) -> list[dict]:
+    """The problems of `rg_entries` as rows {"prompt", "response", "answer", "task"}."""
+    return _as_rows(rg_entries(tasks, per_task, seed, config))
+
+
+def rg_test_entries(spec: dict[str, Any]) -> list[tuple[str, Any, dict]]:
+    """The test problems of a reasoning-gym task as `rg_entries` (fixed generator seed, the same for every run seed)."""
+    tasks = list(spec["rg_tasks"])
+    return rg_entries(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED, spec.get("rg_config"))
 
 
 def rg_held_out(spec: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     """(test rows, validation rows) of a reasoning-gym task: fixed generator seeds, the same for every run seed."""
     tasks, config = list(spec["rg_tasks"]), spec.get("rg_config")
-    test = rg_rows(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED, config)
+    test = _as_rows(rg_test_entries(spec))
     val = rg_rows(tasks, spec["val_size"] // len(tasks), RG_VAL_SEED, config) if spec.get("val_size") else []
     return test, val
 
@@ -235,10 +246,9 @@ def rescore_exact_match(records: list[dict[str, Any]]) -> int:
         spec, predictions = r.get("spec") or {}, r.get("predictions")
         if not predictions or not spec.get("rg_tasks") or r.get("eval_split", spec.get("eval_split")) != "test":
             continue
-        tasks, config = list(spec["rg_tasks"]), spec.get("rg_config")
-        key = repr((tasks, config, spec["test_size"]))
-        if key not in entries:  # the test rows of rg_held_out, with their datasets
-            entries[key] = rg_entries(tasks, spec["test_size"] // len(tasks), RG_TEST_SEED, config)
+        key = repr((spec["rg_tasks"], spec.get("rg_config"), spec["test_size"]))
+        if key not in entries:
+            entries[key] = rg_test_entries(spec)
         test = entries[key]
         if len(test) != len(predictions):
             raise ValueError(f"run {r.get('run_id')}: {len(predictions)} predictions for {len(test)} test problems")
