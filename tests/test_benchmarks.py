@@ -710,6 +710,27 @@ def test_a_capacity_comparison_with_fewer_paired_seeds_than_planned_gives_no_ver
     assert "**better**" in done and "GoRA better than rsLoRA, better than LoRA" in done and "no verdict" not in done
 
 
+def test_the_capacity_report_states_what_gora_allocated_from_its_runs():
+    """Protects the reader of the capacity table from assuming GoRA's default ranks: the regime's line gives the
+    configured r_min from the runs' spec, the smallest / largest / mean rank each run allocated, and the adapter's size
+    against LoRA's at r_ref, as ranges over the seeds; a regime without GoRA runs gets no line."""
+    from benchmarks.harness import capacity
+
+    def run(seed: int, hi: int, mean: float, params: int) -> dict:
+        info = {"ranks_min": 2, "ranks_max": hi, "ranks_mean": mean, "adapter_params": params}
+        info["lora_adapter_params_at_r_ref"] = 1000
+        return {"seed": seed, "r": 4, "spec": {"r": 4, "gora_min_rank": 2}, "info": info}
+
+    line = capacity.allocation_line({0: run(0, 14, 4.686, 955), 1: run(1, 15, 4.662, 949)})
+    assert line is not None
+    assert "r_min = 2, r_ref = 4; 2 main runs" in line and "smallest rank 2, largest 14-15" in line
+    assert "4.66-4.69" in line and "0.949-0.955x LoRA's at r_ref" in line
+    assert capacity.allocation_line({}) is None
+    default = run(0, 9, 8.1, 1000)
+    del default["spec"]["gora_min_rank"]
+    assert "GoraConfig's r_min" in capacity.allocation_line({0: default})
+
+
 def test_paired_nll_weights_examples_by_answer_tokens_and_lower_is_better():
     """Protects the NLL verdict: the difference is Σ ΔNLL / Σ tokens (token-weighted, not the mean of per-example
     means), a lower NLL for A is 'better', and the r → 32 gap fraction is (ref − A) / (ref − top)."""

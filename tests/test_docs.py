@@ -155,7 +155,9 @@ def test_every_block_runs_or_says_why():
     assert any(b.not_run is None and b.language in RUN_LANGUAGES for p in PAGES for b in blocks(p))
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if any(b.language in RUN_LANGUAGES for b in blocks(p))], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if any(b.language in RUN_LANGUAGES for b in blocks(p))], ids=lambda p: p.name
+)
 def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Each page's runnable blocks run, in order, as written (on tiny offline models where they start from one)."""
     runnable = [b for b in blocks(page) if b.language in RUN_LANGUAGES and b.not_run is None]
@@ -212,3 +214,27 @@ def test_links_between_pages_resolve():
             elif anchor and path.exists() and path.suffix == ".md" and anchor not in _anchors(path):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+def _cells(row: str) -> int:
+    return len(re.split(r"(?<!\\)\|", row.strip().strip("|")))
+
+
+def test_every_table_row_has_its_header_columns():
+    """Protects the generated and hand-written tables: a literal | inside a cell (GoRA's mean|W*G| in the method
+    list did) splits the row into extra columns; every row of every Markdown table outside code blocks has as many
+    cells as its header (an escaped \\| stays in its cell)."""
+    bad = []
+    for page in [*PAGES, ROOT / "benchmarks" / "README.md"]:
+        lines = re.sub(r"```.*?```", "", page.read_text(), flags=re.S).split("\n")
+        for i, line in enumerate(lines[:-1]):
+            if not (line.startswith("|") and re.fullmatch(r"\|[\s:|-]+\|", lines[i + 1].strip())):
+                continue
+            for row in lines[i + 2 :]:
+                if not row.startswith("|"):
+                    break
+                if _cells(row) != _cells(line):
+                    bad.append(
+                        f"{page.relative_to(ROOT)}: {_cells(row)} cells under a {_cells(line)}-column header: {row[:80]}"
+                    )
+    assert not bad, "\n".join(bad)

@@ -403,6 +403,33 @@ def gap_closed(method: dict[int, Record], ref: dict[int, Record], top: dict[int,
     return {"value": value, "low": low, "high": high, "gap": float(den.sum() / tokens.sum() / len(seeds))}
 
 
+def allocation_line(runs: dict[int, Record]) -> str | None:
+    """What GoRA allocated in one regime, from its main runs' records: the configured smallest rank (the spec's
+    `gora_min_rank`, else GoraConfig's default), the ranks given (range and mean over the target layers, per seed) and
+    the adapter's size against LoRA's at r_ref (the budget the allocation keeps within ±10%). None without GoRA runs."""
+    rs = [runs[s] for s in sorted(runs) if (runs[s].get("info") or {}).get("ranks_min") is not None]
+    if not rs:
+        return None
+    infos = [r["info"] for r in rs]
+    r_min = {(r.get("spec") or {}).get("gora_min_rank") for r in rs}
+    configured = f"r_min = {'/'.join(map(str, sorted(r_min)))}, " if None not in r_min else "GoraConfig's r_min, "
+    lows, highs = sorted({i["ranks_min"] for i in infos}), sorted({i["ranks_max"] for i in infos})
+    means = [i["ranks_mean"] for i in infos]
+    sizes = [
+        i["adapter_params"] / i["lora_adapter_params_at_r_ref"] for i in infos if i.get("lora_adapter_params_at_r_ref")
+    ]
+
+    def span(values: list) -> str:
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    return (
+        f"GoRA's allocation ({configured}r_ref = {rs[0].get('r', (rs[0].get('spec') or {}).get('r'))}; {len(rs)} main "
+        f"runs): smallest rank {span(lows)}, largest {span(highs)}, mean rank over the target layers "
+        f"{min(means):.2f}-{max(means):.2f}; adapter parameters "
+        + (f"{min(sizes):.3f}-{max(sizes):.3f}x LoRA's at r_ref." if sizes else "not recorded.")
+    )
+
+
 def lr_curves(records: list[Record]) -> dict[tuple[str, str], dict[str, dict[float, float]]]:
     """(task, regime) -> method -> lr -> mean validation NLL over the tuning seeds (non-diverged runs)."""
     acc: dict[tuple[str, str], dict[str, dict[float, list[float]]]] = defaultdict(
@@ -588,7 +615,9 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
                 + (f"{gap['value']:.2f} [{gap['low']:.2f}, {gap['high']:.2f}]" if gap else "–")
                 + " |"
             )
+        line = allocation_line(methods.get("gora", {}))
         out += [
+            *(["", line] if line else []),
             "",
             "| comparison | A − B | paired seeds | Δ test NLL [95% CI] | verdict | seeds A better / worse | "
             "Δ exact match (points) [95% CI], McNemar p |",

@@ -68,7 +68,9 @@ METHODS: dict[str, Method] = {
     "rslora-r32": Method(
         "lora", "rsLoRA at r = 32 whatever the budget (the capacity reference)", {"use_rslora": True, "r": 32}
     ),
-    "gora": Method("gora", "GoRA (ranks 4..32, gamma 5e-2, mean|W*G|)"),
+    "gora": Method(
+        "gora", "GoRA (gamma 5e-2, mean|W*G|; ranks 4..32, or from the block's gora_min_rank up: each block says)"
+    ),
     "gora-auto": Method(
         "gora",
         "GoRA, gamma='auto' (chosen on 4 training batches after the N calibration batches)",

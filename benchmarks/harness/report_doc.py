@@ -84,6 +84,11 @@ def median(values: Iterable[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def table_cell(text: str) -> str:
+    """Text as one Markdown table cell: a literal | (e.g. mean|W*G|) would otherwise start a new column."""
+    return text.replace("|", "\\|")
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -530,7 +535,7 @@ def render(results: Path, img_dir: Path, doc: Path) -> str:
         "",
         "| method | what |",
         "|---|---|",
-        *[f"| `{name}` | {m.description} |" for name, m in METHODS.items()],
+        *[f"| `{name}` | {table_cell(m.description)} |" for name, m in METHODS.items()],
         "",
     ]
     for suite in [s for s in GATES if s in data]:
