@@ -217,7 +217,9 @@ def test_links_between_pages_resolve():
 
 
 def _cells(row: str) -> int:
-    return len(re.split(r"(?<!\\)\|", row.strip().strip("|")))
+    """Cells of one Markdown table row: the unescaped | between its outer ones, plus one (an empty cell counts)."""
+    inner = row.strip().removeprefix("|").removesuffix("|")
+    return len(re.split(r"(?<!\\)\|", inner))
 
 
 def test_every_table_row_has_its_header_columns():
