@@ -198,12 +198,20 @@ def _anchors(page: Path) -> set[str]:
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
 
 
+PROSE_PAGES = [*PAGES, ROOT / "benchmarks" / "README.md"]  # the pages whose links and tables are checked
+
+
+def _prose(page: Path) -> str:
+    """A page's text without its fenced code blocks."""
+    return re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+
+
 def test_links_between_pages_resolve():
     """Protects the README's map of the docs: every relative link of README.md, docs/*.md and benchmarks/README.md
     names a file that exists, and an anchor that one of its headings makes."""
     broken = []
-    for page in [*PAGES, ROOT / "benchmarks" / "README.md"]:
-        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for page in PROSE_PAGES:
+        text = _prose(page)
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if re.match(r"[a-z]+://", target):
                 continue
@@ -227,8 +235,8 @@ def test_every_table_row_has_its_header_columns():
     list did) splits the row into extra columns; every row of every Markdown table outside code blocks has as many
     cells as its header (an escaped \\| stays in its cell)."""
     bad = []
-    for page in [*PAGES, ROOT / "benchmarks" / "README.md"]:
-        lines = re.sub(r"```.*?```", "", page.read_text(), flags=re.S).split("\n")
+    for page in PROSE_PAGES:
+        lines = _prose(page).split("\n")
         for i, line in enumerate(lines[:-1]):
             if not (line.startswith("|") and re.fullmatch(r"\|[\s:|-]+\|", lines[i + 1].strip())):
                 continue

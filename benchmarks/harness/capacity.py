@@ -413,7 +413,6 @@ def allocation_line(runs: dict[int, Record]) -> str | None:
     infos = [r["info"] for r in rs]
     r_min = {(r.get("spec") or {}).get("gora_min_rank") for r in rs}
     configured = f"r_min = {'/'.join(map(str, sorted(r_min)))}, " if None not in r_min else "GoraConfig's r_min, "
-    lows, highs = sorted({i["ranks_min"] for i in infos}), sorted({i["ranks_max"] for i in infos})
     means = [i["ranks_mean"] for i in infos]
     sizes = [
         i["adapter_params"] / i["lora_adapter_params_at_r_ref"] for i in infos if i.get("lora_adapter_params_at_r_ref")
@@ -423,8 +422,9 @@ def allocation_line(runs: dict[int, Record]) -> str | None:
         return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
     return (
-        f"GoRA's allocation ({configured}r_ref = {rs[0].get('r', (rs[0].get('spec') or {}).get('r'))}; {len(rs)} main "
-        f"runs): smallest rank {span(lows)}, largest {span(highs)}, mean rank over the target layers "
+        f"GoRA's allocation ({configured}r_ref = {rs[0]['r']}; {len(rs)} main runs): smallest rank "
+        f"{span([i['ranks_min'] for i in infos])}, largest {span([i['ranks_max'] for i in infos])}, mean rank over the "
+        "target layers "
         f"{min(means):.2f}-{max(means):.2f}; adapter parameters "
         + (f"{min(sizes):.3f}-{max(sizes):.3f}x LoRA's at r_ref." if sizes else "not recorded.")
     )
