@@ -731,6 +731,44 @@ def test_the_capacity_report_states_what_gora_allocated_from_its_runs():
     assert "GoraConfig's r_min" in capacity.allocation_line({0: default})
 
 
+def test_the_capacity_report_shows_each_seed_and_where_training_loss_falls_behind():
+    """Protects the reader of a seed-level interval from hidden structure: the per-seed table gives every method's
+    test NLL / exact match on every seed (bold: the seed's lowest NLL; '–' where a method has not run that seed,
+    'diverged' where it diverged), and the loss table gives the mean training loss over each eighth of the steps,
+    averaged over seeds with the lowest and highest seed, so that a start ahead or a stall at the peak lr shows."""
+    from benchmarks.harness import capacity
+
+    def run(seed: int, nll: float, em: float | None, curve: list[float], diverged: bool = False) -> dict:
+        return {
+            "seed": seed,
+            "metric": nll,
+            "metrics": {} if em is None else {"exact_match": em},
+            "loss_curve": [[i + 1, v] for i, v in enumerate(curve)],
+            "diverged": diverged,
+        }
+
+    flat = [1.0] * 16
+    methods = {
+        "gora": {0: run(0, 0.4, 0.25, [2.0] * 2 + [1.0] * 14), 1: run(1, 0.6, None, [4.0] * 2 + [1.0] * 14)},
+        "lora": {0: run(0, 0.5, 0.125, flat), 1: run(1, 0.5, 0.5, flat), 2: run(2, 0.7, 0.0, flat)},
+        "rslora": {0: run(0, 9.0, 0.0, [*flat[:3], None], diverged=True)},
+    }
+    seeds = capacity.seed_table(methods)
+    assert seeds[0] == "| seed | `lora` | `rslora` | `gora` |"  # the report's method order, not the dict's
+    assert seeds[2] == "| 0 | 0.500 / 12.5 | diverged | **0.400 / 25.0** |"
+    assert seeds[3] == "| 1 | **0.500 / 50.0** | – | 0.600 / – |"
+    assert seeds[4] == "| 2 | 0.700 / 0.0 | – | – |"  # a lone run is nobody's best
+
+    del methods["rslora"]
+    phases = capacity.loss_phase_table(methods)
+    assert phases[0].startswith("| method | seeds | steps 1–2 | steps 3–4 |") and phases[0].endswith("steps 15–16 |")
+    gora = phases[3].split(" | ")
+    assert gora[:3] == ["| `gora`", "2", "3.00 (2.00–4.00)"]  # first eighth: seeds at 2.0 and 4.0
+    assert gora[3] == "1.00 (1.00–1.00)"
+    assert phases[2].startswith("| `lora` | 3 | 1.00 (1.00–1.00) |")
+    assert capacity.loss_phase_table({"lora": {0: run(0, 0.5, 0.1, [1.0] * 4)}}) == []  # fewer steps than spans
+
+
 def test_paired_nll_weights_examples_by_answer_tokens_and_lower_is_better():
     """Protects the NLL verdict: the difference is Σ ΔNLL / Σ tokens (token-weighted, not the mean of per-example
     means), a lower NLL for A is 'better', and the r → 32 gap fraction is (ref − A) / (ref − top)."""

@@ -430,6 +430,67 @@ def allocation_line(runs: dict[int, Record]) -> str | None:
     )
 
 
+def _ordered(methods: dict[str, Any]) -> list[str]:
+    return sorted(methods, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+
+
+def seed_table(methods: dict[str, dict[int, Record]]) -> list[str]:
+    """One row per main seed: each method's test NLL / exact match (%), the seed's lowest NLL in bold. The paired
+    interval summarises these rows; the table shows whether a mean difference comes from every seed or from a few."""
+    names = _ordered(methods)
+    seeds = sorted({s for runs in methods.values() for s in runs})
+    out = [
+        "| seed | " + " | ".join(f"`{m}`" for m in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for seed in seeds:
+        runs = {m: methods[m].get(seed) for m in names}
+        nll = {m: r["metric"] for m, r in runs.items() if r and not r.get("diverged") and r.get("metric") is not None}
+        best = min(nll.values()) if len(nll) > 1 else None
+        cells = []
+        for m in names:
+            r = runs[m]
+            if r is None:
+                cells.append("–")
+            elif m not in nll:
+                cells.append("diverged")
+            else:
+                em = (r.get("metrics") or {}).get("exact_match")
+                text = f"{nll[m]:.3f} / " + (f"{100 * em:.1f}" if em is not None else "–")
+                cells.append(f"**{text}**" if nll[m] == best else text)
+        out.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return out
+
+
+def loss_phase_table(methods: dict[str, dict[int, Record]], parts: int = 8) -> list[str]:
+    """Mean training loss over each of `parts` equal spans of the steps, per method: the mean over its main seeds and,
+    in brackets, the lowest and highest seed. It shows where a method's training loss falls behind or catches up
+    (a gradient start shows in the first span, an lr at the edge of stability as a stall at the peak lr)."""
+    curves = {
+        m: [[v for _, v in r["loss_curve"]] for r in runs.values() if r.get("loss_curve") and not r.get("diverged")]
+        for m, runs in methods.items()
+    }
+    curves = {m: c for m, c in curves.items() if c}
+    if not curves:
+        return []
+    steps = min(len(c) for cs in curves.values() for c in cs)
+    if steps < parts:
+        return []
+    edges = [round(i * steps / parts) for i in range(parts + 1)]
+    out = [
+        "| method | seeds | " + " | ".join(f"steps {edges[i] + 1}–{edges[i + 1]}" for i in range(parts)) + " |",
+        "|---|---|" + "---|" * parts,
+    ]
+    for m in _ordered(curves):
+        cells = []
+        for i in range(parts):
+            per_seed = [statistics.mean(c[edges[i] : edges[i + 1]]) for c in curves[m]]
+            spread = f" ({min(per_seed):.2f}–{max(per_seed):.2f})" if len(per_seed) > 1 else ""
+            cells.append(f"{statistics.mean(per_seed):.2f}{spread}")
+        out.append(f"| `{m}` | {len(curves[m])} | " + " | ".join(cells) + " |")
+    return out
+
+
 def lr_curves(records: list[Record]) -> dict[tuple[str, str], dict[str, dict[float, float]]]:
     """(task, regime) -> method -> lr -> mean validation NLL over the tuning seeds (non-diverged runs)."""
     acc: dict[tuple[str, str], dict[str, dict[float, list[float]]]] = defaultdict(
@@ -599,7 +660,7 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
             "| method | lr | seeds | test NLL | exact match (%) | gap closed [95% CI] |",
             "|---|---|---|---|---|---|",
         ]
-        for method in sorted(methods, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+        for method in _ordered(methods):
             rs = [methods[method][s] for s in sorted(methods[method])]
             ok = [r for r in rs if not r.get("diverged")]
             em = [r["metrics"].get("exact_match") for r in ok if r["metrics"].get("exact_match") is not None]
@@ -616,8 +677,23 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
                 + " |"
             )
         line = allocation_line(methods.get("gora", {}))
+        phases = loss_phase_table(methods)
         out += [
             *(["", line] if line else []),
+            "",
+            "Per seed (test NLL / exact match %; the seed's lowest NLL in bold):",
+            "",
+            *seed_table(methods),
+            *(
+                [
+                    "",
+                    "Training loss over each eighth of the steps (mean over the main seeds; lowest–highest seed):",
+                    "",
+                    *phases,
+                ]
+                if phases
+                else []
+            ),
             "",
             "| comparison | A − B | paired seeds | Δ test NLL [95% CI] | verdict | seeds A better / worse | "
             "Δ exact match (points) [95% CI], McNemar p |",
