@@ -90,6 +90,99 @@ def test_smoke_suite_gives_every_method_a_complete_line(smoke_results: Path) -> 
     assert info["adalora_update_calls"] == nlu["adalora"]["steps"]
     assert info["adalora_rank_total_end"] < info["adalora_rank_total_start"]
     assert set(nlu["init-cost"]["cost"]["ratio_to_plain"]) == {"gora", "gora_estimate", "loraga", "eva"}
+    # every run saved a training checkpoint (at least after its last step) and deleted it once its record was written
+    assert (smoke_results / "smoke.checkpoints").is_dir()
+    assert not list((smoke_results / "smoke.checkpoints").iterdir())
+    assert all(r["resumed_at"] == [] for r in records if r["method"] != "init-cost")
+
+
+class _Killed(Exception):
+    pass
+
+
+class _CutAt(list):
+    """Training batches whose item `at` kills the run: what a session's end does to a worker mid-training."""
+
+    def __init__(self, items: list, at: int) -> None:
+        super().__init__(items)
+        self.at = at
+
+    def __getitem__(self, index):
+        if index == self.at:
+            raise _Killed(index)
+        return super().__getitem__(index)
+
+
+def test_a_training_run_cut_short_resumes_from_its_checkpoint_with_the_same_numbers(tmp_path: Path) -> None:
+    """Protects 'runs never lose finished work' in the harness: a run killed after step 7 of 12 resumes from its
+    checkpoint and ends with the same loss curve and the same trained weights, bit for bit, as a run never stopped
+    (LoRA dropout on, and another RNG state at the restart, so the saved RNG state must be the one used; the optimizer
+    and the lr schedule continue, not restart); a finished checkpoint is not trained again; a checkpoint of another
+    run is refused, not silently used or overwritten."""
+    from benchmarks.harness.training import train
+    from peft import LoraConfig, get_peft_model
+
+    def model():
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.2, modules_to_save=["classifier"])
+        return get_peft_model(make_bert(), config)
+
+    batches = cls_batches(n=12)
+
+    def run_(m, data, **kw):
+        torch.manual_seed(5)
+        return train(m, data, lr=1e-2, **kw)
+
+    reference_model = model()
+    reference = run_(reference_model, batches)
+    expected = {n: p.detach().clone() for n, p in reference_model.named_parameters() if p.requires_grad}
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(_Killed):
+        run_(model(), _CutAt(batches, 7), checkpoint=ckpt, checkpoint_every_s=0, checkpoint_key="run")
+    assert torch.load(ckpt, weights_only=False)["done"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # saved atomically: no temporary file left
+
+    resumed_model = model()
+    torch.manual_seed(123)
+    resumed = train(resumed_model, batches, lr=1e-2, checkpoint=ckpt, checkpoint_every_s=0, checkpoint_key="run")
+    assert resumed.resumed_at == [7] and resumed.steps == 12
+    assert resumed.loss_curve == reference.loss_curve
+    for name, param in resumed_model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, expected[name]), name
+
+    again_model = model()
+    again = train(again_model, batches, lr=1e-2, checkpoint=ckpt, checkpoint_key="run")
+    assert again.resumed_at == [7, 12] and again.loss_curve == reference.loss_curve
+    assert all(torch.equal(p, expected[n]) for n, p in again_model.named_parameters() if p.requires_grad)
+
+    with pytest.raises(RuntimeError, match=r"belongs to another run.*delete it"):
+        train(model(), batches, lr=1e-2, checkpoint=ckpt, checkpoint_key="another run")
+
+
+def test_a_worker_killed_mid_training_resumes_with_the_record_of_an_uncut_run(tmp_path: Path, monkeypatch) -> None:
+    """Protects the harness's resume end to end (the worker rebuilds the model, GoRA's calibration and init
+    included, then loads the checkpoint): a GoRA run killed after half of its steps and run again gives the same
+    metric, loss curve and eval loss as the same run never stopped, and says where it resumed."""
+    from benchmarks.harness import worker
+
+    (spec,) = [s for s in suites.suite_specs("smoke") if s["task"] == "smoke-nlg" and s["method"] == "gora"]
+    uncut = worker.run_spec(spec)
+    ckpt = tmp_path / "ckpt.pt"
+    real_train = worker.train
+
+    def killed_halfway(model, batches, **kw):
+        return real_train(model, _CutAt(batches, len(batches) // 2), **kw)
+
+    monkeypatch.setattr(worker, "train", killed_halfway)
+    with pytest.raises(_Killed):
+        worker.run_spec(spec, ckpt, 0.0)
+    monkeypatch.setattr(worker, "train", real_train)
+    resumed = worker.run_spec(spec, ckpt, 0.0)
+    assert resumed["resumed_at"] == [uncut["steps"] // 2] and uncut["resumed_at"] == []
+    assert resumed["loss_curve"] == uncut["loss_curve"]
+    assert (resumed["metric"], resumed["eval_loss"]) == (uncut["metric"], uncut["eval_loss"])
 
 
 def test_rerun_skips_finished_runs(smoke_results: Path, own_repository: Path) -> None:

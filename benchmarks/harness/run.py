@@ -7,7 +7,10 @@ method chosen from them (`benchmarks.harness.paired_stats.select_lr`), then the 
 Each run is a fresh subprocess (`benchmarks.harness.worker`) so its peak RSS is its own; `--in-process` runs them here
 instead (what the smoke suites do by default, for speed). Results are appended one JSON line per run to
 `OUT/<suite>.jsonl` as each run finishes; runs already there are skipped, so an interrupted suite resumes where it
-stopped. Failures go to `OUT/<suite>.errors.jsonl` and are retried on the next invocation. The first invocation
+stopped. Within a run, training saves a checkpoint every `--checkpoint-every` seconds (default 300) under
+`OUT/<suite>.checkpoints/`, so a run cut short resumes after its last saved step with the same numbers
+(`benchmarks.harness.training`); the checkpoint is deleted once the run's record is written. Failures go to
+`OUT/<suite>.errors.jsonl` and are retried on the next invocation. The first invocation
 writes `OUT/<suite>.lock.json` and `OUT/<suite>.freeze.txt` (commit, environment, threads); later ones refuse to add
 runs under another commit, diff, environment or thread count (`benchmarks.harness.provenance`). A dirty working tree is
 refused outside the smoke suites unless `--allow-dirty` (then the diff's hash is locked).
@@ -16,6 +19,7 @@ refused outside the smoke suites unless `--allow-dirty` (then the diff's hash is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -67,11 +71,12 @@ def append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+def run_subprocess(spec: dict[str, Any], checkpoint: Path | None = None, every_s: float = 300.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
+        resume = [str(checkpoint), str(every_s)] if checkpoint is not None else []
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.harness.worker", json.dumps(spec), str(out)],
+            [sys.executable, "-m", "benchmarks.harness.worker", json.dumps(spec), str(out), *resume],
             cwd=Path(__file__).resolve().parents[2],
             capture_output=True,
             text=True,
@@ -84,14 +89,24 @@ def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
 class Runner:
     """Runs specs not yet in the results file, appending one record per run (with its provenance)."""
 
-    def __init__(self, path: Path, in_process: bool, jobs: int, prov: dict[str, Any]) -> None:
+    def __init__(
+        self, path: Path, in_process: bool, jobs: int, prov: dict[str, Any], checkpoint_every_s: float = 300.0
+    ) -> None:
         self.path = path
+        self.checkpoints = path.with_name(path.stem + ".checkpoints")
+        self.checkpoint_every_s = checkpoint_every_s  # 0: no checkpoints
         self.errors = path.with_name(path.stem + ".errors.jsonl")
         self.in_process = in_process
         self.jobs = jobs
         self.prov = prov
         self.failed = 0
         self.lock = threading.Lock()
+
+    def checkpoint(self, spec: dict[str, Any]) -> Path | None:
+        """Where a run's training checkpoint lives (named by a hash of its run id), or None without checkpoints."""
+        if self.checkpoint_every_s <= 0:
+            return None
+        return self.checkpoints / (hashlib.sha256(run_id(spec).encode()).hexdigest()[:24] + ".pt")
 
     def todo(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         done = done_ids(self.path)
@@ -113,8 +128,9 @@ class Runner:
             if run_id(spec) in done_ids(self.path):  # another runner on the same file got there first
                 logger.info("%s: already done, skipped", run_id(spec))
                 return True
+            ckpt, every = self.checkpoint(spec), self.checkpoint_every_s
             try:
-                record = run_spec(spec) if self.in_process else run_subprocess(spec)
+                record = run_spec(spec, ckpt, every) if self.in_process else run_subprocess(spec, ckpt, every)
             except Exception as err:  # keep going: one broken method must not stop the suite
                 with self.lock:
                     logger.error("[%d/%d] %s FAILED: %s", next(counter), len(todo), run_id(spec), str(err)[-2000:])
@@ -126,6 +142,8 @@ class Runner:
             record["run_s"] = time.perf_counter() - start
             with self.lock:
                 append(self.path, record)
+                if ckpt is not None:
+                    ckpt.unlink(missing_ok=True)
                 metric = record["metric"]
                 logger.info(
                     "[%d/%d] %-14s %-5s seed %3d lr %-6g %s=%s loss=%s init=%.1fs train=%.1fs (%.0fs)%s",
@@ -341,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (replaces every group's / block's main seeds)")
     parser.add_argument("--tune-seeds", type=int, nargs="+", help="evidence suites: replace the tuning seeds")
     parser.add_argument("--lrs", type=float, nargs="+", help="evidence suites: replace the learning-rate grid")
-    parser.add_argument("--blocks", nargs="+", help="evidence suites: only these blocks (see benchmarks.harness.suites)")
+    parser.add_argument(
+        "--blocks", nargs="+", help="evidence suites: only these blocks (see benchmarks.harness.suites)"
+    )
     parser.add_argument("--methods", nargs="+", help="only these methods (see benchmarks.harness.methods.METHODS)")
     parser.add_argument(
         "--gate-results", type=Path, help="capacity comparison: the gate's records (default OUT/<gate suite>.jsonl)"
@@ -359,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="override spec fields, e.g. train_size=320"
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (subprocesses; default 1)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="save each run's training state this often, to resume a cut run (default 300; 0: no checkpoints)",
+    )
     parser.add_argument("--allow-dirty", action="store_true", help="run from a working tree with uncommitted changes")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would run")
     args = parser.parse_args(argv)
@@ -393,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         except provenance.LockError as err:
             print(str(err), file=sys.stderr)
             return 2
-        runner = Runner(path, in_process, args.jobs, prov)
+        runner = Runner(path, in_process, args.jobs, prov, args.checkpoint_every)
     if args.suite in EVIDENCE:
         run_evidence(args.suite, args, runner, path)
         return 1 if runner is not None and runner.failed else 0

@@ -1,7 +1,8 @@
 """One run: load the task, build the method, train, evaluate, and return (or write) one JSON record.
 
-`python -m benchmarks.harness.worker SPEC_JSON OUT_JSON` runs a spec in a fresh process (clean peak-RSS numbers) and writes
-its record to OUT_JSON; `benchmarks.harness.run` calls it once per run.
+`python -m benchmarks.harness.worker SPEC_JSON OUT_JSON [CHECKPOINT EVERY_S]` runs a spec in a fresh process (clean
+peak-RSS numbers) and writes its record to OUT_JSON; with CHECKPOINT, training saves its state there every EVERY_S
+seconds and resumes from it (`benchmarks.harness.training`). `benchmarks.harness.run` calls it once per run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,8 +107,12 @@ def on_device(task: TaskData, spec: dict[str, Any]) -> None:
     ]
 
 
-def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one spec (see `benchmarks.harness.suites`) and return its record."""
+def run_spec(
+    spec: dict[str, Any], checkpoint: Path | None = None, checkpoint_every_s: float = 300.0
+) -> dict[str, Any]:
+    """Run one spec (see `benchmarks.harness.suites`) and return its record. With `checkpoint`, training saves its
+    state there and resumes from it (the record's `resumed_at` lists the steps it resumed after); the caller deletes
+    it once the record is written."""
     if spec.get("method") == "init-cost":
         return run_init_cost(spec)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -154,6 +160,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 loraplus_ratio=method.loraplus,
                 adalora=method.kind == "adalora",
                 autocast=lambda: autocast(spec),
+                checkpoint=checkpoint,
+                checkpoint_every_s=checkpoint_every_s,
+                checkpoint_key=run_id(spec),
             )
         if method.kind == "adalora":
             extra["adalora_rank_total_end"] = M.adalora_rank_total(model)
@@ -209,6 +218,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         "scheduler": spec["scheduler"],
         "warmup_ratio": spec["warmup_ratio"],
         "loss_curve": result.loss_curve,
+        "resumed_at": result.resumed_at,
         "info": {**info, **extra},
         "groups": spec.get("groups", []),
         "spec": spec,
@@ -296,11 +306,12 @@ def run_init_cost(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m benchmarks.harness.worker SPEC_JSON OUT_JSON", file=sys.stderr)
+    if len(args) not in (2, 4):
+        print("usage: python -m benchmarks.harness.worker SPEC_JSON OUT_JSON [CHECKPOINT EVERY_S]", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    record = run_spec(json.loads(args[0]))
+    checkpoint = (Path(args[2]), float(args[3])) if len(args) == 4 else (None, 300.0)
+    record = run_spec(json.loads(args[0]), *checkpoint)
     with open(args[1], "w") as handle:
         json.dump(record, handle)
     return 0
