@@ -104,7 +104,7 @@ def train(
     )
     sched = get_scheduler(scheduler, optimizer, num_warmup_steps=round(warmup_ratio * steps), num_training_steps=steps)
     if checkpoint is not None and adalora:
-        logger.info(
+        logger.warning(
             "AdaLoRA runs are not checkpointed (its rank allocator's state is not saved): %s unused", checkpoint
         )
         checkpoint = None
@@ -160,7 +160,7 @@ def train(
             },
         )
 
-    for step in range(done if not diverged else steps, steps):
+    for step in range(done, steps):  # a diverged run's checkpoint holds done = steps: nothing left to run
         batch = batches[step]
         t0 = time.perf_counter()
         with autocast() if autocast is not None else contextlib.nullcontext():
