@@ -36,6 +36,7 @@ from typing import Any
 from . import provenance
 from .paired_stats import select_lr
 from .suites import COMPARISONS, EVIDENCE, GATES, SUITES, Block, gate_specs, main_specs, suite_specs, tune_specs
+from .training import CHECKPOINT_EVERY_S
 from .worker import run_id, run_spec
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
@@ -71,7 +72,9 @@ def append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def run_subprocess(spec: dict[str, Any], checkpoint: Path | None = None, every_s: float = 300.0) -> dict[str, Any]:
+def run_subprocess(
+    spec: dict[str, Any], checkpoint: Path | None = None, every_s: float = CHECKPOINT_EVERY_S
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
         resume = [str(checkpoint), str(every_s)] if checkpoint is not None else []
@@ -90,7 +93,12 @@ class Runner:
     """Runs specs not yet in the results file, appending one record per run (with its provenance)."""
 
     def __init__(
-        self, path: Path, in_process: bool, jobs: int, prov: dict[str, Any], checkpoint_every_s: float = 300.0
+        self,
+        path: Path,
+        in_process: bool,
+        jobs: int,
+        prov: dict[str, Any],
+        checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     ) -> None:
         self.path = path
         self.checkpoints = path.with_name(path.stem + ".checkpoints")
@@ -382,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint-every",
         type=float,
-        default=300.0,
+        default=CHECKPOINT_EVERY_S,
         metavar="SECONDS",
-        help="save each run's training state this often, to resume a cut run (default 300; 0: no checkpoints)",
+        help="save each run's training state this often, to resume a cut run (default %(default)g; 0: no checkpoints)",
     )
     parser.add_argument("--allow-dirty", action="store_true", help="run from a working tree with uncommitted changes")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would run")

@@ -8,7 +8,7 @@ tuning, not an error to retry).
 
 With `checkpoint`, the loop saves its state there (the trained parameters, the optimizer's and scheduler's state, the
 RNG states, the loss curve and the step times so far) every `checkpoint_every_s` seconds and after the last step,
-atomically (a temporary file, then a rename), and a call that finds the file resumes after the step it holds: the
+atomically (`gora.fileio.atomic_write`), and a call that finds the file resumes after the step it holds: the
 same numbers as a run never stopped, so a run cut by the end of a session loses at most `checkpoint_every_s` of
 training. The caller rebuilds the model as it built it before (same method, seed and init) and deletes the file
 once the run's record is written. AdaLoRA is not checkpointed (its rank allocator's moving averages live outside the
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -31,10 +30,13 @@ from typing import Any
 import torch
 
 from gora.app.adapters import make_optimizer
+from gora.fileio import atomic_write
 
 from .tasks import Batch
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY_S = 300.0  # the harness's default interval between two checkpoints of a run's training
 
 
 @dataclass
@@ -46,22 +48,12 @@ class TrainResult:
     adalora_calls: int = 0
     diverged: bool = False
     train_cpu_s: float = 0.0  # CPU time of this process while training (less sensitive to a busy machine)
-    resumed_at: list[int] = field(
-        default_factory=list
-    )  # steps after which a checkpoint was resumed (its times add up)
+    # steps after which a checkpoint was resumed (train_s, train_cpu_s and the step times add up the segments)
+    resumed_at: list[int] = field(default_factory=list)
 
 
 def _trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: a reader (or a resumed run) sees the previous checkpoint or this one, never
-    a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -89,7 +81,7 @@ def train(
     max_grad_norm: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     checkpoint: Path | None = None,
-    checkpoint_every_s: float = 300.0,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     checkpoint_key: str = "",
 ) -> TrainResult:
     """One optimizer step per batch of `batches` (every epoch, in order); each forward under `autocast()` when given
@@ -98,7 +90,7 @@ def train(
     from transformers import get_scheduler
 
     steps = len(batches)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(_trained(model).values())
     optimizer = make_optimizer(model, learning_rate=lr, loraplus_lr_ratio=loraplus_ratio) or torch.optim.AdamW(
         params, lr=lr, weight_decay=0.0
     )
@@ -141,24 +133,22 @@ def train(
     last_save = start
 
     def save(step_done: int) -> None:
-        save_checkpoint(
-            checkpoint,
-            {
-                "key": checkpoint_key,
-                "steps": steps,
-                "done": step_done,
-                "params": {n: p.detach().cpu().clone() for n, p in _trained(model).items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": _rng_state(),
-                "curve": curve,
-                "step_times": step_times,
-                "train_s": prior_s + time.perf_counter() - start,
-                "train_cpu_s": prior_cpu_s + time.process_time() - cpu_start,
-                "diverged": diverged,
-                "resumed_at": resumed_at,
-            },
-        )
+        state = {
+            "key": checkpoint_key,
+            "steps": steps,
+            "done": step_done,
+            "params": {n: p.detach().cpu().clone() for n, p in _trained(model).items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(),
+            "curve": curve,
+            "step_times": step_times,
+            "train_s": prior_s + time.perf_counter() - start,
+            "train_cpu_s": prior_cpu_s + time.process_time() - cpu_start,
+            "diverged": diverged,
+            "resumed_at": resumed_at,
+        }
+        atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))  # the previous checkpoint or this one, whole
 
     for step in range(done, steps):  # a diverged run's checkpoint holds done = steps: nothing left to run
         batch = batches[step]

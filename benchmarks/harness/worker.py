@@ -27,7 +27,7 @@ import torch
 from . import methods as M
 from .measure import RssSampler, Timer, machine, maxrss_mb, now, versions
 from .tasks import TaskData, autocast, load_task
-from .training import train
+from .training import CHECKPOINT_EVERY_S, train
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def on_device(task: TaskData, spec: dict[str, Any]) -> None:
 
 
 def run_spec(
-    spec: dict[str, Any], checkpoint: Path | None = None, checkpoint_every_s: float = 300.0
+    spec: dict[str, Any], checkpoint: Path | None = None, checkpoint_every_s: float = CHECKPOINT_EVERY_S
 ) -> dict[str, Any]:
     """Run one spec (see `benchmarks.harness.suites`) and return its record. With `checkpoint`, training saves its
     state there and resumes from it (the record's `resumed_at` lists the steps it resumed after); the caller deletes
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.harness.worker SPEC_JSON OUT_JSON [CHECKPOINT EVERY_S]", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    checkpoint = (Path(args[2]), float(args[3])) if len(args) == 4 else (None, 300.0)
+    checkpoint = (Path(args[2]), float(args[3])) if len(args) == 4 else (None, CHECKPOINT_EVERY_S)
     record = run_spec(json.loads(args[0]), *checkpoint)
     with open(args[1], "w") as handle:
         json.dump(record, handle)
