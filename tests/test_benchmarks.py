@@ -864,7 +864,8 @@ def test_the_capacity_report_shows_each_seed_and_where_training_loss_falls_behin
 
 def test_paired_nll_weights_examples_by_answer_tokens_and_lower_is_better():
     """Protects the NLL verdict: the difference is Σ ΔNLL / Σ tokens (token-weighted, not the mean of per-example
-    means), a lower NLL for A is 'better', and the r → 32 gap fraction is (ref − A) / (ref − top)."""
+    means), a lower NLL for A is 'better', and the r → 32 gap fraction is (ref − A) / (ref − top), labelled with its
+    seeds when the reference has run fewer than the method."""
     from benchmarks.harness import capacity
 
     tokens = [1, 3] * 50
@@ -876,6 +877,10 @@ def test_paired_nll_weights_examples_by_answer_tokens_and_lower_is_better():
     top = {s: _nll_record(s, [0.0, 3.0] * 50, tokens) for s in range(4)}  # 0.75 per token
     gap = capacity.gap_closed(a, b, top)
     assert gap["value"] == pytest.approx(0.5) and gap["low"] <= 0.5 <= gap["high"]
+    assert capacity.gap_cell(gap, 4) == "0.50 [0.50, 0.50]" and capacity.gap_cell(None, 4) == "–"
+    part = capacity.gap_closed(a, b, {s: top[s] for s in (0, 2)})  # the reference has run 2 of the 4 seeds
+    assert part["seeds"] == [0, 2] and part["value"] == pytest.approx(0.5)
+    assert capacity.gap_cell(part, 4) == "0.50 [0.50, 0.50] (seeds 0, 2)"
 
 
 def test_pooled_bootstrap_resamples_seeds_within_each_budget():

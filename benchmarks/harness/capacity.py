@@ -380,7 +380,8 @@ def paired_em(a: dict[int, Record], b: dict[int, Record]) -> dict[str, Any] | No
 
 def gap_closed(method: dict[int, Record], ref: dict[int, Record], top: dict[int, Record]) -> dict[str, Any] | None:
     """The fraction of the gap from `ref` (rsLoRA at the low rank) to `top` (rsLoRA at r = 32) that `method`
-    closes: (NLL_ref − NLL_method) / (NLL_ref − NLL_top), with a bootstrap interval over seeds and examples."""
+    closes: (NLL_ref − NLL_method) / (NLL_ref − NLL_top), with a bootstrap interval over seeds and examples, on the
+    seeds all three have run (`seeds`: the reference may have fewer than the method)."""
     seeds = sorted(
         s for s in set(method) & set(ref) & set(top) if all(x[s].get("nll_sum") for x in (method, ref, top))
     )
@@ -400,7 +401,24 @@ def gap_closed(method: dict[int, Record], ref: dict[int, Record], top: dict[int,
         if d:
             reps.append(num[s][:, e].sum() / d)
     low, high = (np.quantile(reps, [0.025, 0.975]).tolist()) if reps else (math.nan, math.nan)
-    return {"value": value, "low": low, "high": high, "gap": float(den.sum() / tokens.sum() / len(seeds))}
+    return {
+        "value": value,
+        "low": low,
+        "high": high,
+        "gap": float(den.sum() / tokens.sum() / len(seeds)),
+        "seeds": seeds,
+    }
+
+
+def gap_cell(gap: dict[str, Any] | None, seeds: int) -> str:
+    """The 'gap closed' cell of a method run on `seeds` seeds: '–' without a reference, and the seeds it was measured
+    on when the reference has run fewer (so a 4-seed fraction is not read as the row's 8-seed one)."""
+    if gap is None:
+        return "–"
+    cell = f"{gap['value']:.2f} [{gap['low']:.2f}, {gap['high']:.2f}]"
+    if len(gap["seeds"]) < seeds:
+        cell += f" (seeds {', '.join(map(str, gap['seeds']))})"
+    return cell
 
 
 def allocation_line(runs: dict[int, Record]) -> str | None:
@@ -673,7 +691,7 @@ def comparison_section(suite: str, records: list[Record], img_dir: Path, img_rel
                 f"{_fmt(statistics.mean(nll)) if nll else '–'}"
                 + (f" ± {statistics.stdev(nll):.3f}" if len(nll) > 1 else "")
                 + f" | {_fmt(100 * statistics.mean(em), 1) if em else '–'} | "
-                + (f"{gap['value']:.2f} [{gap['low']:.2f}, {gap['high']:.2f}]" if gap else "–")
+                + gap_cell(gap, len(rs))
                 + " |"
             )
         line = allocation_line(methods.get("gora", {}))
