@@ -826,7 +826,8 @@ def test_the_capacity_report_states_what_gora_allocated_from_its_runs():
 
 def test_the_capacity_report_shows_each_seed_and_where_training_loss_falls_behind():
     """Protects the reader of a seed-level interval from hidden structure: the per-seed table gives every method's
-    test NLL / exact match on every seed (bold: the seed's lowest NLL; '–' where a method has not run that seed,
+    test NLL / exact match on every seed (bold: the seed's lowest NLL at the budget, the r = 32 reference shown but
+    not ranked; '–' where a method has not run that seed,
     'diverged' where it diverged), and the loss table gives the mean training loss over each eighth of the steps,
     averaged over seeds with the lowest and highest seed, so that a start ahead or a stall at the peak lr shows."""
     from benchmarks.harness import capacity
@@ -852,7 +853,11 @@ def test_the_capacity_report_shows_each_seed_and_where_training_loss_falls_behin
     assert seeds[3] == "| 1 | **0.500 / 50.0** | – | 0.600 / – |"
     assert seeds[4] == "| 2 | 0.700 / 0.0 | – | – |"  # a lone run is nobody's best
 
-    del methods["rslora"]
+    methods["rslora-r32"] = {0: run(0, 0.1, 0.75, flat), 1: run(1, 0.2, 0.5, flat)}  # the reference is not ranked
+    with_ref = capacity.seed_table(methods)
+    assert with_ref[2] == "| 0 | 0.500 / 12.5 | diverged | **0.400 / 25.0** | 0.100 / 75.0 |"
+    assert with_ref[3] == "| 1 | **0.500 / 50.0** | – | 0.600 / – | 0.200 / 50.0 |"
+    del methods["rslora"], methods["rslora-r32"]
     phases = capacity.loss_phase_table(methods)
     assert phases[0].startswith("| method | seeds | steps 1–2 | steps 3–4 |") and phases[0].endswith("steps 15–16 |")
     gora = phases[3].split(" | ")
