@@ -467,8 +467,8 @@ def seed_table(methods: dict[str, dict[int, Record]]) -> list[str]:
     for seed in seeds:
         runs = {m: methods[m].get(seed) for m in names}
         nll = {m: r["metric"] for m, r in runs.items() if r and not r.get("diverged") and r.get("metric") is not None}
-        ranked = [v for m, v in nll.items() if m != CAPACITY_REFERENCE]
-        best = min(ranked) if len(ranked) > 1 else None
+        ranked = {m: v for m, v in nll.items() if m != CAPACITY_REFERENCE}
+        best = min(ranked.values()) if len(ranked) > 1 else None
         cells = []
         for m in names:
             r = runs[m]
@@ -479,7 +479,7 @@ def seed_table(methods: dict[str, dict[int, Record]]) -> list[str]:
             else:
                 em = (r.get("metrics") or {}).get("exact_match")
                 text = f"{nll[m]:.3f} / " + (f"{100 * em:.1f}" if em is not None else "–")
-                cells.append(f"**{text}**" if nll[m] == best and m != CAPACITY_REFERENCE else text)
+                cells.append(f"**{text}**" if m in ranked and ranked[m] == best else text)
         out.append(f"| {seed} | " + " | ".join(cells) + " |")
     return out
 
