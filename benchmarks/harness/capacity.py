@@ -209,6 +209,60 @@ def comparison_blocks(suite: str, gate_records: list[Record]) -> list[Block]:
             overrides={**task, "r": 8},
             note=f"r_ref = 8 (baselines) on the first {len(comp.control_seeds)} seeds",
         ),
+        # issue #34 (suites with budgets): the core methods at each shorter budget, tuned per budget
+        **{
+            f"budget-{steps}": Block(
+                f"cap-budget-{steps}",
+                comp.base,
+                f"r{low}-{steps}steps",
+                ("lora", "rslora", "gora"),
+                seeds=comp.main_seeds,
+                tune_seeds=comp.tune_seeds,
+                lrs=comp.lrs,
+                method_lrs=comp.method_lrs,
+                overrides={**task, **r_low, "train_size": steps * BASE[comp.base]["batch_size"]},
+            )
+            for steps in comp.budgets
+        },
+        # GoRA at half its 256-step lr: a labelled variant (is the tie an lr-selection artefact?), not the verdict
+        "stall": Block(
+            "cap-stall",
+            comp.base,
+            f"r{low}-gora-lr-half",
+            (),
+            (("gora", "gora"),),
+            seeds=comp.main_seeds,
+            tune_seeds=(),
+            fixed_lr={"gora": comp.fixed_lr.get("gora", 0.0)},
+            overrides={**task, **r_low},
+            note="GoRA at half its 256-step lr, a labelled variant",
+        ),
+        # which half of GoRA costs at peak lr: allocation only (gamma = 0) and initialization only (fixed ranks),
+        # each tuned itself
+        "controls-256": Block(
+            "cap-controls-256",
+            comp.base,
+            f"r{low}-controls",
+            ("gora-gamma0", "gora-fixed"),
+            seeds=comp.control_seeds,
+            tune_seeds=comp.tune_seeds,
+            lrs=comp.lrs,
+            method_lrs=comp.method_lrs,
+            overrides={**task, **r_low},
+            note=f"the controls each at its own tuned lr, on the first {len(comp.control_seeds)} seeds",
+        ),
+        "auto-256": Block(
+            "cap-auto-256",
+            comp.base,
+            f"r{low}-gora-auto",
+            (),
+            (("gora-auto", "gora-auto"),),
+            seeds=comp.control_seeds,
+            tune_seeds=(),
+            fixed_lr={"gora-auto": comp.fixed_lr.get("gora-auto", 0.0)},
+            overrides={**task, **r_low},
+            note=f"GoRA with gamma = auto at GoRA's 256-step lr, on the first {len(comp.control_seeds)} seeds",
+        ),
     }
     return [blocks[name] for name in comp.blocks]
 

@@ -323,7 +323,7 @@ def run_capacity(suite: str, args: argparse.Namespace, runner: Runner | None, pa
     blocks = [_block(b, args) for b in blocks if not args.blocks or b.name in args.blocks]
     chosen: dict[str, dict[str, float | None]] = {}  # regime -> method -> lr
     for block in blocks:
-        grids = {m: list(block.lrs) for m in block.tuned}
+        grids = {m: list(block.lrs_for(m)) for m in block.tuned}
 
         if runner is None:
             todo = [s for s in _capacity_tune(suite, block, grids, args) if run_id(s) not in done_ids(path)]
@@ -336,7 +336,7 @@ def run_capacity(suite: str, args: argparse.Namespace, runner: Runner | None, pa
         while runner is not None:  # widen while a best lr sits at an edge
             extra = {}
             for method, choice in choices.items():
-                lr = capacity.widened(grids[method], choice.lr, block.lrs, comp.widen)
+                lr = capacity.widened(grids[method], choice.lr, block.lrs_for(method), comp.widen)
                 if lr is not None:
                     grids[method].append(lr)
                     extra[method] = [lr]

@@ -303,6 +303,7 @@ class Block:
         overrides: Spec fields changed from `base` (e.g. r = 2, gora_min_rank = 1).
         fixed_lr: method -> lr for blocks without tuning.
         note: What this block leaves out to fit the machine (shown in the report).
+        method_lrs: (method, lrs) for a method whose starting grid differs from `lrs` (e.g. centred on its own optimum).
     """
 
     name: str
@@ -316,10 +317,15 @@ class Block:
     overrides: dict[str, Any] = field(default_factory=dict)
     fixed_lr: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    method_lrs: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     @property
     def methods(self) -> list[str]:
         return [*self.tuned, *(m for m, _ in self.borrowed)]
+
+    def lrs_for(self, method: str) -> tuple[float, ...]:
+        """The starting lr grid of `method`."""
+        return dict(self.method_lrs).get(method, self.lrs)
 
     def source(self, method: str) -> str:
         """The method whose chosen lr `method` runs at (itself when tuned)."""
@@ -530,6 +536,10 @@ class Comparison:
         blocks: Which blocks to build, in run order ("core", "controls", "r8").
         widen: How many lrs a method may get beyond each edge of `lrs` while its best sits at that edge.
         qualify_ratio: NLL(r = 32) / NLL(r = 4) at or below which a task qualifies.
+        budgets: Training budgets in steps: each gets a block "budget-<steps>" (lora / rslora / gora tuned and run
+            at that budget, same schedule shape); `blocks` names them among the others.
+        method_lrs: (method, lrs): a method's own starting grid (default `lrs`).
+        fixed_lr: method -> lr of the blocks that run at a given lr without tuning (the "stall" variant).
     """
 
     gate: str
@@ -541,6 +551,21 @@ class Comparison:
     blocks: tuple[str, ...] = ("core", "controls", "r8")
     widen: int = WIDEN
     qualify_ratio: float = QUALIFY_RATIO
+    budgets: tuple[int, ...] = ()
+    method_lrs: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    fixed_lr: dict[str, float] = field(default_factory=dict)
+
+
+# the 256-step optima of evidence-capacity-long (lora 4e-3, rslora 1e-3, gora 4e-3), each method's budget grid from
+# half its optimum to 4x (a shorter schedule tends to want a larger lr), widened at an edge
+BUDGET_LRS = (
+    ("lora", (2e-3, 4e-3, 8e-3, 1.6e-2)),
+    ("rslora", (5e-4, 1e-3, 2e-3, 4e-3)),
+    ("gora", (2e-3, 4e-3, 8e-3, 1.6e-2)),
+    # the controls at 256 steps, each tuned itself around GoRA's 4e-3
+    ("gora-gamma0", (1e-3, 2e-3, 4e-3, 8e-3)),
+    ("gora-fixed", (1e-3, 2e-3, 4e-3, 8e-3)),
+)
 
 
 COMPARISONS: dict[str, Comparison] = {
@@ -551,6 +576,19 @@ COMPARISONS: dict[str, Comparison] = {
     # with each rank at its own lr: about 40 minutes of one core a run, so it runs over several sessions from one
     # frozen checkout (scripts/capacity_cpu.sh; all blocks in one invocation, so later blocks see the core's lrs)
     "evidence-capacity-long": Comparison("capacity-gate-long", "rg-capacity-long"),
+    # issue #34: when does GoRA pay? The same task, model and r = 4 at shorter budgets (32, 64, 128 steps of 8, the
+    # same linear schedule with 10% warm-up), each method's lr tuned per budget; then, at 256 steps, why GoRA
+    # stalls at its peak lr: GoRA at half its lr (a labelled variant), the controls each at its own tuned lr, and
+    # GoRA with gamma = "auto" at GoRA's lr. Blocks run in the issue's priority order.
+    "evidence-budget": Comparison(
+        "capacity-gate-long",
+        "rg-capacity-long",
+        budgets=(32, 64, 128),
+        method_lrs=BUDGET_LRS,
+        fixed_lr={"gora": 2e-3, "gora-auto": 4e-3},
+        control_seeds=tuple(range(4)),
+        blocks=("budget-32", "budget-64", "stall", "controls-256", "auto-256", "budget-128"),
+    ),
     # CI: the code path on a random tiny model (the ratio lets any finished gate through: nothing binds there)
     "evidence-capacity-smoke": Comparison(
         "capacity-gate-smoke",
