@@ -214,6 +214,8 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
         if stage in m:
             parts.append(f"{label} {m[stage][metric]:.4f}")
     print(f"{metric}: " + " | ".join(parts))
+    if (report.get("start_check") or {}).get("raised"):
+        print(f"WARNING: {report['start_check']['message']}")
     if "before" in m and metric != "loss":
         print(f"eval loss: {m['before']['loss']:.4f} -> {m['after']['loss']:.4f}")
     if "generated" in m["after"]:
