@@ -135,21 +135,32 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    runs = [run_setting(name, seed) for name in args.settings for seed in args.seeds]
-    by_setting = {name: summary([r for r in runs if r["setting"] == name]) for name in args.settings}
-    result = {
-        **stamp(),
-        "threads": args.threads,
-        "calibration_batches": N,
-        "held_out_batches": 4,
-        "concurrent": args.concurrent,
-        "load_average": os.getloadavg(),
-        "overall": summary(runs),
-        "by_setting": by_setting,
-        "runs": runs,
-    }
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"overall": result["overall"], "by_setting": by_setting}, indent=1))
+    # a run already in --out (same code and environment) is kept: the study can be stopped and continued
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    here = stamp()
+    same = previous and (previous.get("git"), previous.get("versions")) == (here["git"], here["versions"])
+    runs = list(previous.get("runs", [])) if same else []
+    for name in args.settings:
+        for seed in args.seeds:
+            if any(r["setting"] == name and r["seed"] == seed for r in runs):
+                continue
+            runs.append(run_setting(name, seed))
+            settings = list(dict.fromkeys(r["setting"] for r in runs))
+            result = {
+                **here,
+                "threads": args.threads,
+                "calibration_batches": N,
+                "held_out_batches": 4,
+                "concurrent": args.concurrent,
+                "load_average": os.getloadavg(),
+                "overall": summary(runs),
+                "by_setting": {n: summary([r for r in runs if r["setting"] == n]) for n in settings},
+                "runs": runs,
+            }
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(args.out)  # after every run, atomically
+    print(json.dumps(summary(runs), indent=1))
     return 0
 
 
