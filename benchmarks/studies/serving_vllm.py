@@ -12,7 +12,9 @@ What it does (every command it runs is recorded in the results):
 2. Prompt logprobs (the log-probability of every prompt token given the tokens before it, and the top-1 token at
    every position) of held-out prompts, from transformers/PEFT (base alone, base + adapter/, base + adapter-serving/)
    and from vLLM (`LLM(..., enable_lora=True)`, `SamplingParams(prompt_logprobs=1)`, float32, the same token ids;
-   one engine: the base alone is a request without a LoRA, each adapter a `LoRARequest`).
+   one engine: the base alone is a request without a LoRA, each adapter a `LoRARequest`). A control: adapter/'s
+   tensors with rank_pattern/alpha_pattern removed from its config, i.e. what vLLM <= 0.31 read (one factor for
+   every layer), served by the same vLLM.
 3. Per variant: max and mean |Δlogprob| of the prompt tokens, max |Δ| of the top-1 logprob, top-1 agreement. The
    base model alone, vLLM against transformers, is the noise floor; both adapters must be within 5x of it with the
    same top-1 tokens (`passed`), while the adapter moves PEFT's logprobs far more (so a match is not that of two
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -214,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads((run_dir / "report.json").read_text())
     adapters = {"original": run_dir / "adapter", "export": run_dir / "adapter-serving"}
     original_config = json.loads((adapters["original"] / "adapter_config.json").read_text())
+    control = work / "adapter-no-patterns"  # what vLLM <= 0.31 read: one r and one lora_alpha for every layer
+    shutil.rmtree(control, ignore_errors=True)
+    shutil.copytree(adapters["original"], control)
+    no_patterns = {**original_config, "rank_pattern": {}, "alpha_pattern": {}}
+    (control / "adapter_config.json").write_text(json.dumps(no_patterns, indent=2))
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     token_ids = prompts(tokenizer, args.gsm_prompts, args.response_tokens)
@@ -240,11 +248,17 @@ def main(argv: list[str] | None = None) -> int:
         "base": vllm_logprobs(llm, token_ids),
         "original": vllm_logprobs(llm, token_ids, lora_request("original", 1, adapters["original"])),
         "export": vllm_logprobs(llm, token_ids, lora_request("export", 2, adapters["export"])),
+        "no_patterns": vllm_logprobs(llm, token_ids, lora_request("no_patterns", 3, control)),
     }
     vllm_s = time.perf_counter() - t0
 
     # vLLM's variant -> what it must equal: the base model; for both adapters PEFT with the adapter as trained
-    reference = {"base": hf["base"], "original": hf["original"], "export": hf["original"]}
+    reference = {
+        "base": hf["base"],
+        "original": hf["original"],
+        "export": hf["original"],
+        "no_patterns": hf["original"],
+    }
     n = range(len(token_ids))
     per_prompt = {v: [compare(served[v][i], want[i], start) for i in n] for v, want in reference.items()}
     adapter_effect = [compare(hf["original"][i], hf["base"][i], start) for i in n]
@@ -270,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             and verdict[variant]["same_top1"]
         )
     verdict["adapter_effect_over_base_floor"] = summary["adapter_effect_peft"]["max_abs_diff"] / floor["max_abs_diff"]
+    verdict["no_patterns_over_base_floor"] = (
+        summary["vllm_no_patterns_vs_peft"]["max_abs_diff"] / floor["max_abs_diff"]
+    )
     verdict["passed"] = verdict["original"]["passed"] and verdict["export"]["passed"] and floor["top1_agreement"] == 1
 
     serving = report["serving"]
