@@ -8,7 +8,9 @@ fresh copy of the model twice from those statistics, with `gamma_search="grid"` 
 the same held-out batches (the training batches after the N calibration ones, as the harness's `gora-auto` takes
 them). Recorded per run: L(0), every grid candidate's held-out loss, the γ each search chose and its loss, the
 candidates the bracket evaluated, whether the paper's fixed γ = 5e-2 raises the held-out loss, and the time of each
-search (`timings_s["gamma_s"]`: L(0), the candidates and PEFT's wrapping). The bracket's losses are the grid's own at
+search: its held-out forwards (exact), the wall time `timings_s["gamma_s"]` (L(0), the candidates and PEFT's
+wrapping) and the CPU time of the whole build from saved statistics (one thread: the work done, little disturbed by
+the other processes of a shared machine). The bracket's losses are the grid's own at
 the same γ (same forwards), so "same γ" is an exact comparison.
 
 Settings (models and data that ship in packages, or config-built):
@@ -72,12 +74,16 @@ def run_setting(name: str, seed: int) -> dict[str, Any]:
     for kind in ("grid", "bracket"):
         model = copy.deepcopy(task.model)
         cfg = gora.GoraConfig(**{**config.to_dict(), "gamma_search": kind})
+        cpu = time.process_time()
         peft_model = gora.get_gora_model(
             model, cfg, task.calib_batches[:N], eval_dataloader=held_out, stats=stats, show_progress=False
         )
+        cpu_s = time.process_time() - cpu  # one thread: the work done, little disturbed by other processes
         record = peft_model.gora_records["default"]
         search = record.extra["gamma_search"]
-        out[kind] = {**search, "gamma_s": record.timings_s["gamma_s"]}
+        # held-out forwards: K for L(0) plus K per candidate evaluated (the exact cost, whatever the machine)
+        forwards = len(held_out) * (1 + len(search["candidates"]))
+        out[kind] = {**search, "gamma_s": record.timings_s["gamma_s"], "build_cpu_s": cpu_s, "forwards": forwards}
         del peft_model, model
     grid, bracket = out["grid"], out["bracket"]
     on_grid = dict(zip(grid["candidates"], grid["losses"]))
@@ -91,6 +97,8 @@ def run_setting(name: str, seed: int) -> dict[str, Any]:
     out["paper_gamma_loss"] = on_grid[PAPER_GAMMA]
     out["paper_gamma_raises"] = on_grid[PAPER_GAMMA] > grid["base_loss"]
     out["time_ratio"] = bracket["gamma_s"] / grid["gamma_s"]
+    out["cpu_ratio"] = bracket["build_cpu_s"] / grid["build_cpu_s"]
+    out["forward_ratio"] = bracket["forwards"] / grid["forwards"]
     logging.getLogger(__name__).info(
         "%s seed %d: grid γ %.3g (%d evals, %.1fs), bracket γ %.3g (%d evals, %.1fs), gap %+.2e, 5e-2 %s",
         name,
@@ -116,6 +124,10 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "max_loss_gap": max(r["bracket_loss_gap"] for r in runs),
         "max_relative_gap": max(r["bracket_loss_gap"] / abs(r["grid"]["base_loss"]) for r in runs),
         "median_time_ratio": statistics.median(r["time_ratio"] for r in runs),
+        "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in runs),
+        "median_grid_cpu_s": statistics.median(r["grid"]["build_cpu_s"] for r in runs),
+        "median_bracket_cpu_s": statistics.median(r["bracket"]["build_cpu_s"] for r in runs),
+        "forward_ratio": statistics.median(r["forward_ratio"] for r in runs),
         "median_grid_s": statistics.median(r["grid"]["gamma_s"] for r in runs),
         "median_bracket_s": statistics.median(r["bracket"]["gamma_s"] for r in runs),
         "paper_gamma_raises": sum(r["paper_gamma_raises"] for r in runs),
