@@ -161,7 +161,8 @@ class ExportResult:
 PARAMETER_ADAPTER_REASON = (
     "the adapter adapts parameters directly (target_parameters: fused expert stacks, PEFT's lora_A (r·E, in) / "
     "lora_B (out, r·E) layout), and this export writes per-module LoRA tensors: it writes no export for vLLM or "
-    "llama.cpp. llama.cpp is not known here to load PEFT's expert layout; vLLM reads it as trained (docs/moe.md)"
+    "llama.cpp. llama.cpp is not known here to load PEFT's expert layout; vLLM >= 0.32.0 reads it as trained "
+    "(docs/moe.md)"
 )
 # where the adapter as trained can be served by vLLM: its source maps PEFT's fused-expert LoRA onto rank_pattern /
 # alpha_pattern (vllm/lora/peft_helper.py, get_rank_and_scaling) and runs it with Triton kernels, which its CPU build
@@ -275,14 +276,17 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, L
     return layers
 
 
+# LoRA variants of PEFT releases whose LoraConfig fields carry no `is_lora_variant` metadata (0.17.x): DoRA, QALoRA
+_UNMARKED_VARIANTS = ("use_dora", "use_qalora")
+
+
 def _check_exportable(adapter: SavedAdapter) -> None:
     """Refuse what plain LoRA cannot express (LoRA variants such as DoRA, base-changing initializations)."""
     config = adapter.config
-    variants = [
-        f.name
-        for f in dataclasses.fields(config)
-        if f.metadata.get("is_lora_variant") and getattr(config, f.name, None)
-    ]
+    fields = dataclasses.fields(config)
+    marked = any(f.metadata.get("is_lora_variant") for f in fields)  # PEFT 0.17 marks none: its variants by name
+    variant = (lambda f: f.metadata.get("is_lora_variant")) if marked else (lambda f: f.name in _UNMARKED_VARIANTS)
+    variants = [f.name for f in fields if variant(f) and getattr(config, f.name, None)]
     init_field = next(f for f in dataclasses.fields(config) if f.name == "init_lora_weights")
     if config.init_lora_weights in init_field.metadata.get("lora_variants", ()):  # PEFT's own variant registry
         variants.append(f"init_lora_weights={config.init_lora_weights!r}")
@@ -302,9 +306,8 @@ def _check_exportable(adapter: SavedAdapter) -> None:
         )
     if config.target_parameters:
         raise ValueError(
-            f"{str(adapter.folder)!r}: {PARAMETER_ADAPTER_REASON}. Serve it as trained with PEFT, or with "
-            + VLLM_EXPERTS_NOTE.format(adapter=adapter.folder)
-            + "; or merge it (gora merge)"
+            f"{str(adapter.folder)!r}: {PARAMETER_ADAPTER_REASON}. Serve it as trained with PEFT, or merge it "
+            "(gora merge). " + VLLM_EXPERTS_NOTE.format(adapter=adapter.folder)
         )
     for name in adapter.layers:
         r, _ = peft_scaling(config, name)
