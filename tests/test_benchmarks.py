@@ -630,7 +630,7 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
     a, b = sorted(lo)
     assert f"r = 4 best at {lo[1]} ({a:g}: 0.500, {b:g}: 0.440)" in text
     assert f"r = 4: {a:g}, {b:g}" in text  # the header names each rank's grid
-    assert "the comparison (`evidence-capacity-long`) runs on it" in text
+    assert "the comparison (`evidence-capacity-long`, `evidence-budget`) runs on it" in text
     (partial,) = capacity.gate_rows(records[:3], "capacity-gate-long")
     assert not partial.complete  # r = 32 has one of its two lrs
     from benchmarks.harness import report_evidence

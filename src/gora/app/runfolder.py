@@ -135,6 +135,7 @@ RESUME_FIXED: dict[str, str] = {
             "gamma",
             "gamma_candidates",
             "gamma_batches",
+            "gamma_search",
             "num_batches",
             "seed",
             "importance",
