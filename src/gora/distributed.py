@@ -111,6 +111,20 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def sharded_grad_factor() -> int:
+    """How many ranks' gradients an FSDP2 gradient shard holds the sum of: 1 where its reduce-scatter averages
+    (ReduceOp.AVG, as FSDP2 asks for float32 gradients), the world size where the backend sums instead. Gloo in
+    torch 2.8 does (2.13 averages): probed once with that same collective, which every rank joins."""
+    if not is_distributed():
+        return 1
+    dist = torch.distributed
+    n = dist.get_world_size()
+    out = torch.zeros(1, device=_comm_device())
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the newer name, if any
+    scatter(out, torch.ones(n, device=out.device), op=dist.ReduceOp.AVG)
+    return n if round(float(out)) == n and n > 1 else 1
+
+
 def sum_counts(values: list[int]) -> list[int]:
     """Element-wise sum of integer counters over all ranks."""
     if not is_distributed() or not values:

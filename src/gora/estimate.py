@@ -37,6 +37,7 @@ from .distributed import (
     fail_together,
     is_distributed,
     ranks_where_false,
+    sharded_grad_factor,
     sum_counts,
     unwrap_model,
     world_size,
@@ -156,6 +157,7 @@ class _Estimation:
         self.sharded = [isinstance(r, _WeightRoute) and r.sharded for r in self.routes]
         # statistics of plain weights are summed over ranks at the end; FSDP2 gradients arrive averaged over ranks
         self.reduce = {t.name: is_distributed() and not s for t, s in zip(targets, self.sharded)}
+        self.shard_factor = sharded_grad_factor() if any(self.sharded) else 1  # gloo under torch 2.8 sums
         self.counts = dict.fromkeys((t.name for t in targets), 0)
         self.batches = 0
         self.in_pilot = False
@@ -254,7 +256,7 @@ def _finish(run: _Estimation, config: GoraConfig, adaptive: _Adaptive | None) ->
     for name in names:
         if name in no_grad:
             continue
-        total = global_batches if run.reduce[name] else local_batches  # FSDP2 grads arrive averaged over ranks
+        total = global_batches if run.reduce[name] else local_batches * run.shard_factor  # FSDP2: averaged grads
         kind, tensor, importance = run.store.finish(name, run.reduce[name], total)
         tables[kind][name] = tensor
         if importance is not None:
@@ -321,7 +323,7 @@ class _Adaptive:
         current = {}
         for target in run.targets:
             reduce = run.reduce[target.name]
-            total = k * world_size() if reduce else k
+            total = k * world_size() if reduce else k * run.shard_factor
             value = run.store.running_importance(target, run.weight_of, reduce, total)
             if value is not None:
                 current[target.name] = value

@@ -142,13 +142,25 @@ def _parameter_targets(model: nn.Module, config: GoraConfig) -> list[Target]:
         shown = _short([n for n, p in model.named_parameters() if p.dim() == 3])
         raise ValueError(
             f"target_parameters={config.target_parameters!r} matches no parameter of this {type(model).__name__}. "
-            f"Its 3-D (expert) parameters: {shown}"
+            f"Its 3-D (expert) parameters: {shown}{_fused_experts_hint(shown)}"
         )
     targets = []
     for name, module in matched:
         experts, m, n, transposed = parameter_shape(name, module)
         targets.append(Target(name, m, n, transposed, parameter=True, experts=experts))
     return targets
+
+
+def _fused_experts_hint(shown: str) -> str:
+    """Under transformers 4.x, where experts are per-expert nn.Linear modules: how to reach them instead."""
+    import transformers
+
+    if shown != "(none)" or int(transformers.__version__.split(".")[0]) >= 5:
+        return ""
+    return (
+        f". Fused expert stacks need transformers>=5 (here {transformers.__version__}, which builds one nn.Linear per "
+        "expert): target the experts' linear layers with target_modules instead (docs/moe.md)"
+    )
 
 
 def _check_parameters_apart(modules: list[Target], parameters: list[Target]) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,8 @@ def check_model(path: str, task: TaskKind) -> Any:
 def _hub_message(model_id: str, err: BaseException) -> str:
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    # huggingface_hub < 1.0 (beside transformers 4.x) reads HF_HUB_OFFLINE once, at its import: the variable counts too
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
         return (
             f"--model {model_id!r} is not a local folder, and as a Hugging Face Hub id it is not in the local cache: "
             "the hub cannot be reached, since gora runs offline (HF_HUB_OFFLINE=1) unless told otherwise: run with "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,11 @@ def make_trainer(
         callbacks=callbacks,
     )
     for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+        if not isinstance(callback, TensorBoardCallback):
+            continue
+        if not hasattr(callback, "logging_dir"):  # transformers 4.x: the callback writes to args.logging_dir
+            trainer.args.logging_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or str(run.path / "logs")
+        elif callback.logging_dir is None:
             callback.logging_dir = str(run.path / "logs")
     task_kind(data.task).adjust_trainer(trainer)  # e.g. how the Trainer scales the task's loss
     if not show_progress:  # -q: without tqdm the Trainer prints every log dict instead; the report keeps them
