@@ -2,8 +2,8 @@
 # Set up .venv-floor: gora-peft with its oldest supported releases (scripts/floor-constraints.txt, the floors that
 # pyproject.toml declares), its test tools and the offline assets, for the floor run of the suite in .ci/run.
 #
-# PyPI's torch 2.8.0 for Linux is a CUDA build (torch 888 MB + the nvidia-* wheels, about 3.3 GB downloaded,
-# 4.6 GB in the venv); it runs on the CPU. Its wheels are downloaded once into a wheelhouse
+# PyPI's torch 2.8.0 for Linux is a CUDA build (torch 888 MB + the nvidia-* wheels: 3.7 GB downloaded,
+# 7.6 GB in the venv); it runs on the CPU. Its wheels are downloaded once into a wheelhouse
 # ($GORA_WHEELHOUSE, default ~/.cache/gora/wheelhouse: pip's own cache does not keep them on these machines) and
 # installed from there without the network afterwards. Timings: docs/versions.md.
 set -euo pipefail
