@@ -551,7 +551,7 @@ def test_answer_nll_is_per_example_and_matches_the_token_mean_loss():
     in (batch 1 = batch 3), and Σ sums / Σ tokens is gora.app's evaluate_loss (the mean over learned tokens)."""
     from benchmarks.harness.tasks import answer_nll
 
-    from gora.app.evaluate import evaluate_loss
+    from gora.app.tasks.evaluate import evaluate_loss
     from helpers import make_llama
 
     model = make_llama(seed=3)

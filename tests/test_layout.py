@@ -117,6 +117,34 @@ def test_the_benchmarks_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join([*cycle, cycle[0]])
 
 
+APP_LAYERS = ("config", "tasks", "run", "commands")  # gora.app's subpackages, each above the ones before it
+
+
+def _app_layer(module: str) -> int | None:
+    """0 for the modules directly in gora.app (errors, assets, parallel), 1.. for the subpackages in APP_LAYERS
+    order, None outside the app."""
+    parts = module.split(".")
+    if parts[:2] != ["gora", "app"] or len(parts) == 2:
+        return None
+    return APP_LAYERS.index(parts[2]) + 1 if parts[2] in APP_LAYERS else 0
+
+
+def test_the_app_subpackages_are_layered():
+    """Property (issue #35): the app's subpackages import downwards only: config <- tasks <- run <- commands, all on
+    the three shared modules directly in gora.app, which import none of them (nor each other): a reader of the task
+    kinds never needs the run machinery, nor the run the command line."""
+    graph = _import_graph()
+    assert {_app_layer(m) for m in graph} >= {0, 1, 2, 3, 4}  # every layer has modules: the walk sees them
+    upward = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if (lm := _app_layer(m)) is not None
+        for d in deps
+        if (ld := _app_layer(d)) is not None and (ld > lm or (ld == lm == 0 and m != "gora.app"))
+    )
+    assert not upward, upward
+
+
 def test_the_cycle_finder_finds_a_lazy_cycle():
     """Property: the check above can fail: a cycle closed only by an import inside a function is found."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c"]
