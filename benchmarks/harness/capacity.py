@@ -1,7 +1,7 @@
 """The capacity suite (issue #19): a gate that looks for a task where rank binds, the comparison on the task it
 finds (their part of docs/BENCHMARKS.md is `benchmarks.harness.report_capacity`).
 
-1. Gate (`capacity-gate`; candidates, ranks and lr in `benchmarks.harness.suites.GATES`): rsLoRA at r = 4 and r = 32 on each
+1. Gate (`capacity-gate`; candidates, ranks and lr in `benchmarks.harness.capacity_suites.GATES`): rsLoRA at r = 4 and r = 32 on each
    candidate task, validation answer-token NLL. A task qualifies when NLL(r = 32) <= QUALIFY_RATIO · NLL(r = 4)
    (`gate_rows`); the comparison runs on the qualifying task with the largest gap (`qualifying`), at the gate's
    low rank (where the gap was measured) and with the gate's training budget. No qualifying task: the comparison
@@ -13,10 +13,7 @@ finds (their part of docs/BENCHMARKS.md is `benchmarks.harness.report_capacity`)
    the greedy answer secondary), and the capacity reference: rsLoRA at r = 32 on the same seeds at rsLoRA's lr. Runs
    go in priority order: lr tuning and main seeds of lora / rslora / gora (+ the r = 32 reference) first, then GoRA
    with γ = "auto" and the controls, then the rsLoRA-scaled baselines at r_ref = 8.
-3. Report (`report_capacity.gate_section`, `report_capacity.comparison_section`): the gate table; per regime each method's test NLL and exact match,
-   the paired verdicts on NLL (bootstrap over seeds × test examples of the per-example NLL, weighted by answer
-   tokens) and on exact match (+ McNemar), the fraction of the r → 32 gap each method closes, the lr curves (PNG) and
-   each method's lr window (the lrs within WINDOW_NATS of its best validation NLL).
+3. Report: `benchmarks.harness.report_capacity`.
 """
 
 from __future__ import annotations
