@@ -107,8 +107,9 @@ def test_finetune_prints_the_summary(bert_dir, cls_file, tmp_path, capsys):
     assert "attention.self.query" in text  # the rank table
     assert "'loss'" not in text  # -q: the Trainer's log lines are in report.json, not printed
     deploy = text[text.index("deploy:") :]
-    assert f"PEFT -> {out / 'adapter'}" in deploy and f"vLLM and llama.cpp -> {out / 'adapter-serving'}" in deploy
-    assert "vLLM: NOT servable: modules_to_save" in deploy  # a classification head
+    assert f"PEFT -> {out / 'adapter'}" in deploy  # not "PEFT and vLLM": vLLM refuses the classification head
+    assert f"vLLM < 0.32, SGLang and llama.cpp -> {out / 'adapter-serving'}" in deploy
+    assert "vLLM: NOT servable: modules_to_save" in deploy
 
 
 def test_method_lora_uses_the_same_targets_and_rank(gora_run, bert_dir, cls_file, tmp_path):

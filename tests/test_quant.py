@@ -22,6 +22,8 @@ from gora.qlayers import dequantize  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+# from_pretrained(..., quantization_config) is given dtype=float32 throughout: transformers 4.x loads a bitsandbytes
+# model in float16 unless told (5.x keeps the checkpoint's float32), and the comparisons here are of float32 models
 
 
 def make_qllama(seed: int = 0) -> LlamaForCausalLM:
@@ -88,7 +90,7 @@ def test_qgora_from_full_precision_trains_and_reloads_in_plain_peft(base_dir, tm
 
     peft_model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(
-        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4), tmp_path / "adapter"
+        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32), tmp_path / "adapter"
     )
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     peft_model.eval()
@@ -116,7 +118,7 @@ def test_4bit_hook_route_equals_weight_route_on_dequantized_copy(base_dir, store
     identical ranks); and the 4-bit model comes back exactly as it was, without hooks."""
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2, gradient_store=store, sketch_samples=64)
     batches = lm_batches(2, length=12)
-    quantized = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    quantized = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32)
     fp = _dequantized_copy(base_dir, quantized)
     before = snapshot(quantized)
     stats = gora.estimate_gradients(quantized, config, batches, show_progress=False)
@@ -168,7 +170,7 @@ def test_quantized_gradient_is_the_gradient_at_the_base(base_dir, bits):
     qconfig = NF4 if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
     batches = lm_batches(2, length=12)
-    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig, dtype=torch.float32)
     stats = gora.estimate_gradients(model, config, batches, show_progress=False)
     assert stats.info["gradient_routes"] == {"weights": 0, "hooks": 6}
     expected = _probe_gradient(model, batches, [t.name for t in stats.targets])
@@ -190,7 +192,7 @@ def test_get_gora_model_on_a_quantized_base_trains_and_reloads_in_plain_peft(bas
     lora_cls = lora_bnb.Linear4bit if bits == 4 else lora_bnb.Linear8bitLt
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2, gamma="auto", gamma_batches=1)
     batches = lm_batches(3, length=12)
-    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig, dtype=torch.float32)
     assert getattr(model, f"is_loaded_in_{bits}bit")
     base_q = model.model.layers[0].self_attn.q_proj
     peft_model = gora.get_gora_model(model, config, batches, show_progress=False)
@@ -216,7 +218,8 @@ def test_get_gora_model_on_a_quantized_base_trains_and_reloads_in_plain_peft(bas
 
     peft_model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(
-        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig), tmp_path / "adapter"
+        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=qconfig, dtype=torch.float32),
+        tmp_path / "adapter",
     )
     assert isinstance(reloaded.get_base_model().model.layers[0].self_attn.q_proj, lora_cls)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -232,10 +235,12 @@ def test_statistics_of_a_quantized_base_belong_to_it(base_dir, tmp_path):
     dequantized weights) and give the same allocation again; the full-precision model they were quantized from is
     another model, and is refused."""
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
-    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32)
     stats = gora.estimate_gradients(model, config, lm_batches(2, length=12), show_progress=False)
     path = gora.save_gradient_stats(stats, tmp_path / "stats.safetensors", model)
-    again = gora.load_gradient_stats(path, LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4))
+    again = gora.load_gradient_stats(
+        path, LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32)
+    )
     assert gora.compute_importances(model, again, config.importance) == gora.compute_importances(
         model, stats, config.importance
     )
@@ -249,10 +254,16 @@ def test_get_qgora_model_on_a_quantized_model_is_get_gora_model(base_dir):
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
     batches = lm_batches(2, length=12)
     via_qgora = gora.get_qgora_model(
-        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4), config, batches, show_progress=False
+        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32),
+        config,
+        batches,
+        show_progress=False,
     )
     via_gora = gora.get_gora_model(
-        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4), config, batches, show_progress=False
+        LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32),
+        config,
+        batches,
+        show_progress=False,
     )
     assert via_qgora.gora_records["default"].extra["qgora"]["prequantized"] is True
     assert via_qgora.gora_records["default"].ranks == via_gora.gora_records["default"].ranks
@@ -265,7 +276,7 @@ def test_qgora_refusals_leave_model_as_it_was(base_dir):
     original full-precision modules back (no half-quantized model)."""
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
     batches = lm_batches(4, length=12)
-    quantized = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    quantized = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32)
     with pytest.raises(ValueError, match="already quantized"):
         gora.get_qgora_model(quantized, config, batches, NF4, show_progress=False)
     with pytest.raises(ValueError, match="load_in_4bit=True"):
@@ -311,7 +322,7 @@ def test_other_quantizations_are_refused_and_the_model_kept(base_dir):
 def test_quantized_layers_the_hooks_cannot_see_are_refused(base_dir):
     """Protects: a 4-bit layer whose weight a patched forward multiplies without calling the module (as fused
     kernels do) is invisible to the module hooks: a ValueError names it, and the model is left as it was."""
-    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32)
     mlp = model.model.layers[1].mlp
     up = mlp.up_proj
 
@@ -332,11 +343,11 @@ def test_cpu_inference_layout_is_refused(base_dir):
     """Protects: a 4-bit model that bitsandbytes repacked for CPU inference (eval forward without grad on an
     AVX512-BF16 CPU), through which it cannot backpropagate, is refused with a clear error instead of yielding
     wrong gradients."""
-    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    model = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32)
     with torch.no_grad():
         model(input_ids=lm_batches(1)[0]["input_ids"])
     if not getattr(model.model.layers[0].self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False):
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+        pytest.skip("no CPU inference repacking here: needs bitsandbytes>=0.49 on a CPU with AVX512-BF16")
     config = gora.GoraConfig(target_modules=TARGETS, r=4, num_batches=2)
     with pytest.raises(ValueError, match="CPU inference layout"):
         gora.get_gora_model(model, config, lm_batches(2), show_progress=False)
@@ -349,7 +360,7 @@ def test_quantize_base_matches_transformers(base_dir):
     from_pretrained(quantization_config=...), so adapters trained on either base are interchangeable."""
     model = LlamaForCausalLM.from_pretrained(base_dir)
     names = gora.quantize_base(model, NF4)
-    loaded = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4)
+    loaded = LlamaForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32)
     assert names == sorted(n for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit))
     for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
         assert type(p) is type(q) and torch.equal(p.data, q.data), name

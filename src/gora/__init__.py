@@ -3,7 +3,7 @@
 The pipeline, one module per stage:
     config (GoraConfig) → estimate (estimate_gradients → stats.GradientStats) → importance/allocate (allocate_ranks)
     → initialize (init_gora_weights) → model (build_gora_model / get_gora_model: a stock peft.PeftModel)
-    → export (export_adapter: the saved adapter as plain LoRA that vLLM and llama.cpp scale as PEFT does)
+    → export (export_adapter: the saved adapter as plain LoRA that llama.cpp, SGLang and vLLM < 0.32 scale as PEFT does)
 Quantized (bitsandbytes) bases: `qlayers` recognises and dequantizes their layers, `quant` quantizes after estimation;
 `memory` predicts the peak memory of estimation. The `gora` command is the application in `gora.app`, built on these.
 """

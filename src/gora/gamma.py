@@ -11,7 +11,18 @@ and it is compared with L(0), the loss of the unmodified pretrained model (B0 = 
 
 Unlike the research code (spec §3), the reference is the pretrained model itself rather than a perturbed one, the
 held-out batches are not the gradient batches (nor one random batch), dropout is off, and every loss is reported.
-Cost: K forwards for L(0) plus K per candidate.
+
+Which candidates are evaluated (`GoraConfig.gamma_search`):
+    grid     every γ_k: K forwards for L(0) plus K per candidate (9 candidates by default);
+    bracket  at most BRACKET_EVALS = 3 candidates (`bracket_losses`): start at the candidate nearest the paper's
+             γ = 5e-2; if it lowers the loss, step up while the loss keeps falling (else try one below); if it raises
+             the loss, back off by two grid steps (4x) until one lowers it, then try the one between. On a loss that
+             is unimodal in log γ it finds the grid's γ* whenever γ* lies within one step up or two steps down of the
+             start; benchmarks/studies/gamma_search.py measures how often it does on real models.
+
+The start check (`StartCheck`): with a fixed γ the library compares L(γ) with L(0) on held-out batches when it has
+some (`eval_dataloader`), and `gora finetune` compares the eval loss after GoRA's initialization with the loss before
+training; a start that raises the loss by more than START_TOLERANCE (relative) is reported at once, with the fix.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +50,11 @@ logger = logging.getLogger(__name__)
 # answer) and 4x above it (a step of ‖ΔW0‖ ≈ γ‖G‖ larger than that overshoots on pretrained models). 9 candidates
 # cost 9 forwards per held-out batch; the research code's 0.8^k grid costs 52.
 DEFAULT_GAMMA_CANDIDATES: tuple[float, ...] = tuple(5e-2 * 2.0**k for k in range(-6, 3))
+PAPER_GAMMA = 5e-2  # the paper's γ: the default of GoraConfig.gamma and where the bracket search starts
+BRACKET_EVALS = 3  # candidates the bracket search evaluates at most (besides L(0), which every search needs)
+# a start "raises the loss" when L(γ) > L(0) + START_TOLERANCE·|L(0)|: 0.1%, above float noise between two evaluations of
+# one model, far below the raises that matter (the case that prompted the check went 3.96 -> 5.14)
+START_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -52,6 +68,7 @@ class GammaSearch:
         gamma: γ*, the chosen value (0.0 when no candidate lowers the loss).
         num_batches: K, the number of held-out batches (over all ranks under torch.distributed).
         source: Where the held-out batches came from.
+        search: "grid" (every candidate evaluated) or "bracket" (`candidates` holds the ones it evaluated).
     """
 
     candidates: list[float]
@@ -60,6 +77,7 @@ class GammaSearch:
     gamma: float
     num_batches: int
     source: str
+    search: str = "grid"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -72,6 +90,58 @@ class GammaSearch:
         record.extra["gamma_search"] = self.to_dict()
 
 
+@dataclass
+class StartCheck:
+    """Does GoRA's initial step lower the loss? Kept in `GoraRecord.extra["start_check"]` and in `gora finetune`'s
+    report.json.
+
+    Attributes:
+        base_loss: L(0), the loss of the pretrained model (no adapter, or B0 = 0).
+        init_loss: L(γ), the loss with GoRA's initial adapter.
+        gamma: The γ of the initial adapter (the chosen one under gamma="auto").
+        source: What the losses were measured on ("held-out batches", "eval set").
+        raised: L(γ) > L(0) + START_TOLERANCE·|L(0)|: the start is worse than the pretrained model.
+    """
+
+    base_loss: float
+    init_loss: float
+    gamma: float
+    source: str
+    raised: bool = False
+
+    def __post_init__(self) -> None:
+        margin = START_TOLERANCE * abs(self.base_loss)
+        self.raised = not (self.init_loss <= self.base_loss + margin)  # also when L(γ) is not finite
+
+    def message(self) -> str:
+        change = self.init_loss - self.base_loss
+        return (
+            f"GoRA's initial step (gamma={self.gamma:g}) raised the loss on the {self.source} from "
+            f"{self.base_loss:.4f} to {self.init_loss:.4f} ({change:+.4f}, {change / abs(self.base_loss):+.1%}): "
+            "the adapter starts worse than the pretrained model. Choose gamma on held-out batches with "
+            f"gamma='auto' (gora finetune --gamma auto) or use a smaller gamma (e.g. {self.gamma / 4:g})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["init_loss"] = self.init_loss if math.isfinite(self.init_loss) else None  # JSON has no inf
+        if self.raised:
+            out["message"] = self.message()
+        return out
+
+
+def check_start(base_loss: float, init_loss: float, gamma: float, source: str) -> StartCheck:
+    """The start check; a start that raises the loss is logged as a warning at once."""
+    check = StartCheck(float(base_loss), float(init_loss), float(gamma), source)
+    if check.raised:
+        logger.warning(check.message())
+    else:
+        logger.info(
+            "GoRA's initial step (gamma=%g) lowers the loss on the %s: %.4f -> %.4f", gamma, source, base_loss, init_loss
+        )
+    return check
+
+
 def gamma_candidates(config: GoraConfig) -> tuple[float, ...]:
     """The candidate grid: `config.gamma_candidates` or `DEFAULT_GAMMA_CANDIDATES`, ascending."""
     return tuple(sorted(config.gamma_candidates or DEFAULT_GAMMA_CANDIDATES))
@@ -80,6 +150,47 @@ def gamma_candidates(config: GoraConfig) -> tuple[float, ...]:
 def unit_gamma_config(config: GoraConfig) -> GoraConfig:
     """The same configuration with γ = 1, to solve B0(1) once."""
     return dataclasses.replace(config, gamma=1.0, gamma_candidates=None)
+
+
+def start_index(grid: Sequence[float]) -> int:
+    """The index of the candidate nearest PAPER_GAMMA in log scale (the smaller one on a tie)."""
+    return min(range(len(grid)), key=lambda i: (abs(math.log(grid[i] / PAPER_GAMMA)), grid[i]))
+
+
+def bracket_losses(
+    num: int, start: int, loss_at: Callable[[int], float], base_loss: float, evals: int = BRACKET_EVALS
+) -> dict[int, float]:
+    """The bracket search over an ascending grid of `num` candidates: index -> loss of each candidate it evaluated
+    (at most `evals`, each once), starting at `start`.
+
+    The step at `start` lowers the loss below `base_loss`: go up one index while the loss keeps falling; when the
+    first step up does not fall (or there is none), try one below `start` instead. The step raises the loss: back off
+    two indices at a time (4x on the default grid) until a candidate lowers it, then try the one between that and
+    the last that raised it. `choose_gamma` then picks among the evaluated candidates (γ = 0 if none lowers it).
+    """
+    seen: dict[int, float] = {}
+
+    def f(i: int) -> float:
+        if i not in seen:
+            seen[i] = loss_at(i)
+        return seen[i]
+
+    if f(start) < base_loss:  # the paper's step helps: look up while the loss keeps falling
+        i = start
+        while i + 1 < num and len(seen) < evals and f(i + 1) < f(i):
+            i += 1
+        if i == start and start > 0 and len(seen) < evals:
+            f(start - 1)
+        return seen
+    above = start  # the smallest candidate known to raise the loss
+    i = start - 2 if start >= 2 else start - 1
+    while i >= 0 and len(seen) < evals:
+        if f(i) < base_loss:
+            if i + 1 < above and len(seen) < evals:
+                f(i + 1)
+            break
+        above, i = i, (i - 2 if i >= 2 else i - 1)
+    return seen
 
 
 def choose_gamma(candidates: Sequence[float], losses: Sequence[float], base_loss: float) -> float:
@@ -235,19 +346,28 @@ def search_gamma(
     """
     model = peft_model.get_base_model()
     lora_B = {name: lora_layer(model, name).lora_B[adapter_name].weight for name in unit_weights}
-    candidates = list(gamma_candidates(config))
+    grid = list(gamma_candidates(config))
+
+    def loss_at(i: int) -> float:
+        _scale_lora_B(lora_B, unit_weights, grid[i])  # lora_B ← γ_k·B0(1)
+        return held_out_loss(model, batches, forward_fn=forward_fn, seed=config.seed, strict=False)
+
     try:
-        losses = []
-        for gamma in candidates:
-            _scale_lora_B(lora_B, unit_weights, gamma)  # lora_B ← γ_k·B0(1)
-            losses.append(held_out_loss(model, batches, forward_fn=forward_fn, seed=config.seed, strict=False))
+        if config.gamma_search == "grid":
+            seen = {i: loss_at(i) for i in range(len(grid))}
+        else:
+            seen = bracket_losses(len(grid), start_index(grid), loss_at, base_loss)
+        candidates = [grid[i] for i in sorted(seen)]
+        losses = [seen[i] for i in sorted(seen)]
         chosen = choose_gamma(candidates, losses, base_loss)
         _scale_lora_B(lora_B, unit_weights, chosen)
     except BaseException:
         peft_model.unload()
         raise
     source = getattr(batches, "source", "eval_batches")
-    search = GammaSearch(candidates, losses, base_loss, chosen, len(batches) * world_size(), source)
+    search = GammaSearch(
+        candidates, losses, base_loss, chosen, len(batches) * world_size(), source, config.gamma_search
+    )
     _log_search(search)
     return search
 
@@ -267,7 +387,8 @@ def _log_search(search: GammaSearch) -> None:
         for gamma, loss in zip(search.candidates, search.losses)
     )
     logger.info(
-        "GoRA gamma search on %d held-out batches (%s):\n  %10s  %12s  %12s\n  %10.3e  %12.6f  (pretrained)\n%s",
+        "GoRA gamma search (%s) on %d held-out batches (%s):\n  %10s  %12s  %12s\n  %10.3e  %12.6f  (pretrained)\n%s",
+        search.search,
         search.num_batches,
         search.source,
         "gamma",

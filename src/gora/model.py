@@ -25,7 +25,7 @@ from .config import GoraConfig
 from .distributed import check_not_sharded
 from .estimate import estimate_gradients
 from .experts import lora_layer, parameter_patterns_quiet, to_peft_layout
-from .gamma import held_out_batches, held_out_loss, search_gamma, unit_gamma_config
+from .gamma import check_start, held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
 from .provenance import base_fingerprint
@@ -80,7 +80,9 @@ def build_gora_model(
     """Wrap `model` in a stock PeftModel whose LoRA layers carry GoRA's ranks, A0 and B0.
 
     With `config.gamma == "auto"`, γ is chosen on `eval_batches` (held-out batches, run through `forward_fn` if
-    given) by rescaling B0 in place (gamma.py); the search is kept in `record.extra["gamma_search"]`.
+    given) by rescaling B0 in place (gamma.py); the search is kept in `record.extra["gamma_search"]`. With a fixed
+    γ > 0 and `eval_batches`, the start is checked: a first step that raises their loss is logged as a warning with
+    the fix; either way `record.extra["start_check"]` keeps L(0) and L(γ).
     Everything that can fail is computed before PEFT touches the model, so a failure leaves it as it was.
     An FSDP2-sharded `model` is refused: build on an unsharded copy, then `fully_shard` the PeftModel.
     """
@@ -99,7 +101,8 @@ def build_gora_model(
     lora_config = make_lora_config(config, allocation, stats)
     base_model = base_fingerprint(model, list(allocation.adapted))  # before PEFT wraps the targets
     init_s = time.perf_counter() - start
-    base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if auto else 0.0  # L(0)
+    check = bool(eval_batches) and (auto or config.gamma > 0)
+    base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if check else 0.0  # L(0)
     with _quantized_flags(model), parameter_patterns_quiet(lora_config.target_parameters or ()):
         peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)  # bnb layers for bnb bases
     _write_lora_weights(peft_model, weights, adapter_name)
@@ -114,12 +117,32 @@ def build_gora_model(
             forward_fn=forward_fn,
             adapter_name=adapter_name,
         )
+    start_check = None
+    if search is not None:
+        init_loss = dict(zip(search.candidates, search.losses)).get(search.gamma, base_loss)
+        start_check = check_start(base_loss, init_loss, search.gamma, "held-out batches")
+    elif check:  # a fixed γ: L(γ) with the initial adapter in place
+        try:
+            init_loss = held_out_loss(
+                peft_model.get_base_model(), eval_batches, forward_fn=forward_fn, seed=config.seed, strict=False
+            )
+        except BaseException:
+            peft_model.unload()
+            raise
+        start_check = check_start(base_loss, init_loss, config.gamma, "held-out batches")
+    elif config.gamma != 0:
+        logger.info(
+            "GoRA: the initial step's effect on the loss is not checked (no held-out batches): pass "
+            "eval_dataloader=... to get_gora_model, or use gamma='auto'"
+        )
     timings = {**(timings or {}), "init_s": (timings or {}).get("init_s", 0.0) + init_s}
-    if auto:
-        timings["gamma_s"] = time.perf_counter() - start - init_s  # L(0) and the search, with PEFT's wrapping
+    if check:
+        timings["gamma_s"] = time.perf_counter() - start - init_s  # L(0), the search or check, with PEFT's wrapping
     record = make_record(config, stats, allocation, timings, base_model=base_model)
     if search is not None:
         search.apply_to(record)
+    if start_check is not None:
+        record.extra["start_check"] = start_check.to_dict()
     attach_record(peft_model, record, adapter_name)
     _log_summary(allocation, stats)
     return peft_model
@@ -197,8 +220,9 @@ def get_gora_model(
         adapter_name: Name of the LoRA adapter.
         offload_to_cpu: Keep gradient accumulators on the CPU.
         show_progress: Show progress bars.
-        eval_dataloader: Held-out batches for `gamma="auto"` (its first `config.gamma_batches`); without it they are
-            the `gamma_batches` batches of `dataloader` after the first `num_batches`.
+        eval_dataloader: Held-out batches (its first `config.gamma_batches`): for `gamma="auto"` (without it they are
+            the `gamma_batches` batches of `dataloader` after the first `num_batches`), and with a fixed γ > 0 to
+            check that the initial step lowers their loss (a warning with the fix when it raises it).
         stats: Gradient statistics estimated earlier on this model (`gora.load_gradient_stats`, which checks the
             model fingerprint): estimation is skipped and `dataloader` only supplies gamma="auto"'s held-out batches.
 
@@ -236,8 +260,11 @@ def estimate_and_allocate(
     with no adapter to build: `gora allocate`).
     """
     options = options or RunOptions()
-    if options.eval_dataloader is not None and config.gamma != "auto":
-        raise ValueError("eval_dataloader is only used with gamma='auto': set GoraConfig(gamma='auto') or drop it")
+    if options.eval_dataloader is not None and config.gamma == 0:
+        raise ValueError(
+            "eval_dataloader is used with gamma='auto' (to choose gamma) or a fixed gamma > 0 (to check the start); "
+            "with gamma=0 the adapter starts as the pretrained model: drop it"
+        )
     timings: dict[str, float] = {}
     stats = options.stats
     if stats is None:
@@ -255,8 +282,10 @@ def estimate_and_allocate(
     importances = compute_importances(model, stats, config.importance)
     allocation = allocate_ranks(importances, stats.shapes, config)
     timings["allocate_s"] = time.perf_counter() - start
-    auto = config.gamma == "auto" and held_out
-    eval_batches = held_out_batches(config, dataloader, options.eval_dataloader) if auto else None
+    # held-out batches: gamma="auto" takes them (from eval_dataloader or after the gradient batches); a fixed γ only
+    # from eval_dataloader, to check its start (never from the training data)
+    wanted = config.gamma == "auto" or options.eval_dataloader is not None
+    eval_batches = held_out_batches(config, dataloader, options.eval_dataloader) if held_out and wanted else None
     return Estimated(stats, allocation, eval_batches, timings)
 
 

@@ -136,8 +136,6 @@ def quantize_base(model: nn.Module, quantization_config: Any = None, *, skip_mod
 
 def _quantize(model: nn.Module, qconfig: Any, skip: list[str]) -> dict[str, nn.Module]:
     """Quantize every plain nn.Linear outside `skip`; returns name -> original module (for `_restore`)."""
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
     bnb = _import_bnb()
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(n, skip)]
     if not names:
@@ -188,12 +186,28 @@ def _default_skips(model: nn.Module, qconfig: Any) -> list[str]:
 
     skip = list(qconfig.llm_int8_skip_modules or [])
     if isinstance(model, PreTrainedModel):
-        from transformers.quantizers.base import get_keys_to_not_convert
+        try:  # transformers 5
+            from transformers.quantizers.base import get_keys_to_not_convert
+        except ImportError:  # transformers 4.x
+            from transformers.integrations.bitsandbytes import get_keys_to_not_convert
 
         if qconfig.llm_int8_skip_modules is None:
             skip += get_keys_to_not_convert(model)  # output embeddings, tied weights, last module
         skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return skip
+
+
+def should_convert_module(name: str, skip: list[str]) -> bool:
+    """Whether transformers' bitsandbytes loading quantizes module `name` given the skipped `skip`: its own rule in
+    transformers 5 (quantizers_utils.should_convert_module: a prefix up to a module boundary, a regex, or a suffix);
+    in 4.x the rule of integrations/bitsandbytes.py `_replace_with_bnb_linear` (the module's own name is in `skip`,
+    or an entry equals the full name or is followed by a "." in it)."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module as rule
+    except ImportError:
+        short = name.rpartition(".")[2]
+        return short not in skip and not any(f"{key}." in name or key == name for key in skip)
+    return rule(name, skip)
 
 
 def _check_quantization_config(quantization_config: Any, model: nn.Module) -> Any:

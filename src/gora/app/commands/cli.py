@@ -214,6 +214,8 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
         if stage in m:
             parts.append(f"{label} {m[stage][metric]:.4f}")
     print(f"{metric}: " + " | ".join(parts))
+    if (report.get("start_check") or {}).get("raised"):
+        print(f"WARNING: {report['start_check']['message']}")
     if "before" in m and metric != "loss":
         print(f"eval loss: {m['before']['loss']:.4f} -> {m['after']['loss']:.4f}")
     if "generated" in m["after"]:
@@ -240,20 +242,21 @@ def print_finetune(report: dict[str, Any], wall_s: float) -> None:
 
 
 def print_deploy(serving: dict[str, Any]) -> None:
-    """Which folder goes to which tool: PEFT reads adapter/, the engines read adapter-serving/ (or cannot)."""
+    """Which folder goes to which tool: PEFT and vLLM >= 0.32 read adapter/ as trained; older vLLM, SGLang and
+    llama.cpp read adapter-serving/ (or cannot serve the adapter)."""
     if serving.get("exported") is False:  # target_parameters: no engine export (docs/moe.md)
         print(
             f"deploy: PEFT -> {serving['adapter_dir']}; merged weights -> gora merge --adapter {serving['adapter_dir']}"
         )
-        for note in (n for n in serving["engines"] if n["engine"] != "PEFT"):
-            print(f"  {note['engine']}: NOT servable: {note['note']}")
-        return
-    print(
-        f"deploy: PEFT -> {serving['adapter_dir']} (as trained, with gora_record.json) or {serving['output_dir']}; "
-        f"vLLM and llama.cpp -> {serving['output_dir']} (each layer's scaling folded in, one rank "
-        f"{serving['rank']}: the engines ignore rank_pattern/alpha_pattern, llama.cpp also rsLoRA); merged weights "
-        f"-> gora merge --adapter {serving['adapter_dir']}"
-    )
+    else:
+        vllm_ok = any(n["engine"] == "vLLM" and n["servable"] for n in serving["engines"])
+        as_trained = "PEFT and vLLM >= 0.32" if vllm_ok else "PEFT"
+        print(
+            f"deploy: {as_trained} -> {serving['adapter_dir']} (as trained: rank_pattern/alpha_pattern, "
+            f"rsLoRA; PEFT also reads {serving['output_dir']}); vLLM < 0.32, SGLang and llama.cpp -> "
+            f"{serving['output_dir']} (each layer's scaling folded in, one rank {serving['rank']}: they read one r "
+            f"and lora_alpha, llama.cpp no rsLoRA); merged weights -> gora merge --adapter {serving['adapter_dir']}"
+        )
     for note in (n for n in serving["engines"] if n["engine"] != "PEFT"):
         print(f"  {note['engine']}: " + (note["note"] if note["servable"] else f"NOT servable: {note['note']}"))
 

@@ -18,7 +18,7 @@ SUMMARIES = {
     "finetune": "GoRA (or LoRA) fine-tune, evaluate, save adapter + serving export + report + config.yaml",
     "allocate": "gradient estimation + rank allocation only; rank table and heatmap",
     "merge": "merge a saved adapter into its base model",
-    "export": "write an adapter that vLLM, llama.cpp and PEFT compute the same way",
+    "export": "write an adapter that llama.cpp, SGLang, any vLLM and PEFT compute the same way",
 }
 SINGLE_CLASS = ("merge", "export")  # commands configured by one dataclass, without presets
 
@@ -84,9 +84,10 @@ def build_parser(command: str | None = None) -> Any:
         "merge": "Merge a saved adapter into its base model and save a standalone model (a plain transformers "
         "folder, safetensors, in --dtype) that loads without PEFT.",
         "export": "Write a saved LoRA adapter (GoRA's, or any PEFT LoRA adapter with rank_pattern / alpha_pattern / "
-        "rsLoRA) as one plain LoRA adapter whose every layer computes the same delta W under PEFT's, vLLM's and "
-        "llama.cpp's scaling rules: each layer's scaling folded into lora_B, all layers zero-padded to one rank. "
-        "Prints the --max-lora-rank vLLM needs and the llama.cpp conversion commands.",
+        "rsLoRA) as one plain LoRA adapter whose every layer computes the same delta W under PEFT's, vLLM's, "
+        "SGLang's and llama.cpp's scaling rules: each layer's scaling folded into lora_B, all layers zero-padded to "
+        "one rank. vLLM >= 0.32 also serves the adapter as trained; llama.cpp, SGLang and older vLLM need the "
+        "export. Prints the --max-lora-rank vLLM needs and the llama.cpp conversion commands.",
     }
     parser = new(
         f"gora {command}",

@@ -323,7 +323,7 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Export a saved LoRA adapter that vLLM, llama.cpp and PEFT compute alike.
+    """Export a saved LoRA adapter that llama.cpp, SGLang, any vLLM and PEFT compute alike.
 
     Each layer's scaling is folded into lora_B and every layer is zero-padded to one rank (gora.export_adapter)."""
 

@@ -168,6 +168,7 @@ def finetune_report(
         "config": config_dict(preset, data, train, gora),
         "gora": {"num_batches": record.num_batches, "gamma": record.gamma, "extra": record.extra} if record else None,
         "sessions": progress.get("sessions", 1),
+        "start_check": progress.get("start_check"),
         "serving": progress.get("serving"),
         "log_history": log_history,
     }

@@ -170,9 +170,9 @@ def _final_folders(
     """The final artifact folders, written as soon as training has finished (before evaluation), each whole and in
     this order: name in the run folder -> a function filling a fresh folder. Another artifact is one more entry.
 
-    adapter/ is the adapter as trained (PEFT, with gora_record.json); adapter-serving/ is the same function as one
-    plain LoRA adapter that vLLM and llama.cpp scale as PEFT does (`gora.export_adapter`), its summary put in
-    `serving`."""
+    adapter/ is the adapter as trained (PEFT and vLLM >= 0.32, with gora_record.json); adapter-serving/ is the same
+    function as one plain LoRA adapter that older vLLM, SGLang and llama.cpp scale as PEFT does
+    (`gora.export_adapter`), its summary put in `serving`."""
 
     def adapter(folder: Path) -> None:
         peft_model.save_pretrained(folder)

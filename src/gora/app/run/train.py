@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ...config import GoraConfig
 from ...distributed import world_size
 from ...fileio import staged_folder
+from ...gamma import check_start
 from ...model import attach_record
 from ...provenance import targets_fingerprint
 from ...record import RECORD_NAME, GoraRecord
@@ -115,10 +116,13 @@ def finetune(
         metrics["before"] = evaluate(task.model, task, data, train)
         timings["eval_before_s"] = time.perf_counter() - start
     peft_model, params, stats = build_adapter(task, gora, train, timings, show_progress, stats)
+    start_check = None
     if train.method == "gora" and train.eval_before:
         start = time.perf_counter()
         metrics["init"] = evaluate(peft_model, task, data, train)
         timings["eval_init_s"] = time.perf_counter() - start
+        record = peft_model.gora_records[peft_model.active_adapter]  # its gamma: the chosen one under gamma="auto"
+        start_check = check_start(metrics["before"]["loss"], metrics["init"]["loss"], record.gamma, "eval set")
     progress = {
         "trained": False,
         "metrics": metrics,
@@ -128,6 +132,7 @@ def finetune(
         "log_history": [],
         "sessions": 1,
         "processes": world_size(),
+        "start_check": start_check.to_dict() if start_check else None,
     }
     config = config_yaml("finetune", preset, data, train, gora)
     kept = stats if train.keep_stats else None
