@@ -17,6 +17,7 @@ Modules:
       report_verdict   the verdict table at the top and the notes around it
       report_capacity  the capacity suites' part
       report_evidence  the evidence suites' part
+      report_budget    the budget curve of `evidence-budget` (issue #34; not yet part of the report)
       report_historic  the historic suites' part (smoke, nlu, nlg)
       tables, plots    table cells and figures, shared by the parts
 """
