@@ -1,7 +1,7 @@
 """Hold training at one step until signals arrive, so that a test's SIGINT/SIGTERM lands in the middle of training
 however loaded the machine is (no race against a fixed sleep, nor against a run that finishes first).
 
-As a script it runs the real `gora finetune` (`gora.app.cli.main`) in its own process:
+As a script it runs the real `gora finetune` (`gora.app.commands.cli.main`) in its own process:
 
     python tests/_interrupt_child.py <marker> <step> <signals> finetune [options]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import transformers
 
-from gora.app.callbacks import GracefulStop
+from gora.app.run.callbacks import GracefulStop
 
 
 def _say(marker: Path, text: str) -> None:
@@ -57,7 +57,7 @@ def hold_training_at(marker: Path, pause_at: int, signals: int) -> Iterator[None
 
 
 if __name__ == "__main__":
-    from gora.app.cli import main
+    from gora.app.commands.cli import main
 
     with hold_training_at(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])):
         status = main(sys.argv[4:])

@@ -1,4 +1,4 @@
-"""gora.app.callbacks: the first SIGINT/SIGTERM during training asks the Trainer to save and stop after the step,
+"""gora.app.run.callbacks: the first SIGINT/SIGTERM during training asks the Trainer to save and stop after the step,
 a second one (or one outside training) stops at once, and the previous handlers come back afterwards."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import signal
 import pytest
 from transformers import TrainerControl
 
-from gora.app.callbacks import GracefulStop, SignalStop
+from gora.app.run.callbacks import GracefulStop, SignalStop
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -1,6 +1,6 @@
 """The `gora` command end to end on tiny config-built models saved to folders, with data files written here.
 
-Runs `gora.app.cli.main(argv)` in-process (seconds). Bad input must exit with status 2, one message that says what to
+Runs `gora.app.commands.cli.main(argv)` in-process (seconds). Bad input must exit with status 2, one message that says what to
 change, and no output folder (nor a half-written temporary one) left behind.
 """
 
@@ -23,7 +23,7 @@ from _tiny_folders import (
     write_csv,
     write_jsonl,
 )
-from gora.app.cli import main
+from gora.app.commands.cli import main
 from helpers import assert_close
 
 FAST = ["--num-batches", "2", "--batch-size", "8", "--eval-batch-size", "16", "--logging-steps", "1", "-q"]
@@ -434,7 +434,7 @@ BAD = {
 }
 PATCHES = {  # what a case changes in the environment: a CPU without bf16, an install without bitsandbytes
     "--dtype bfloat16 on a CPU without bf16": lambda mp: mp.setattr(
-        "gora.app.models.cpu_supports_bf16", lambda: False
+        "gora.app.tasks.models.cpu_supports_bf16", lambda: False
     ),
     "--load-in-4bit without bitsandbytes": lambda mp: mp.setitem(sys.modules, "bitsandbytes", None),
 }

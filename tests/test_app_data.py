@@ -1,4 +1,4 @@
-"""gora.app.data: SFT formats (chat messages, prompt/completion, prompt/response) and their label masking, label
+"""gora.app.tasks.data: SFT formats (chat messages, prompt/completion, prompt/response) and their label masking, label
 spaces, data files, seeded splits."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from _tiny_folders import CHAT_TEMPLATE, make_tokenizer
-from gora.app.classification import label_space
+from gora.app.config.runconfig import DataConfig
 from gora.app.errors import UsageError
-from gora.app.rows import read_rows, split_rows
-from gora.app.runconfig import DataConfig
-from gora.app.sft import IGNORE_INDEX, encode_sft
-from gora.app.sft_formats import resolve_sft_format, sft_examples
+from gora.app.tasks.classification import label_space
+from gora.app.tasks.rows import read_rows, split_rows
+from gora.app.tasks.sft import IGNORE_INDEX, encode_sft
+from gora.app.tasks.sft_formats import resolve_sft_format, sft_examples
 
 
 def _encode(rows: list[dict], tokenizer, fmt: str, **data) -> list[dict]:

@@ -1,11 +1,11 @@
-"""gora.app.classification and gora.app.sft: per-example predictions in input order, answers read from generations."""
+"""gora.app.tasks.classification and gora.app.tasks.sft: per-example predictions in input order, answers read from generations."""
 
 from __future__ import annotations
 
 import pytest
 
 from _tiny_folders import make_tokenizer
-from gora.app.classification import encode_classification, label_space
+from gora.app.tasks.classification import encode_classification, label_space
 from helpers import make_bert
 
 
@@ -15,7 +15,7 @@ def test_classification_predictions_come_back_in_input_order():
     import torch
     from transformers import DataCollatorWithPadding
 
-    from gora.app.classification import evaluate_classification
+    from gora.app.tasks.classification import evaluate_classification
 
     tokenizer = make_tokenizer()
     texts = ["a much longer text with many words in it", "short", "a text of middling length", "two words"]
@@ -55,7 +55,7 @@ def test_answer_of_reads_words_and_numbers(text, reference, answer, hit):
     """Protects exact match on short answers: word references are matched on the first line, ignoring case;
     numeric ones on the last number (or what follows ####), numerically; a comma-separated answer keeps its commas
     (the scorer once dropped the reference's commas only, so no list answer could match)."""
-    from gora.app.sft import answer_of, same_answer
+    from gora.app.tasks.sft import answer_of, same_answer
 
     assert answer_of(text, reference) == answer
     assert same_answer(answer_of(text, reference), reference) is hit

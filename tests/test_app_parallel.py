@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_jsonl
-from gora.app.cli import main
+from gora.app.commands.cli import main
 from helpers import assert_close
 
 TIMEOUT_S = 600  # a collective that some rank never joins fails the test instead of hanging CI

@@ -1,8 +1,8 @@
-"""gora.app.report: the rank table (layer x module type)."""
+"""gora.app.run.report: the rank table (layer x module type)."""
 
 from __future__ import annotations
 
-from gora.app.report import format_rank_table, rank_table
+from gora.app.run.report import format_rank_table, rank_table
 
 
 def test_rank_table_layers_by_module_type():

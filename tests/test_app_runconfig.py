@@ -1,10 +1,10 @@
-"""gora.app.runconfig: presets under the user's options, and the options generated from the config dataclasses."""
+"""gora.app.config.runconfig: presets under the user's options, and the options generated from the config dataclasses."""
 
 from __future__ import annotations
 
 import pytest
 
-from gora.app.runconfig import resolve_configs
+from gora.app.config.runconfig import resolve_configs
 
 
 def test_presets_layer_under_user_options():
@@ -23,7 +23,7 @@ def test_presets_layer_under_user_options():
 
 def test_gora_config_help_is_generated():
     """Protects the generated help: GoraConfig's own help texts show on `gora finetune --help`."""
-    from gora.app.cli import build_parser
+    from gora.app.commands.cli import build_parser
 
     text = build_parser("finetune").format_help()
     for f in ("--min-rank", "--gamma", "--loraplus-lr-ratio", "--text-column", "--no-eval-before"):

@@ -1,4 +1,4 @@
-"""gora.app.runfolder: what a resume may change (every option decided, in one place), the saved configuration's
+"""gora.app.run.runfolder: what a resume may change (every option decided, in one place), the saved configuration's
 round trip, which runs may be resumed, and which checkpoint a resume continues from."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from gora.app.cli import build_parser
+from gora.app.commands.cli import build_parser
+from gora.app.config.runconfig import DataConfig, TrainConfig
 from gora.app.errors import UsageError
-from gora.app.runconfig import DataConfig, TrainConfig
-from gora.app.runfolder import (
+from gora.app.run.runfolder import (
     CONFIG,
     RESUME_FIXED,
     RESUME_MAY_CHANGE,

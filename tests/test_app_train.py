@@ -1,4 +1,4 @@
-"""gora.app.train: the LoRA+ optimizer (lora_B at ratio x the learning rate of lora_A); the command with bfloat16
+"""gora.app.run.train: the LoRA+ optimizer (lora_B at ratio x the learning rate of lora_A); the command with bfloat16
 models, 4-bit bases, gradient accumulation and checkpointing, and the Trainer's logging integrations."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from _tiny_folders import save_bert, save_llama, sentiment_rows, sum_rows, write_jsonl
-from gora.app.adapters import make_optimizer
-from gora.app.cli import main, print_finetune
-from gora.app.models import cpu_supports_bf16
+from gora.app.commands.cli import main, print_finetune
+from gora.app.run.adapters import make_optimizer
+from gora.app.tasks.models import cpu_supports_bf16
 from gora.gamma import StartCheck
 from helpers import assert_close, make_bert
 
@@ -166,9 +166,9 @@ def test_4bit_base_is_qgora(folders, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import gora
-    from gora.app.adapters import estimation_loader
-    from gora.app.data import load_task
-    from gora.app.runfolder import load_run_config
+    from gora.app.run.adapters import estimation_loader
+    from gora.app.run.runfolder import load_run_config
+    from gora.app.tasks.data import load_task
 
     out = tmp_path / "q"
     argv = ["finetune", *FAST, *_sft(folders, "llama64"), "--target-modules", "q_proj", "v_proj", "--max-steps", "2"]
@@ -201,9 +201,9 @@ def test_8bit_base_trains_lora_over_linear8bitlt(folders, tmp_path):
     from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from gora.app.data import load_task
-    from gora.app.evaluate import evaluate_loss
-    from gora.app.runfolder import load_run_config
+    from gora.app.run.runfolder import load_run_config
+    from gora.app.tasks.data import load_task
+    from gora.app.tasks.evaluate import evaluate_loss
 
     out = tmp_path / "q8"
     argv = ["finetune", *FAST, *_sft(folders, "llama64"), "--target-modules", "q_proj", "v_proj", "--max-steps", "2"]

@@ -1,4 +1,4 @@
-"""gora.app.train: a fine-tune never loses finished work. A signal mid-training writes a checkpoint and `--resume`
+"""gora.app.run.train: a fine-tune never loses finished work. A signal mid-training writes a checkpoint and `--resume`
 finishes the run with the very adapter an uninterrupted run trains; a failure after training keeps the trained
 adapter; a resume refuses options that would change the result; bad input before training still leaves nothing.
 
@@ -27,11 +27,11 @@ import pytest
 import torch
 import yaml
 
-import gora.app.session as session_module
-import gora.app.train as train_module
+import gora.app.run.session as session_module
+import gora.app.run.train as train_module
 from _interrupt_child import hold_training_at
 from _tiny_folders import save_bert, sentiment_rows, write_jsonl
-from gora.app.cli import main
+from gora.app.commands.cli import main
 
 CHILD = Path(__file__).with_name("_interrupt_child.py")
 STEPS, SAVE_STEPS = 12, 4
@@ -276,7 +276,7 @@ def test_failure_before_training_leaves_no_folder(options, tmp_path, monkeypatch
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("gora.app.train.save_gradient_stats", full_disk)
+    monkeypatch.setattr("gora.app.run.train.save_gradient_stats", full_disk)
     with pytest.raises(OSError, match="No space left"):
         _run(["finetune", *options, "--output-dir", str(tmp_path / "run")])
     assert list(tmp_path.iterdir()) == []

@@ -21,7 +21,8 @@ import importlib.util  # noqa: E402
 import numpy as np  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
-from benchmarks.harness import methods, paired_stats, provenance, report_doc, run, suites  # noqa: E402
+from benchmarks.harness import capacity_suites, methods, paired_stats, provenance, report_doc, run, suites  # noqa: E402
+from benchmarks.harness.specs import gate_specs, main_specs, suite_specs, tune_specs  # noqa: E402
 from benchmarks.harness.suites import ABLATION_METHODS, EVIDENCE, MAIN_METHODS  # noqa: E402
 from benchmarks.harness.worker import NOT_IN_RUN_ID, REQUIRED_FIELDS, run_id  # noqa: E402
 
@@ -179,7 +180,7 @@ def test_a_worker_killed_mid_training_resumes_with_the_record_of_an_uncut_run(tm
     metric, loss curve and eval loss as the same run never stopped, and says where it resumed."""
     from benchmarks.harness import worker
 
-    (spec,) = [s for s in suites.suite_specs("smoke") if s["task"] == "smoke-nlg" and s["method"] == "gora"]
+    (spec,) = [s for s in suite_specs("smoke") if s["task"] == "smoke-nlg" and s["method"] == "gora"]
     uncut = worker.run_spec(spec)
     ckpt = tmp_path / "ckpt.pt"
     real_train = worker.train
@@ -287,13 +288,13 @@ def test_run_id_covers_every_field_that_changes_a_result():
     """Protects resumption and pairing: every spec key but where a run is listed (groups, suite, block, lr_from) is
     in run_id — threads, test size, max_new_tokens, epochs, lr, seeds, evaluation split included."""
     block = EVIDENCE["evidence-nlg"][0]
-    spec = suites.main_specs("evidence-nlg", block, {})[0]
+    spec = main_specs("evidence-nlg", block, {})[0]
     for key in ("threads", "test_size", "max_new_tokens", "epochs", "lr", "seed", "init_seed", "eval_split", "r"):
         assert key in spec
     for key, value in spec.items():
         changed = {**spec, key: [value, "changed"]}
         assert (run_id(changed) == run_id(spec)) == (key in NOT_IN_RUN_ID), key
-    tune = suites.tune_specs("evidence-nlu", EVIDENCE["evidence-nlu"][0])
+    tune = tune_specs("evidence-nlu", EVIDENCE["evidence-nlu"][0])
     assert len({run_id(s) for s in tune}) == len(tune)
 
 
@@ -301,7 +302,7 @@ def test_tuning_seeds_are_not_main_seeds_and_controls_borrow_gora_lr():
     for blocks in EVIDENCE.values():
         for block in blocks:
             assert not set(block.tune_seeds) & set(block.seeds), block.name
-            specs = suites.main_specs("x", block, {m: 1e-3 * (i + 1) for i, m in enumerate(block.tuned)})
+            specs = main_specs("x", block, {m: 1e-3 * (i + 1) for i, m in enumerate(block.tuned)})
             for spec in specs:
                 source = block.source(spec["method"])
                 if block.tune_seeds:
@@ -562,7 +563,7 @@ def test_answer_nll_is_per_example_and_matches_the_token_mean_loss():
     in (batch 1 = batch 3), and Σ sums / Σ tokens is gora.app's evaluate_loss (the mean over learned tokens)."""
     from benchmarks.harness.tasks import answer_nll
 
-    from gora.app.evaluate import evaluate_loss
+    from gora.app.tasks.evaluate import evaluate_loss
     from helpers import make_llama
 
     model = make_llama(seed=3)
@@ -598,7 +599,7 @@ def test_gate_qualifies_a_task_only_when_rank_32_is_10_percent_lower():
     assert rows["word_sequence_reversal"].ratio is None and not rows["word_sequence_reversal"].complete
     assert capacity.qualifying(list(rows.values())).task == "word_sorting"
     # the CPU gate: word_sorting only, at its own lr (records at another lr are not its runs)
-    cpu_lr = suites.GATES["capacity-gate"].lrs[0]
+    cpu_lr = capacity_suites.GATES["capacity-gate"].lrs[0]
     cpu = [_gate_record("word_sorting", 4, 1.0, lr=cpu_lr), _gate_record("word_sorting", 32, 0.5, lr=cpu_lr)]
     blocks = capacity.comparison_blocks("evidence-capacity", cpu)
     assert [b.name for b in blocks] == ["cap-core", "cap-controls", "cap-r8"]
@@ -621,12 +622,12 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
     r = 32 down), the runs go grid position by grid position (every rank's first lr before any second), the report
     names each rank's best lr and every value, a record at an lr outside a rank's grid is not its run, and a gate no
     comparison reads says so."""
-    from benchmarks.harness import capacity
+    from benchmarks.harness import capacity, report_capacity, report_verdict
 
-    gate = suites.GATES["capacity-gate-long"]
+    gate = capacity_suites.GATES["capacity-gate-long"]
     lo, hi = gate.lrs_for(4), gate.lrs_for(32)
     assert len(lo) >= 2 and len(hi) >= 2 and max(lo) > max(hi) and min(hi) < min(lo)
-    specs = suites.gate_specs("capacity-gate-long")
+    specs = gate_specs("capacity-gate-long")
     assert [(s["r"], s["lr"]) for s in specs] == [(4, lo[0]), (32, hi[0]), (4, lo[1]), (32, hi[1])]
     records = [
         _gate_record("word_sorting", 4, 0.50, lr=lo[0]),
@@ -638,17 +639,16 @@ def test_a_gate_over_several_lrs_compares_each_rank_at_its_best_lr():
     (row,) = capacity.gate_rows(records, "capacity-gate-long")
     assert row.nll == {4: 0.44, 32: 0.38} and row.lr == {4: lo[1], 32: hi[1]} and row.complete
     assert row.ratio == pytest.approx(0.38 / 0.44) and row.qualifies
-    text = "\n".join(capacity.gate_section("capacity-gate-long", records))
+    text = "\n".join(report_capacity.gate_section("capacity-gate-long", records))
     a, b = sorted(lo)
     assert f"r = 4 best at {lo[1]} ({a:g}: 0.500, {b:g}: 0.440)" in text
     assert f"r = 4: {a:g}, {b:g}" in text  # the header names each rank's grid
     assert "the comparison (`evidence-capacity-long`, `evidence-budget`) runs on it" in text
     (partial,) = capacity.gate_rows(records[:3], "capacity-gate-long")
     assert not partial.complete  # r = 32 has one of its two lrs
-    from benchmarks.harness import report_evidence
 
     (line,) = [
-        x for x in report_evidence.headline_table({"capacity-gate-long": records[:3]}) if "capacity-gate-long" in x
+        x for x in report_verdict.headline_table({"capacity-gate-long": records[:3]}) if "capacity-gate-long" in x
     ]
     assert "(so far)" in line and "not finished" in line and "no candidate qualifies" not in line
 
@@ -657,9 +657,9 @@ def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widen
     """Protects the gate's lr protocol: a rank whose best lr sits at an edge of the lrs it has run gets twice the
     largest (half the smallest) next, at most `widen` beyond its grid on each side; once the best is inside it stops;
     the gate's verdict takes the widened runs and no lr that is not a widening of the grid."""
-    from benchmarks.harness import capacity
+    from benchmarks.harness import capacity, report_capacity, report_verdict
 
-    gate = suites.GATES["capacity-gate-long"]
+    gate = capacity_suites.GATES["capacity-gate-long"]
     (lo_a, lo_b), (hi_a, hi_b) = gate.lrs_for(4), gate.lrs_for(32)  # r = 4 up from 2e-3, r = 32 down
     records = [
         _gate_record("word_sorting", 4, 0.46, lr=lo_a),
@@ -681,9 +681,8 @@ def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widen
     (row,) = capacity.gate_rows(records, "capacity-gate-long")
     assert row.nll == {4: 0.44, 32: 0.39} and row.lr == {4: max(lo_a, lo_b), 32: min(hi_a, hi_b) / 4}
     assert row.edge == (32,)  # r = 32's optimum is not located; the verdict row says so
-    from benchmarks.harness import report_evidence
 
-    (line,) = [x for x in report_evidence.headline_table({"capacity-gate-long": records}) if "capacity-gate-long" in x]
+    (line,) = [x for x in report_verdict.headline_table({"capacity-gate-long": records}) if "capacity-gate-long" in x]
     assert "qualifies: word_sorting" in line and "best lr of r = 32 at an edge" in line
     # the row names every lr each rank ran (its grid and the widening), and no lr beyond the widening
     assert (
@@ -691,7 +690,7 @@ def test_a_gate_rank_at_an_edge_of_its_lrs_widens_and_the_report_reads_the_widen
         and f"{min(hi_a, hi_b) / 8:g}" not in line
     )
     assert f"best lr r = 4 at {max(lo_a, lo_b):g}, r = 32 at {min(hi_a, hi_b) / 4:g}" in line
-    text = "\n".join(capacity.gate_section("capacity-gate-long", records))
+    text = "\n".join(report_capacity.gate_section("capacity-gate-long", records))
     assert "r = 32 best at" in text and "at the edge of the lrs run" in text  # r = 32 still at its lowest lr
     assert text.count("at the edge of the lrs run") == 1  # r = 4's optimum is inside
 
@@ -700,7 +699,7 @@ def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
     """Protects the lr protocol: a best lr at the top (bottom) edge adds twice the largest (half the smallest), at
     most WIDEN beyond the starting grid on each side; a best inside adds nothing. The window is the contiguous run of
     lrs within 0.02 nats of the best (a second dip beyond a worse lr is not in it)."""
-    from benchmarks.harness import capacity
+    from benchmarks.harness import capacity, report_capacity
 
     base = (1e-3, 2e-3, 4e-3)
     assert capacity.widened(list(base), 4e-3, base) == 8e-3
@@ -709,21 +708,21 @@ def test_lr_grid_widens_at_an_edge_and_the_window_is_contiguous():
     assert capacity.widened([*base, 8e-3, 1.6e-2], 1.6e-2, base, limit=2) is None
     assert capacity.widened(list(base), None, base) is None
     curve = {1e-3: 1.50, 2e-3: 1.41, 4e-3: 1.40, 8e-3: 1.45, 1.6e-2: 1.405}
-    assert capacity.lr_window(curve) == (2e-3, 4e-3, 1.0)
+    assert report_capacity.lr_window(curve) == (2e-3, 4e-3, 1.0)
     assert capacity.center_out((1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2))[:3] == [4e-3, 2e-3, 8e-3]
 
 
 def test_lr_curve_scale_keeps_the_compared_points_when_one_lr_blows_up():
     """Protects the lr-curve PNG's readability: a point above twice the panel's median (a diverging lr: 5.29 nats
     against ~0.5) sets no scale, every other point stays on it; with no such point the scale is matplotlib's."""
-    from benchmarks.harness import capacity
+    from benchmarks.harness import plots
 
     values = [0.69, 0.64, 0.60, 0.49, 0.42, 0.71, 0.67, 0.62, 0.58, 0.49, 0.43, 5.29]
-    ceiling = capacity.lr_curve_ceiling(values)
+    ceiling = plots.lr_curve_ceiling(values)
     assert ceiling is not None and ceiling < 5.29
     assert all(v <= ceiling for v in values if v != 5.29)
-    assert capacity.lr_curve_ceiling(values[:-1]) is None
-    assert capacity.lr_curve_ceiling([]) is None
+    assert plots.lr_curve_ceiling(values[:-1]) is None
+    assert plots.lr_curve_ceiling([]) is None
 
 
 def test_exact_match_is_rescored_from_the_stored_answers_of_comma_separated_tasks():
@@ -779,9 +778,9 @@ def test_a_capacity_comparison_with_fewer_paired_seeds_than_planned_gives_no_ver
     """Protects the verdict table from a one-seed verdict: until a comparison has its suite's planned paired seeds,
     the headline row shows the interval without a verdict and says how many seeds ran (an interval over one seed's test
     problems omits the seed-to-seed variation); with all of them it gives the verdict."""
-    from benchmarks.harness import capacity, report_evidence
+    from benchmarks.harness import report_verdict
 
-    planned = len(capacity.COMPARISONS["evidence-capacity-long"].main_seeds)
+    planned = len(capacity_suites.COMPARISONS["evidence-capacity-long"].main_seeds)
     tokens = [1, 3] * 50
 
     def records(seeds: int) -> list[dict]:
@@ -803,7 +802,7 @@ def test_a_capacity_comparison_with_fewer_paired_seeds_than_planned_gives_no_ver
 
     def row(seeds: int) -> str:
         data = {"evidence-capacity-long": records(seeds)}
-        (line,) = [x for x in report_evidence.headline_table(data) if "evidence-capacity-long" in x]
+        (line,) = [x for x in report_verdict.headline_table(data) if "evidence-capacity-long" in x]
         return line
 
     early = row(1)
@@ -819,21 +818,21 @@ def test_the_capacity_report_states_what_gora_allocated_from_its_runs():
     """Protects the reader of the capacity table from assuming GoRA's default ranks: the regime's line gives the
     configured r_min from the runs' spec, the smallest / largest / mean rank each run allocated, and the adapter's size
     against LoRA's at r_ref, as ranges over the seeds; a regime without GoRA runs gets no line."""
-    from benchmarks.harness import capacity
+    from benchmarks.harness import report_capacity
 
     def run(seed: int, hi: int, mean: float, params: int) -> dict:
         info = {"ranks_min": 2, "ranks_max": hi, "ranks_mean": mean, "adapter_params": params}
         info["lora_adapter_params_at_r_ref"] = 1000
         return {"seed": seed, "r": 4, "spec": {"r": 4, "gora_min_rank": 2}, "info": info}
 
-    line = capacity.allocation_line({0: run(0, 14, 4.686, 955), 1: run(1, 15, 4.662, 949)})
+    line = report_capacity.allocation_line({0: run(0, 14, 4.686, 955), 1: run(1, 15, 4.662, 949)})
     assert line is not None
     assert "r_min = 2, r_ref = 4; 2 main runs" in line and "smallest rank 2, largest 14-15" in line
     assert "4.66-4.69" in line and "0.949-0.955x LoRA's at r_ref" in line
-    assert capacity.allocation_line({}) is None
+    assert report_capacity.allocation_line({}) is None
     default = run(0, 9, 8.1, 1000)
     del default["spec"]["gora_min_rank"]
-    assert "GoraConfig's r_min" in capacity.allocation_line({0: default})
+    assert "GoraConfig's r_min" in report_capacity.allocation_line({0: default})
 
 
 def test_the_capacity_report_shows_each_seed_and_where_training_loss_falls_behind():
@@ -842,7 +841,7 @@ def test_the_capacity_report_shows_each_seed_and_where_training_loss_falls_behin
     not ranked; '–' where a method has not run that seed,
     'diverged' where it diverged), and the loss table gives the mean training loss over each eighth of the steps,
     averaged over seeds with the lowest and highest seed, so that a start ahead or a stall at the peak lr shows."""
-    from benchmarks.harness import capacity
+    from benchmarks.harness import report_capacity
 
     def run(seed: int, nll: float, em: float | None, curve: list[float], diverged: bool = False) -> dict:
         return {
@@ -859,45 +858,45 @@ def test_the_capacity_report_shows_each_seed_and_where_training_loss_falls_behin
         "lora": {0: run(0, 0.5, 0.125, flat), 1: run(1, 0.5, 0.5, flat), 2: run(2, 0.7, 0.0, flat)},
         "rslora": {0: run(0, 9.0, 0.0, [*flat[:3], None], diverged=True)},
     }
-    seeds = capacity.seed_table(methods)
+    seeds = report_capacity.seed_table(methods)
     assert seeds[0] == "| seed | `lora` | `rslora` | `gora` |"  # the report's method order, not the dict's
     assert seeds[2] == "| 0 | 0.500 / 12.5 | diverged | **0.400 / 25.0** |"
     assert seeds[3] == "| 1 | **0.500 / 50.0** | – | 0.600 / – |"
     assert seeds[4] == "| 2 | 0.700 / 0.0 | – | – |"  # a lone run is nobody's best
 
     methods["rslora-r32"] = {0: run(0, 0.1, 0.75, flat), 1: run(1, 0.2, 0.5, flat)}  # the reference is not ranked
-    with_ref = capacity.seed_table(methods)
+    with_ref = report_capacity.seed_table(methods)
     assert with_ref[2] == "| 0 | 0.500 / 12.5 | diverged | **0.400 / 25.0** | 0.100 / 75.0 |"
     assert with_ref[3] == "| 1 | **0.500 / 50.0** | – | 0.600 / – | 0.200 / 50.0 |"
     del methods["rslora"], methods["rslora-r32"]
-    phases = capacity.loss_phase_table(methods)
+    phases = report_capacity.loss_phase_table(methods)
     assert phases[0].startswith("| method | seeds | steps 1–2 | steps 3–4 |") and phases[0].endswith("steps 15–16 |")
     gora = phases[3].split(" | ")
     assert gora[:3] == ["| `gora`", "2", "3.00 (2.00–4.00)"]  # first eighth: seeds at 2.0 and 4.0
     assert gora[3] == "1.00 (1.00–1.00)"
     assert phases[2].startswith("| `lora` | 3 | 1.00 (1.00–1.00) |")
-    assert capacity.loss_phase_table({"lora": {0: run(0, 0.5, 0.1, [1.0] * 4)}}) == []  # fewer steps than spans
+    assert report_capacity.loss_phase_table({"lora": {0: run(0, 0.5, 0.1, [1.0] * 4)}}) == []  # fewer steps than spans
 
 
 def test_paired_nll_weights_examples_by_answer_tokens_and_lower_is_better():
     """Protects the NLL verdict: the difference is Σ ΔNLL / Σ tokens (token-weighted, not the mean of per-example
     means), a lower NLL for A is 'better', and the r → 32 gap fraction is (ref − A) / (ref − top), labelled with its
     seeds when the reference has run fewer than the method."""
-    from benchmarks.harness import capacity
+    from benchmarks.harness import report_capacity
 
     tokens = [1, 3] * 50
     a = {s: _nll_record(s, [1.0, 3.0] * 50, tokens) for s in range(4)}  # 1.0 nats per token
     b = {s: _nll_record(s, [2.0, 3.0] * 50, tokens) for s in range(4)}  # (2 + 3) / 4 = 1.25 per token
-    st = capacity.paired_nll(a, b)
+    st = report_capacity.paired_nll(a, b)
     assert st["mean"] == pytest.approx(-0.25) and st["verdict"] == "better" and st["wins"] == 4
-    assert capacity.paired_nll(b, a)["verdict"] == "worse"
+    assert report_capacity.paired_nll(b, a)["verdict"] == "worse"
     top = {s: _nll_record(s, [0.0, 3.0] * 50, tokens) for s in range(4)}  # 0.75 per token
-    gap = capacity.gap_closed(a, b, top)
+    gap = report_capacity.gap_closed(a, b, top)
     assert gap["value"] == pytest.approx(0.5) and gap["low"] <= 0.5 <= gap["high"]
-    assert capacity.gap_cell(gap, 4) == "0.50 [0.50, 0.50]" and capacity.gap_cell(None, 4) == "–"
-    part = capacity.gap_closed(a, b, {s: top[s] for s in (0, 2)})  # the reference has run 2 of the 4 seeds
+    assert report_capacity.gap_cell(gap, 4) == "0.50 [0.50, 0.50]" and report_capacity.gap_cell(None, 4) == "–"
+    part = report_capacity.gap_closed(a, b, {s: top[s] for s in (0, 2)})  # the reference has run 2 of the 4 seeds
     assert part["seeds"] == [0, 2] and part["value"] == pytest.approx(0.5)
-    assert capacity.gap_cell(part, 4) == "0.50 [0.50, 0.50] (seeds 0, 2)"
+    assert report_capacity.gap_cell(part, 4) == "0.50 [0.50, 0.50] (seeds 0, 2)"
 
 
 def test_pooled_bootstrap_resamples_seeds_within_each_budget():
@@ -980,7 +979,7 @@ def test_gpu_command_runs_gate_comparison_and_report_on_the_cpu(gpu_command_dry_
     assert {(r["gate_task"], r["r"]) for r in gate} == {
         (t, r) for t in ("spell_backward", "base_conversion") for r in (4, 32)
     }
-    for task in suites.GATES["capacity-gate-smoke"].tasks:  # r = 4 ran 5e-3 and 1e-2, then one lr past the better
+    for task in capacity_suites.GATES["capacity-gate-smoke"].tasks:  # r = 4 ran 5e-3 and 1e-2, then one lr past the better
         nll = {r["lr"]: r["metric"] for r in gate if r["gate_task"] == task and r["r"] == 4}
         past = 2e-2 if nll[1e-2] < nll[5e-3] else 2.5e-3
         assert sorted(nll) == sorted([5e-3, 1e-2, past]), (task, nll)
@@ -991,7 +990,7 @@ def test_gpu_command_runs_gate_comparison_and_report_on_the_cpu(gpu_command_dry_
     assert main and all(r["eval_split"] == "test" and len(r["nll_sum"]) == r["eval_size"] for r in main)
     assert all(len(r["correct"]) == r["eval_size"] and r["metric_name"] == "answer_nll" for r in main)
     core = {(r["method"], r["seed"]): r for r in main if r["block"] == "cap-core"}
-    for seed in suites.COMPARISONS["evidence-capacity-smoke"].main_seeds:
+    for seed in capacity_suites.COMPARISONS["evidence-capacity-smoke"].main_seeds:
         assert {"lora", "rslora", "gora", "rslora-r32"} <= {m for m, s in core if s == seed}
         assert core[("rslora-r32", seed)]["lr"] == core[("rslora", seed)]["lr"]
         assert core[("rslora-r32", seed)]["adapter_params"] == 8 * core[("rslora", seed)]["adapter_params"]

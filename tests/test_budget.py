@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from benchmarks.harness import capacity, report_budget, suites
+from benchmarks.harness import capacity, capacity_suites, report_budget, report_capacity, suites
 from benchmarks.harness.run import read_records
+from benchmarks.harness.specs import main_specs
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -22,7 +23,7 @@ def test_budget_blocks_train_for_their_steps_with_each_methods_grid(blocks):
     steps x batch, one epoch, the 256-step suite's schedule shape and task), each method's starting lr grid is its
     own (half to 4x its 256-step optimum), tuning seeds are not main seeds, and the blocks run in the issue's order
     (32 and 64 steps first, 128 last)."""
-    comp = suites.COMPARISONS["evidence-budget"]
+    comp = capacity_suites.COMPARISONS["evidence-budget"]
     names = list(blocks)
     assert names == [
         "cap-budget-32",
@@ -61,12 +62,12 @@ def test_the_stall_variants_run_at_256_steps_on_the_main_seeds(blocks):
     """Protects part 2 of the issue: GoRA at half its 256-step lr runs untuned on the 8 main seeds (a labelled
     variant, in a block of its own), the controls are tuned themselves, and gamma = auto runs at GoRA's lr."""
     stall = blocks["cap-stall"]
-    specs = suites.main_specs("evidence-budget", stall, {})
+    specs = main_specs("evidence-budget", stall, {})
     assert {(s["method"], s["lr"]) for s in specs} == {("gora", 2e-3)}
     assert sorted(s["seed"] for s in specs) == list(range(8))
     assert all(s["train_size"] == suites.BASE["rg-capacity-long"]["train_size"] for s in specs)
     assert blocks["cap-controls-256"].tuned == ("gora-gamma0", "gora-fixed")
-    auto = suites.main_specs("evidence-budget", blocks["cap-auto-256"], {})
+    auto = main_specs("evidence-budget", blocks["cap-auto-256"], {})
     assert {(s["method"], s["lr"]) for s in auto} == {("gora-auto", 4e-3)} and len(auto) == 4
 
 
@@ -106,7 +107,7 @@ def test_the_report_gives_one_paired_row_per_budget():
     rows = report_budget.verdict_rows(data)
     assert [r.split(" |")[0] for r in rows] == ["| 32 steps", "| 64 steps", "| 256 steps"]
     runs = report_budget.budget_runs(data)
-    st = capacity.paired_nll(runs[32]["gora"], runs[32]["rslora"])
+    st = report_capacity.paired_nll(runs[32]["gora"], runs[32]["rslora"])
     assert st["mean"] < 0 and f"{st['mean']:+.3f} [{st['low']:+.3f}, {st['high']:+.3f}] (8 seeds)" in rows[0]
     assert "GoRA − rsLoRA: better; GoRA − LoRA: better" in rows[0]
     assert "no verdict yet (3 of 8 paired seeds)" in rows[1]
@@ -126,6 +127,6 @@ def test_the_variants_pair_with_gora_and_rslora_of_the_256_step_suite():
     assert "| 4 |" in stall and "(4 seeds)" in stall
     ref = report_budget.budget_runs({"evidence-capacity-long": data["evidence-capacity-long"]})[256]
     variant = {r["seed"]: r for r in data["evidence-budget"]}
-    st = capacity.paired_nll(variant, ref["gora"])
+    st = report_capacity.paired_nll(variant, ref["gora"])
     assert f"{st['mean']:+.3f}" in stall and st["mean"] < 0
     assert any(line.startswith("| allocation only") and "not run yet" in line for line in table)

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from _tiny_folders import save_mixtral, sum_rows, write_jsonl
-from gora.app.cli import main
+from gora.app.commands.cli import main
 from helpers import assert_close, needs_fused_experts
 
 pytestmark = needs_fused_experts

@@ -10,6 +10,7 @@ from pathlib import Path
 import gora
 
 LIBRARY = Path(gora.__file__).parent
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # the harness and studies, held to the same rules
 
 
 def _imports(path: Path) -> set[str]:
@@ -44,16 +45,17 @@ def test_import_gora_loads_no_app_module():
     assert out.strip() == "[]"
 
 
-def _module_name(path: Path) -> str:
-    parts = ["gora", *path.relative_to(LIBRARY).with_suffix("").parts]
+def _module_name(path: Path, root: Path = LIBRARY) -> str:
+    parts = [root.name, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """gora module -> the gora modules it imports, counting every import statement wherever it stands: at the top,
-    inside a function (a lazy import) or under `if TYPE_CHECKING:`. `from package import name` is an edge to the
-    submodule when `name` is one, else to the package."""
-    files = {_module_name(path): path for path in LIBRARY.rglob("*.py")}
+def _import_graph(root: Path = LIBRARY) -> dict[str, set[str]]:
+    """module -> the modules of the same package (the folder `root`: src/gora, or benchmarks) it imports, counting
+    every import statement wherever it stands: at the top, inside a function (a lazy import) or under
+    `if TYPE_CHECKING:`. `from package import name` is an edge to the submodule when `name` is one, else to the
+    package."""
+    files = {_module_name(path, root): path for path in root.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for module, path in files.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -106,6 +108,43 @@ def test_the_import_graph_has_no_cycle_not_even_through_a_lazy_import():
     assert cycle is None, "import cycle: " + " -> ".join([*cycle, cycle[0]])
 
 
+def test_the_benchmarks_import_graph_has_no_cycle():
+    """Property (issue #35): benchmarks/ (the suite harness and the studies) is layered like the library: its modules
+    form an acyclic import graph, lazy imports included, so a report module can be read without the runner."""
+    graph = _import_graph(BENCHMARKS)
+    assert graph["benchmarks.harness.report_doc"] >= {"benchmarks.harness.report_capacity"}  # the walk sees the package
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join([*cycle, cycle[0]])
+
+
+APP_LAYERS = ("config", "tasks", "run", "commands")  # gora.app's subpackages, each above the ones before it
+
+
+def _app_layer(module: str) -> int | None:
+    """0 for the modules directly in gora.app (errors, assets, parallel), 1.. for the subpackages in APP_LAYERS
+    order, None outside the app."""
+    parts = module.split(".")
+    if parts[:2] != ["gora", "app"] or len(parts) == 2:
+        return None
+    return APP_LAYERS.index(parts[2]) + 1 if parts[2] in APP_LAYERS else 0
+
+
+def test_the_app_subpackages_are_layered():
+    """Property (issue #35): the app's subpackages import downwards only: config <- tasks <- run <- commands, all on
+    the three shared modules directly in gora.app, which import none of them (nor each other): a reader of the task
+    kinds never needs the run machinery, nor the run the command line."""
+    graph = _import_graph()
+    assert {_app_layer(m) for m in graph} >= {0, 1, 2, 3, 4}  # every layer has modules: the walk sees them
+    upward = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if (lm := _app_layer(m)) is not None
+        for d in deps
+        if (ld := _app_layer(d)) is not None and (ld > lm or (ld == lm == 0 and m != "gora.app"))
+    )
+    assert not upward, upward
+
+
 def test_the_cycle_finder_finds_a_lazy_cycle():
     """Property: the check above can fail: a cycle closed only by an import inside a function is found."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c"]
@@ -113,10 +152,13 @@ def test_the_cycle_finder_finds_a_lazy_cycle():
 
 
 def test_no_module_is_over_500_lines():
-    """Property (issue #20): each module stays small enough to read in one sitting, one job per module."""
+    """Property (issues #20, #35): each module of the library and of benchmarks/ stays small enough to read in one
+    sitting, one job per module."""
     long = {
-        str(path.relative_to(LIBRARY)): n
-        for path in LIBRARY.rglob("*.py")
+        str(path): n
+        for root in (LIBRARY, BENCHMARKS)
+        for path in root.rglob("*.py")
         if (n := len(path.read_text().splitlines())) > 500
     }
+    assert any(BENCHMARKS.rglob("*.py")), BENCHMARKS  # the bound reads the benchmarks, not an empty folder
     assert not long, f"split these modules by responsibility: {long}"

@@ -241,43 +241,34 @@ def shuffled_ranks(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], se
     return {name: out[name] for name in ranks}
 
 
-def _wrap(task: TaskData, config: Any) -> tuple[Any, dict[str, Any]]:
-    """`get_peft_model` on the task's model, timed: for the methods with nothing to estimate before it."""
+def _lora_config(task: TaskData, r: int, **fields: Any) -> Any:
+    """PEFT's LoraConfig at rank `r` and α = ALPHA on the task's target modules and task type; `fields`: the
+    method's own settings (its init, rsLoRA's scaling, ...)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=ALPHA, target_modules=task.target_modules, task_type=task.task_type, **fields)
+
+
+def _wrap(task: TaskData, config: Any, estimate_s: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    """`get_peft_model` on the task's model, timed (`init_s`); `estimate_s`: what the method spent before it."""
     from peft import get_peft_model
 
     with Timer() as t:
         model = get_peft_model(task.model, config)
-    return model, {"estimate_s": 0.0, "init_s": t.s}
+    return model, {"estimate_s": estimate_s, "init_s": t.s}
 
 
 def build_lora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from peft import LoraConfig
-
     options = dict(options)
-    config = LoraConfig(
-        r=options.pop("r", spec["r"]),
-        lora_alpha=ALPHA,
-        target_modules=task.target_modules,
-        task_type=task.task_type,
-        **options,
-    )
-    return _wrap(task, config)
+    r = options.pop("r", spec["r"])
+    return _wrap(task, _lora_config(task, r, **options))
 
 
 def build_loraga(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.config import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    config = LoraConfig(
-        r=spec["r"],
-        lora_alpha=ALPHA,
-        target_modules=task.target_modules,
-        task_type=task.task_type,
-        init_lora_weights="lora_ga",
-        lora_ga_config=LoraGAConfig(),
-        **options,
-    )
+    config = _lora_config(task, spec["r"], init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(), **options)
     base = task.model
 
     def train_step() -> None:
@@ -286,13 +277,11 @@ def build_loraga(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) 
 
     with Timer() as t_est:
         preprocess_loraga(base, config, train_step)
-    with Timer() as t_init:
-        model = get_peft_model(base, config)
-    return model, {"estimate_s": t_est.s, "init_s": t_init.s}
+    return _wrap(task, config, estimate_s=t_est.s)
 
 
 def build_eva(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+    from peft import EvaConfig, initialize_lora_eva_weights
     from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
 
     def prepare_layer_inputs(layer_input: Any, model_input: Any, layer_name: str) -> torch.Tensor:
@@ -303,11 +292,9 @@ def build_eva(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> 
             return x.contiguous()
         return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
 
-    config = LoraConfig(
-        r=spec["r"],
-        lora_alpha=ALPHA,
-        target_modules=task.target_modules,
-        task_type=task.task_type,
+    config = _lora_config(
+        task,
+        spec["r"],
         init_lora_weights="eva",
         eva_config=EvaConfig(
             rho=2.0,
@@ -317,13 +304,13 @@ def build_eva(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> 
         ),
         use_rslora=options.get("use_rslora", False),
     )
-    with Timer() as t_init:
-        model = get_peft_model(task.model, config)
+    model, info = _wrap(task, config)
     with Timer() as t_est:  # incremental PCA of layer inputs over the calibration batches, then the SVD init
         initialize_lora_eva_weights(
             model, task.calib_batches, prepare_layer_inputs_fn=prepare_layer_inputs, show_progress_bar=False
         )
-    return model, {"estimate_s": t_est.s, "init_s": t_init.s}
+    info["estimate_s"] = t_est.s
+    return model, info
 
 
 def build_adalora(task: TaskData, spec: dict[str, Any], options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

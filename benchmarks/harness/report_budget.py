@@ -3,7 +3,7 @@
 Reads the main runs of `evidence-budget` (lora / rslora / gora at 32, 64 and 128 steps, each method's lr tuned per
 budget; at 256 steps GoRA at half its lr, the γ = 0 and fixed-rank controls each at its own tuned lr, GoRA γ = auto)
 and of `evidence-capacity-long` (the same task, model, r and schedule shape at 256 steps: the curve's last point and
-the controls' reference). Every comparison is paired on the seeds both sides ran (`capacity.paired_nll`: bootstrap
+the controls' reference). Every comparison is paired on the seeds both sides ran (`report_capacity.paired_nll`: bootstrap
 over seeds and test problems, problems weighted by their answer tokens).
 """
 
@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .capacity import _fmt, interim, paired_nll
 from .paired_stats import paired_bootstrap
+from .report_capacity import interim, paired_nll
+from .tables import fmt
 
 Record = dict[str, Any]
 
@@ -138,7 +139,7 @@ def early_loss(runs: dict[int, Record], last: int = 32) -> str:
         for r in runs.values()
         if r.get("loss_curve")
     ]
-    return _fmt(statistics.mean(values)) if values else "–"
+    return fmt(statistics.mean(values), 3) if values else "–"
 
 
 def budget_section(data: dict[str, list[Record]], img_dir: Path, img_rel: str) -> list[str]:
@@ -163,7 +164,7 @@ def budget_section(data: dict[str, list[Record]], img_dir: Path, img_rel: str) -
         cells = []
         for method in CORE:
             values = [r["metric"] for r in methods.get(method, {}).values()]
-            cells.append(f"{_fmt(statistics.mean(values))} (n = {len(values)})" if values else "–")
+            cells.append(f"{fmt(statistics.mean(values), 3)} (n = {len(values)})" if values else "–")
         rs = paired_nll(methods["gora"], methods["rslora"]) if {"gora", "rslora"} <= set(methods) else None
         lo = paired_nll(methods["gora"], methods["lora"]) if {"gora", "lora"} <= set(methods) else None
         early = " / ".join(early_loss(methods.get(m, {}), min(32, steps)) for m in CORE)
@@ -208,7 +209,7 @@ def variant_table(data: dict[str, list[Record]]) -> list[str]:
         nll = [r["metric"] for r in runs.values()]
         out.append(
             f"| {label} | {'/'.join(f'{lr:g}' for lr in sorted({r['lr'] for r in runs.values()}))} | {len(runs)} | "
-            f"{_fmt(statistics.mean(nll))} | {_fmt(statistics.mean(mid)) if mid else '–'} | "
+            f"{fmt(statistics.mean(nll), 3)} | {fmt(statistics.mean(mid), 3) if mid else '–'} | "
             f"{_ci_cell(paired_nll(runs, ref['gora']) if ref.get('gora') else None)} | "
             f"{_ci_cell(paired_nll(runs, ref['rslora']) if ref.get('rslora') else None)} |"
         )
@@ -218,5 +219,5 @@ def variant_table(data: dict[str, list[Record]]) -> list[str]:
         if r.get("loss_curve")
     ]
     if gora_mid:
-        out += ["", f"GoRA at 4e-3 itself: training loss over steps 33–128 {_fmt(statistics.mean(gora_mid))}."]
+        out += ["", f"GoRA at 4e-3 itself: training loss over steps 33–128 {fmt(statistics.mean(gora_mid), 3)}."]
     return [*out, ""]

@@ -33,9 +33,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import provenance
+from . import capacity, provenance
+from .capacity_suites import COMPARISONS, GATES
 from .paired_stats import select_lr
-from .suites import COMPARISONS, EVIDENCE, GATES, SUITES, Block, gate_specs, main_specs, suite_specs, tune_specs
+from .specs import gate_specs, main_specs, suite_specs, tune_specs
+from .suites import EVIDENCE, SUITES, Block
 from .training import CHECKPOINT_EVERY_S
 from .worker import run_id, run_spec
 
@@ -249,8 +251,6 @@ def _capacity_tune(
 ) -> list[dict[str, Any]]:
     """Tuning specs of `block` at each method's lrs, the grid from its middle outwards, lr-major (so a tuning cut short
     has every method at the central lrs)."""
-    from . import capacity
-
     order = capacity.center_out(tuple(sorted({lr for v in method_lrs.values() for lr in v})))
     specs = [
         capacity.tune_spec(suite, block, m, seed, lr)
@@ -283,8 +283,6 @@ def _capacity_pick(
 def run_gate(suite: str, args: argparse.Namespace, runner: Runner | None, path: Path) -> int:
     """The capacity gate: every candidate task at each rank's lrs, then, while a rank's best lr (lowest validation
     NLL) sits at an edge of the lrs it has run, the next lr out (`Gate.widen` per side; `capacity.gate_widen`)."""
-    from . import capacity
-
     gate = GATES[suite]
     specs = _filter(gate_specs(suite), args)
     if args.gate_tasks:
@@ -311,9 +309,7 @@ def run_capacity(suite: str, args: argparse.Namespace, runner: Runner | None, pa
     """The capacity comparison (`benchmarks.harness.capacity`): blocks from the gate's records; per block the tuning runs
     (grid from its middle outwards, each lr for every method before the next lr), widened while a method's best lr
     (lowest validation NLL) sits at an edge, then the main runs at the chosen lrs. 3 when the gate stops it."""
-    from . import capacity
-
-    comp = capacity.COMPARISONS[suite]
+    comp = COMPARISONS[suite]
     gate_path = args.gate_results or args.out / f"{comp.gate}.jsonl"
     try:
         blocks = capacity.comparison_blocks(suite, read_records(gate_path))

@@ -125,7 +125,7 @@ def load_nlu(spec: dict[str, Any]) -> TaskData:
     )
 
     from gora.app.assets import minilm_path, rotten_tomatoes
-    from gora.app.classification import encode_classification, evaluate_classification, label_space
+    from gora.app.tasks.classification import encode_classification, evaluate_classification, label_space
 
     from .paired_stats import bits
 
@@ -282,10 +282,10 @@ def load_nlg(spec: dict[str, Any]) -> TaskData:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
 
     from gora.app.assets import gsm_symbolic, smollm2_path
-    from gora.app.evaluate import evaluate_loss
-    from gora.app.runconfig import DataConfig
-    from gora.app.sft import IGNORE_INDEX, encode_sft, evaluate_sft
-    from gora.app.sft_formats import sft_examples
+    from gora.app.config.runconfig import DataConfig
+    from gora.app.tasks.evaluate import evaluate_loss
+    from gora.app.tasks.sft import IGNORE_INDEX, encode_sft, evaluate_sft
+    from gora.app.tasks.sft_formats import sft_examples
 
     from .paired_stats import bits
 
@@ -393,7 +393,7 @@ def answer_nll(
     """Per example of an encoded SFT set: the summed negative log-likelihood (nats, float32) of its learned tokens
     (the answer and the end-of-turn marker after it; labels != -100 after the causal shift) and how many there are,
     in the order of `dataset`. Batched shortest first (padding changes, the per-example values do not)."""
-    from gora.app.sft import IGNORE_INDEX
+    from gora.app.tasks.sft import IGNORE_INDEX
     from gora.batches import eval_mode, model_device, to_device
 
     device = model_device(model)
@@ -428,7 +428,7 @@ def evaluate_answer_nll(
     """The capacity suite's evaluation: answer-token NLL (the primary metric: Σ NLL / Σ answer tokens over the
     evaluation set; per example its sum and token count, for paired tests) and, when `max_new_tokens` is set, exact
     match of the greedy answer on the test split (secondary; per-example predictions and hits)."""
-    from gora.app.sft import evaluate_sft
+    from gora.app.tasks.sft import evaluate_sft
 
     from .paired_stats import bits
 

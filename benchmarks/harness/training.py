@@ -1,4 +1,4 @@
-"""The one training loop every method shares: AdamW (weight decay 0; with LoRA+ `gora.app.train.make_optimizer`,
+"""The one training loop every method shares: AdamW (weight decay 0; with LoRA+ `gora.app.run.train.make_optimizer`,
 i.e. PEFT's `create_loraplus_optimizer`), linear warmup + decay (transformers' `get_scheduler`), gradient clipping at
 1.0, the same batches in the same order, and — for AdaLoRA — PEFT's `update_and_allocate` after every optimizer
 step (before `zero_grad`, as PEFT documents it).
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gora.app.adapters import make_optimizer
+from gora.app.run.adapters import make_optimizer
 from gora.fileio import atomic_write
 
 from .tasks import Batch

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness.measure import stamp
-from benchmarks.harness.suites import EVIDENCE, main_specs
+from benchmarks.harness.specs import main_specs
+from benchmarks.harness.suites import EVIDENCE
 from benchmarks.harness.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -37,7 +37,7 @@ CASES: dict[str, list[str]] = {
 
 
 def measure(name: str, options: list[str], folder: Path) -> dict[str, Any]:
-    from gora.app.cli import main
+    from gora.app.commands.cli import main
 
     out = folder / name.replace(" ", "_").replace("/", "-")
     if main(["finetune", *COMMON, *options, "--output-dir", str(out)]) != 0:

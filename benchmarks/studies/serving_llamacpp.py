@@ -102,7 +102,7 @@ def prompts(tokenizer: Any, n_gsm: int, response_tokens: int) -> list[list[int]]
     """Token ids: held-out GSM-style problems in the chat format the adapter was trained on, each followed by the
     first `response_tokens` tokens of its worked solution (the adapter's effect is largest there), plus plain text."""
     from gora.app.assets import gsm_symbolic
-    from gora.app.sft_formats import prompt_and_response_text
+    from gora.app.tasks.sft_formats import prompt_and_response_text
 
     out = []
     for row in gsm_symbolic(n_gsm, seed=1000):  # training problems are drawn with seed 0

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from ..errors import UsageError
 from .models import check_bitsandbytes, check_model, check_precision, load_model, load_tokenizer
+from .registry import task_kind
 from .rows import load_rows
 from .taskkind import TaskData
-from .tasks import task_kind
 
 if TYPE_CHECKING:
-    from .runconfig import AllocateConfig, DataConfig, Preset, TrainConfig
+    from ..config.runconfig import AllocateConfig, DataConfig, Preset, TrainConfig
 
 
 def load_task(

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .errors import UsageError
+from ..errors import UsageError
 
 CONFIG_OPTION = "--config"
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")

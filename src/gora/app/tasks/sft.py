@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..batches import eval_mode, model_device
-from .errors import UsageError
+from ...batches import eval_mode, model_device
+from ..errors import UsageError
+from ..parallel import shard, weighted_means
 from .evaluate import evaluate_loss, learned_tokens
-from .parallel import shard, weighted_means
 from .sft_formats import SftExample, resolve_sft_format, sft_examples
 from .taskkind import Encoded, TaskData, TaskKind
 
@@ -130,7 +130,7 @@ def _is_number(text: str) -> bool:
 def answer_of(text: str, reference: str | None) -> str | None:
     """The answer a generation gives: what follows the last `####`, else, for a numeric (or missing) reference, the
     last number in the text (`assets.final_answer`), and for a word reference the first non-empty line."""
-    from . import assets
+    from .. import assets
 
     if "####" in text or reference is None or _is_number(reference.strip().rstrip(".")):
         return assets.final_answer(text)
@@ -152,7 +152,7 @@ def same_answer(predicted: str | None, reference: str | None) -> bool:
 
 def generation_examples(task: TaskData, data: Any) -> list[SftExample]:
     """The evaluation examples exact match generates for: at most --max-eval-samples, default GENERATE_CAP."""
-    from .runconfig import GENERATE_CAP
+    from ..config.runconfig import GENERATE_CAP
 
     return task.eval_examples[: data.max_eval_samples or GENERATE_CAP]
 

@@ -14,16 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import GoraConfig
-from ..export import export_adapter, unexported_serving
-from ..fileio import staged_folder
+from ...config import GoraConfig
+from ...export import export_adapter, unexported_serving
+from ...fileio import staged_folder
+from ..config.runconfig import DataConfig, TrainConfig
+from ..parallel import on_main
+from ..tasks.registry import evaluate
+from ..tasks.taskkind import TaskData
 from .callbacks import EpochEndSave, GracefulStop, SignalStop, StatusCallback, signal_name
-from .parallel import on_main
 from .report import (
     finetune_report,
     write_report,
 )
-from .runconfig import DataConfig, TrainConfig
 from .runfolder import (
     ADAPTER,
     FAILED,
@@ -37,8 +39,6 @@ from .runfolder import (
     RunStopped,
     first_line,
 )
-from .taskkind import TaskData
-from .tasks import evaluate
 from .trainer_setup import make_trainer
 
 logger = logging.getLogger(__name__)

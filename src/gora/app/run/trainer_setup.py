@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
+from ..config.runconfig import DataConfig, TrainConfig
+from ..tasks.registry import task_kind
+from ..tasks.taskkind import TaskData
 from .adapters import make_optimizer
-from .runconfig import DataConfig, TrainConfig
 from .runfolder import (
     RunFolder,
 )
-from .taskkind import TaskData
-from .tasks import task_kind
 
 logger = logging.getLogger(__name__)
 

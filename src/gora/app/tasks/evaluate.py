@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batches import eval_mode, model_device, to_device
+from ...batches import eval_mode, model_device, to_device
 
 
 @torch.no_grad()

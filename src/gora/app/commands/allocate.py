@@ -9,23 +9,23 @@ import os
 from datetime import datetime
 from typing import Any
 
-from ..config import GoraConfig
-from ..fileio import staged_folder
-from ..model import RunOptions, estimate_and_allocate
-from ..stats import save_gradient_stats
-from .adapters import estimation_loader
-from .parallel import on_main, same_on_all_ranks
-from .report import (
+from ...config import GoraConfig
+from ...fileio import staged_folder
+from ...model import RunOptions, estimate_and_allocate
+from ...stats import save_gradient_stats
+from ..config.runconfig import DEFAULT_PRESET, AllocateConfig, DataConfig
+from ..parallel import on_main, same_on_all_ranks
+from ..run.adapters import estimation_loader
+from ..run.report import (
     plot_rank_heatmap,
     rank_table,
     write_json,
 )
-from .runconfig import DEFAULT_PRESET, AllocateConfig, DataConfig
-from .runfolder import (
+from ..run.runfolder import (
     CONFIG,
     config_yaml,
 )
-from .startup import start_processes, start_run
+from ..run.startup import start_processes, start_run
 
 logger = logging.getLogger(__name__)
 

@@ -14,21 +14,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..config import GoraConfig
-from ..fileio import check_output_folder
-from ..stats import load_gradient_stats
-from .cliconfig import name_options
-from .data import load_task
-from .errors import UsageError
-from .models import check_precision
-from .parallel import launched
-from .runconfig import PRESETS, AllocateConfig, DataConfig, TrainConfig
-from .taskkind import TaskData
-from .tasks import task_kind
+from ...config import GoraConfig
+from ...fileio import check_output_folder
+from ...stats import load_gradient_stats
+from ..config.cliconfig import name_options
+from ..config.runconfig import PRESETS, AllocateConfig, DataConfig, TrainConfig
+from ..errors import UsageError
+from ..parallel import launched
+from ..tasks.data import load_task
+from ..tasks.models import check_precision
+from ..tasks.registry import task_kind
+from ..tasks.taskkind import TaskData
 from .trainer_setup import training_arguments
 
 if TYPE_CHECKING:
-    from ..stats import GradientStats
+    from ...stats import GradientStats
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .runconfig import DataConfig
+    from ..config.runconfig import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def sft_examples(
         UsageError: a conversation that is not a list of {role, content} messages, one without an assistant turn,
             messages without a chat template, or a chat template under which the assistant turns cannot be found.
     """
-    from . import assets
+    from .. import assets
 
     def answer(row: dict[str, Any], target: str) -> str | None:
         return str(row[data.answer_column]) if data.answer_column else assets.final_answer(target)

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..batches import model_device
+from ...batches import model_device
 from .classification import Classification
 from .sft import Sft
 from .taskkind import TaskData, TaskKind
 
 if TYPE_CHECKING:
-    from .runconfig import DataConfig, TrainConfig
+    from ..config.runconfig import DataConfig, TrainConfig
 
 TASKS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Sft())}
 

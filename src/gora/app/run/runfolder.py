@@ -32,11 +32,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import GoraConfig
-from ..fileio import atomic_write_text
-from .cliconfig import field_types, name_options, option_name
-from .errors import UsageError
-from .runconfig import DataConfig, TrainConfig
+from ...config import GoraConfig
+from ...fileio import atomic_write_text
+from ..config.cliconfig import field_types, name_options, option_name
+from ..config.runconfig import DataConfig, TrainConfig
+from ..errors import UsageError
 
 STATUS = "status.json"
 CONFIG = "config.yaml"
@@ -185,7 +185,7 @@ class RunFolder:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from .parallel import main_process
+        from ..parallel import main_process
 
         self.path = Path(path)
         self.writes = main_process()  # under torchrun, rank 0 alone writes; the others' writes are no-ops
@@ -197,7 +197,7 @@ class RunFolder:
     def resume_command(self, *, absolute: bool = False, processes: int | None = None) -> str:
         """`gora finetune --resume <folder>`, quoted for a POSIX shell; for a run of several processes (default:
         this one's), started the same way: `torchrun --nproc_per_node K -m gora finetune --resume <folder>`."""
-        from .parallel import launch_prefix
+        from ..parallel import launch_prefix
 
         folder = self.path.resolve() if absolute else self.path
         return f"{launch_prefix(processes)}gora finetune --resume {shlex.quote(str(folder))}"
@@ -307,7 +307,7 @@ def config_yaml(command: str, preset: str | None, data: DataConfig, train: Any, 
     """
     import yaml
 
-    from .runconfig import TASK_TYPES
+    from ..config.runconfig import TASK_TYPES
 
     def plain(value: Any) -> Any:
         if isinstance(value, (list, tuple)):
@@ -368,9 +368,9 @@ def load_run_config(path: str | os.PathLike[str]) -> tuple[str | None, DataConfi
         UsageError: no such file, keys this version does not know, or values it refuses (a config.yaml of another
             version).
     """
-    from .cliconfig import dataclass_kwargs
-    from .options import command_classes, parse
-    from .runconfig import TASK_TYPES
+    from ..config.cliconfig import dataclass_kwargs
+    from ..config.options import command_classes, parse
+    from ..config.runconfig import TASK_TYPES
 
     if not Path(path).is_file():
         raise UsageError(

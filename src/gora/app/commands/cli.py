@@ -21,9 +21,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .cliconfig import CONFIG_OPTION, UsageError, config_files, dataclass_kwargs, name_options
-from .options import COMMANDS, build_parser, command_classes, parse
-from .runfolder import RunStopped
+from ..config.cliconfig import CONFIG_OPTION, UsageError, config_files, dataclass_kwargs, name_options
+from ..config.options import COMMANDS, build_parser, command_classes, parse
+from ..run.runfolder import RunStopped
 
 EXIT_USAGE = 2
 
@@ -102,10 +102,10 @@ def _setup_logging(quiet: bool, main_rank: bool = True) -> None:
 
 
 def _run(command: str, args: Any, started: float, argv: Sequence[str], main_rank: bool) -> int:
+    from ..config.runconfig import DEFAULT_PRESET, resolve_configs
+    from ..run.runfolder import config_yaml
+    from ..run.train import finetune, resume_finetune
     from .allocate import allocate_only
-    from .runconfig import DEFAULT_PRESET, resolve_configs
-    from .runfolder import config_yaml
-    from .train import finetune, resume_finetune
 
     data_cls, run_cls, gora_cls = command_classes(command)
     show = not args.quiet and main_rank
@@ -177,7 +177,7 @@ def _merge(args: Any) -> int:
 
 
 def _export(args: Any) -> int:
-    from ..export import export_adapter
+    from ...export import export_adapter
 
     (export_cls,) = command_classes("export")
     with _options_in_errors(export_cls):
@@ -199,7 +199,7 @@ def _params_line(params: dict[str, Any], method: str) -> str:
 
 def print_finetune(report: dict[str, Any], wall_s: float) -> None:
     """The end-of-run summary: metric before/after, parameters, rank table, stage times, outputs."""
-    from .report import RankTable, format_rank_table
+    from ..run.report import RankTable, format_rank_table
 
     metric = report["metric"]
     m = report["metrics"]
@@ -263,7 +263,7 @@ def print_deploy(serving: dict[str, Any]) -> None:
 
 def print_allocation(report: dict[str, Any], wall_s: float) -> None:
     """Rank table, parameters, times and outputs of `gora allocate`."""
-    from .report import RankTable, format_rank_table
+    from ..run.report import RankTable, format_rank_table
 
     table = report["rank_table"]
     print()

@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .runconfig import DataConfig
+    from ..config.runconfig import DataConfig
     from .taskkind import TaskKind
 
 

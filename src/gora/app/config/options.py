@@ -24,7 +24,7 @@ SINGLE_CLASS = ("merge", "export")  # commands configured by one dataclass, with
 
 
 def _configs() -> tuple[Any, ...]:
-    from ..config import GoraConfig
+    from ...config import GoraConfig
     from .runconfig import AllocateConfig, DataConfig, MergeConfig, TrainConfig
 
     return GoraConfig, DataConfig, TrainConfig, AllocateConfig, MergeConfig

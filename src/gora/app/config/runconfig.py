@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import GoraConfig
-from . import assets
+from ...config import GoraConfig
+from .. import assets
 
 Task = Literal["classification", "sft"]
 Dtype = Literal["float32", "bfloat16", "float16"]

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..baseline import get_lora_model
-from ..config import GoraConfig
-from ..model import RunOptions, build_estimated, estimate_and_allocate
-from .parallel import shard
-from .runconfig import TrainConfig
-from .taskkind import TaskData
+from ...baseline import get_lora_model
+from ...config import GoraConfig
+from ...model import RunOptions, build_estimated, estimate_and_allocate
+from ..config.runconfig import TrainConfig
+from ..parallel import shard
+from ..tasks.taskkind import TaskData
 
 if TYPE_CHECKING:
-    from ..stats import GradientStats
+    from ...stats import GradientStats
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from .parallel import max_over_ranks
+from ..parallel import max_over_ranks
 
 if TYPE_CHECKING:
     from .runfolder import RunFolder

@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..batches import eval_mode, model_device, to_device
-from .errors import UsageError
+from ...batches import eval_mode, model_device, to_device
+from ..errors import UsageError
+from ..parallel import shard, weighted_means
 from .evaluate import by_length
-from .parallel import shard, weighted_means
 from .taskkind import Encoded, TaskData, TaskKind
 
 

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..experts import check_parameter_layers
-from ..export import DTYPES, read_adapter
-from ..fileio import check_output_folder, staged_folder
-from ..record import RECORD_NAME, GoraRecord
-from .errors import UsageError
+from ...experts import check_parameter_layers
+from ...export import DTYPES, read_adapter
+from ...fileio import check_output_folder, staged_folder
+from ...record import RECORD_NAME, GoraRecord
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -29,19 +29,21 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..config import GoraConfig
-from ..distributed import world_size
-from ..fileio import staged_folder
-from ..gamma import check_start
-from ..model import attach_record
-from ..provenance import targets_fingerprint
-from ..record import RECORD_NAME, GoraRecord
-from ..stats import save_gradient_stats
+from ...config import GoraConfig
+from ...distributed import world_size
+from ...fileio import staged_folder
+from ...gamma import check_start
+from ...model import attach_record
+from ...provenance import targets_fingerprint
+from ...record import RECORD_NAME, GoraRecord
+from ...stats import save_gradient_stats
+from ..config.runconfig import DEFAULT_PRESET, PRESETS, DataConfig, TrainConfig
+from ..errors import UsageError
+from ..parallel import on_main, same_on_all_ranks
+from ..tasks.data import load_task
+from ..tasks.registry import evaluate
+from ..tasks.taskkind import TaskData
 from .adapters import build_adapter, float32_trainables
-from .data import load_task
-from .errors import UsageError
-from .parallel import on_main, same_on_all_ranks
-from .runconfig import DEFAULT_PRESET, PRESETS, DataConfig, TrainConfig
 from .runfolder import (
     CONFIG,
     PROGRESS,
@@ -57,12 +59,10 @@ from .runfolder import (
 )
 from .session import run_session
 from .startup import check_run, default_output_dir, start_processes, start_run
-from .taskkind import TaskData
-from .tasks import evaluate
 from .trainer_setup import training_arguments
 
 if TYPE_CHECKING:
-    from ..stats import GradientStats
+    from ...stats import GradientStats
 
 logger = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import GoraConfig
-from ..fileio import atomic_write
-from ..record import GoraRecord
-from .runconfig import DataConfig, TrainConfig
+from ...config import GoraConfig
+from ...fileio import atomic_write
+from ...record import GoraRecord
+from ..config.runconfig import DataConfig, TrainConfig
+from ..tasks.registry import headline_metric
+from ..tasks.taskkind import TaskData
 from .runfolder import SERVING, STATUS, RunFolder, config_dict
-from .taskkind import TaskData
-from .tasks import headline_metric
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from torch import nn
 
-    from .runconfig import DataConfig, TrainConfig
+    from ..config.runconfig import DataConfig, TrainConfig
 
 
 @dataclass

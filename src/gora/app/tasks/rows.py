@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .runconfig import DataConfig, Preset
+    from ..config.runconfig import DataConfig, Preset
     from .taskkind import TaskKind
 
 
