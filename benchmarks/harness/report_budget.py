@@ -9,6 +9,7 @@ over seeds and test problems, problems weighted by their answer tokens).
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -172,10 +173,34 @@ def budget_section(data: dict[str, list[Record]], img_dir: Path, img_rel: str) -
             f"| {steps} | {' / '.join(_lrs(methods, m) for m in CORE)} | {' | '.join(cells)} | {early} | "
             f"{_ci_cell(rs)} | {_ci_cell(lo)} |"
         )
+    out += ["", *tuning_lines(data)]
     path = img_dir / f"{BUDGET_SUITE}-curve.png"
     if plot_budget_curve(data, path):
         out += ["", f"![test NLL against budget]({img_rel}/{path.name})"]
     out += ["", *variant_table(data)]
+    return out
+
+
+def tuning_lines(data: dict[str, list[Record]]) -> list[str]:
+    """Per tuned block and method, the validation NLL of every lr run so far (the lowest in bold)."""
+    tuned: dict[str, dict[str, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in data.get(BUDGET_SUITE, []):
+        if r.get("stage") == "tune":
+            tuned[r["block"]][r["method"]][r["lr"]] = math.inf if r.get("diverged") else r["metric"]
+    out = []
+    for block, methods in sorted(tuned.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        cells = []
+        for method in sorted(methods, key=lambda m: (*CORE, m).index(m)):
+            curve = methods[method]
+            best = min(curve, key=curve.get)
+            cells.append(
+                f"{method} "
+                + ", ".join(
+                    (f"**{lr:g}: {fmt(v, 3)}**" if lr == best else f"{lr:g}: {fmt(v, 3)}")
+                    for lr, v in sorted(curve.items())
+                )
+            )
+        out.append(f"- `{block}` tuning (validation NLL by lr, seed 100): {'; '.join(cells)}")
     return out
 
 

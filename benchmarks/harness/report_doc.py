@@ -16,6 +16,7 @@ from typing import Any
 
 from .capacity_suites import COMPARISONS, GATES
 from .methods import METHODS
+from .report_budget import BUDGET_SUITE, budget_section
 from .report_capacity import comparison_section, gate_section
 from .report_evidence import evidence_section, provenance_lines
 from .report_historic import historic_sections
@@ -81,7 +82,10 @@ def render(results: Path, img_dir: Path, doc: Path) -> str:
     for suite in [s for s in GATES if s in data]:
         lines += [*gate_section(suite, data[suite]), *provenance_lines(data[suite]), ""]
     for suite in [s for s in COMPARISONS if s in data]:
-        lines += comparison_section(suite, data[suite], img_dir, str(img_rel))
+        if suite == BUDGET_SUITE:  # the budget curve pairs its runs with evidence-capacity-long's
+            lines += budget_section(data, img_dir, str(img_rel))
+        else:
+            lines += comparison_section(suite, data[suite], img_dir, str(img_rel))
         lines += [*provenance_lines(data[suite]), ""]
     evidence = [s for s in EVIDENCE if s in data]
     for suite in evidence:

@@ -69,6 +69,18 @@ def _overall(vs_rs: dict[str, Any] | None, vs_lora: dict[str, Any] | None) -> st
     return "GoRA " + ", ".join(parts)
 
 
+def _regime_label(regime: str) -> str:
+    """"r4" -> "4"; a budget regime "r4-32steps" -> "4, 32 steps" (evidence-budget)."""
+    rank, _, rest = regime.lstrip("r").partition("-")
+    return f"{rank}, {rest.removesuffix('steps')} steps" if rest.endswith("steps") else regime.lstrip("r")
+
+
+def _regime_order(regime: str) -> tuple[str, int]:
+    """Regimes in order, budgets by their steps (32 before 128)."""
+    rank, _, rest = regime.partition("-")
+    return (rank, int(rest.removesuffix("steps")) if rest.endswith("steps") and rest[:-5].isdigit() else 0)
+
+
 def headline_table(data: dict[str, list[Record]]) -> list[str]:
     """The one table BENCHMARKS.md opens with: per regime GoRA − rsLoRA and GoRA − LoRA (paired 95% intervals), from
     the evidence suites' main runs; the capacity gate's finding in its own row."""
@@ -138,7 +150,8 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
         records = data.get(suite)
         if not records:
             continue
-        for (task, regime), pairs in sorted(report_capacity.comparison_verdicts(records).items()):
+        verdicts = report_capacity.comparison_verdicts(records)
+        for (task, regime), pairs in sorted(verdicts.items(), key=lambda kv: (kv[0][0], _regime_order(kv[0][1]))):
             rs, lo = pairs.get(("gora", "rslora")), pairs.get(("gora", "lora"))
             if not rs and not lo:
                 continue
@@ -147,7 +160,7 @@ def headline_table(data: dict[str, list[Record]]) -> list[str]:
             one_seed = "; the interval spans test problems, not seeds" if seeds == 1 else ""
             overall = f"no verdict yet ({so_far}{one_seed})" if so_far else None
             lines.append(
-                f"| {task}, r = {regime.lstrip('r')} (`{suite}`, {seeds} seeds) | test answer-token NLL, nats "
+                f"| {task}, r = {_regime_label(regime)} (`{suite}`, {seeds} seeds) | test answer-token NLL, nats "
                 f"(− = GoRA better) | {_ci(rs, 1, 4, not so_far)} | {_ci(lo, 1, 4, not so_far)} | "
                 f"{overall or _overall(rs, lo)} |"
             )
