@@ -979,7 +979,9 @@ def test_gpu_command_runs_gate_comparison_and_report_on_the_cpu(gpu_command_dry_
     assert {(r["gate_task"], r["r"]) for r in gate} == {
         (t, r) for t in ("spell_backward", "base_conversion") for r in (4, 32)
     }
-    for task in capacity_suites.GATES["capacity-gate-smoke"].tasks:  # r = 4 ran 5e-3 and 1e-2, then one lr past the better
+    for task in capacity_suites.GATES[
+        "capacity-gate-smoke"
+    ].tasks:  # r = 4 ran 5e-3 and 1e-2, then one lr past the better
         nll = {r["lr"]: r["metric"] for r in gate if r["gate_task"] == task and r["r"] == 4}
         past = 2e-2 if nll[1e-2] < nll[5e-3] else 2.5e-3
         assert sorted(nll) == sorted([5e-3, 1e-2, past]), (task, nll)

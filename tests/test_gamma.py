@@ -313,7 +313,11 @@ def test_a_start_that_raises_the_held_out_loss_is_reported(caplog):
     against = rule_batches(2, 7, sign=-1.0)  # the negated loss, which rises along −G
     with caplog.at_level(logging.WARNING, logger="gora"):
         peft_model = gora.get_gora_model(
-            make_llama(), auto_config(gamma=1.0), batches, eval_dataloader=against, forward_fn=lm_forward,
+            make_llama(),
+            auto_config(gamma=1.0),
+            batches,
+            eval_dataloader=against,
+            forward_fn=lm_forward,
             show_progress=False,
         )
     check = peft_model.gora_records["default"].extra["start_check"]
@@ -338,7 +342,9 @@ def test_a_start_that_raises_the_held_out_loss_is_reported(caplog):
     assert search["gamma"] > 0 and not check["raised"] and "message" not in check
     assert check["init_loss"] == pytest.approx(min(search["losses"]), rel=1e-5)
     assert "raised the loss" not in caplog.text
-    plain = gora.get_gora_model(make_llama(), auto_config(gamma=1e3), batches, forward_fn=lm_forward, show_progress=False)
+    plain = gora.get_gora_model(
+        make_llama(), auto_config(gamma=1e3), batches, forward_fn=lm_forward, show_progress=False
+    )
     assert "start_check" not in plain.gora_records["default"].extra
 
 

@@ -112,7 +112,9 @@ def test_the_benchmarks_import_graph_has_no_cycle():
     """Property (issue #35): benchmarks/ (the suite harness and the studies) is layered like the library: its modules
     form an acyclic import graph, lazy imports included, so a report module can be read without the runner."""
     graph = _import_graph(BENCHMARKS)
-    assert graph["benchmarks.harness.report_doc"] >= {"benchmarks.harness.report_capacity"}  # the walk sees the package
+    assert graph["benchmarks.harness.report_doc"] >= {
+        "benchmarks.harness.report_capacity"
+    }  # the walk sees the package
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join([*cycle, cycle[0]])
 

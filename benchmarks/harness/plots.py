@@ -86,7 +86,6 @@ def plot_lr_curves(curves: dict[tuple[str, str], dict[str, dict[float, float]]],
     return True
 
 
-
 def loss_plot(
     kept: dict[str, list[Record]], path: Path, title: str, panels: list[tuple[str, list[str]]], window: int = 10
 ) -> bool:

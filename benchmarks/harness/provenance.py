@@ -177,7 +177,9 @@ def check_lock(out: Path, suite: str, prov: dict[str, Any], freeze: str) -> None
     keys = LOCK_KEYS if "code_sha256" in lock else LEGACY_LOCK_KEYS
     diffs = [f"{k}: {lock.get(k)!r} there, {prov[k]!r} now" for k in keys if lock.get(k) != prov[k]]
     if lock.get("code_sha256") not in (None, prov["code_sha256"]):
-        diffs.insert(0, f"the tracked code differs from the files the suite started with (commit {lock.get('commit')})")
+        diffs.insert(
+            0, f"the tracked code differs from the files the suite started with (commit {lock.get('commit')})"
+        )
     if diffs:
         hint = ""
         if lock.get("freeze_sha256") != prov["freeze_sha256"] and freeze_path.is_file():

@@ -313,6 +313,7 @@ def lr_window(curve: dict[float, float], nats: float = WINDOW_NATS) -> tuple[flo
         j += 1
     return lrs[i], lrs[j], math.log2(lrs[j] / lrs[i])
 
+
 METHOD_ORDER = [
     "lora",
     "rslora",

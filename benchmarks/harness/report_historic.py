@@ -244,6 +244,7 @@ def grid_table(records: list[Record]) -> list[str]:
         diff.append(f"| `{a}` − `{b}` | " + " | ".join(vals) + " |")
     return [*lines, *diff, ""]
 
+
 MAIN_PANELS = [
     ("LoRA family", ["full", "lora", "rslora", "pissa", "loraga", "adalora", "eva", "gora"]),
     (
@@ -403,8 +404,9 @@ def suite_section(suite: str, records: list[Record], img_dir: Path, img_rel: str
     return out
 
 
-
-def historic_sections(historic: dict[str, list[Record]], after_evidence: bool, img_dir: Path, img_rel: str) -> list[str]:
+def historic_sections(
+    historic: dict[str, list[Record]], after_evidence: bool, img_dir: Path, img_rel: str
+) -> list[str]:
     """The historic suites' part of the report (`historic`: suite -> records), headed as historic when it follows
     the evidence suites; `benchmarks/notes.md` (its discussion) is included when the `nlu` suite has records."""
     lines = []

@@ -70,7 +70,7 @@ def _overall(vs_rs: dict[str, Any] | None, vs_lora: dict[str, Any] | None) -> st
 
 
 def _regime_label(regime: str) -> str:
-    """"r4" -> "4"; a budget regime "r4-32steps" -> "4, 32 steps" (evidence-budget)."""
+    """ "r4" -> "4"; a budget regime "r4-32steps" -> "4, 32 steps" (evidence-budget)."""
     rank, _, rest = regime.lstrip("r").partition("-")
     return f"{rank}, {rest.removesuffix('steps')} steps" if rest.endswith("steps") else regime.lstrip("r")
 

@@ -17,7 +17,7 @@ def fmt(value: float | None, digits: int = 2, scale: float = 1.0, sign: bool = F
 
 
 def mean_std(values: Iterable[float | None], scale: float = 1.0, digits: int = 1, show_n: bool = True) -> str:
-    """"mean ± std" of the values present (× `scale`); one value alone is shown as itself, marked "(n=1)" when
+    """ "mean ± std" of the values present (× `scale`); one value alone is shown as itself, marked "(n=1)" when
     `show_n`; "–" when none."""
     vals = [v * scale for v in values if v is not None]
     if not vals:

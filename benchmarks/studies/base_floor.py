@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.base_floor", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.studies.base_floor", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--suite", default="evidence-nlg")
     parser.add_argument("--block", default="nlg-core")
     parser.add_argument("--threads", type=int, default=1)

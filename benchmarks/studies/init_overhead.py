@@ -101,7 +101,9 @@ METHODS = {"floor": floor, "gora": gora_init, "loraga": loraga_init}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.init_overhead", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.studies.init_overhead", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)

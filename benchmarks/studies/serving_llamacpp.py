@@ -220,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     (work / "spec.json").write_text(json.dumps(spec))
     done = run(
-        [python, str(ROOT / "benchmarks/studies/llamacpp_logits.py"), str(work / "spec.json"), str(work / "llamacpp.npz")],
+        [
+            python,
+            str(ROOT / "benchmarks/studies/llamacpp_logits.py"),
+            str(work / "spec.json"),
+            str(work / "llamacpp.npz"),
+        ],
         commands,
     )
     system_info = json.loads(done.stdout.strip().splitlines()[-1])["system_info"]

@@ -137,7 +137,11 @@ def check_start(base_loss: float, init_loss: float, gamma: float, source: str) -
         logger.warning(check.message())
     else:
         logger.info(
-            "GoRA's initial step (gamma=%g) lowers the loss on the %s: %.4f -> %.4f", gamma, source, base_loss, init_loss
+            "GoRA's initial step (gamma=%g) lowers the loss on the %s: %.4f -> %.4f",
+            gamma,
+            source,
+            base_loss,
+            init_loss,
         )
     return check
 
