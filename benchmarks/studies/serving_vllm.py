@@ -146,33 +146,6 @@ def lora_request(name: str, lora_id: int, folder: Path) -> Any:
 # --- the study ------------------------------------------------------------------------------------------------------
 
 
-def finetune(work: Path, steps: int, threads: int, log: list[str]) -> Path:
-    """A short real GoRA SFT fine-tune with the `gora` command; returns its output folder."""
-    from benchmarks.studies.serving_llamacpp import run
-
-    run_dir = work / "run"
-    argv = [
-        "finetune",
-        "--preset", "smollm2-gsm",
-        "--output-dir", str(run_dir),
-        "--overwrite",
-        "--max-steps", str(steps),
-        "--batch-size", "4",
-        "--max-length", "256",
-        "--max-train-samples", str(4 * steps),
-        "--learning-rate", "1e-3",
-        "--max-eval-samples", "1",
-        "--max-new-tokens", "1",
-        "--no-eval-before",
-        "--save-strategy", "no",
-        "--logging-steps", "1",
-        "--threads", str(threads),
-        "-q",
-    ]  # fmt: skip
-    run([sys.executable, "-m", "gora", *argv], log, cwd=ROOT)
-    return run_dir
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/gora-serving-vllm"))
@@ -200,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     import gora
     from benchmarks.harness.measure import machine, now, versions
     from benchmarks.harness.provenance import git_commit
-    from benchmarks.studies.serving_llamacpp import prompts, shared_prefix
+    from benchmarks.studies.serving_llamacpp import finetune, prompts, shared_prefix
     from gora.app.assets import smollm2_path
     from gora.export import vllm_max_lora_rank
 
