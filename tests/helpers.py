@@ -216,3 +216,18 @@ def manual_mean_gradient(model, batches, targets):
     model.zero_grad(set_to_none=True)
     model.eval()
     return {k: v / len(batches) for k, v in sums.items()}
+
+
+def assert_stock_peft_round_trip(peft_model, make_base, batch, folder) -> None:
+    """The adapter is stock PEFT: saved, then `PeftModel.from_pretrained` on a fresh base (`make_base()`) gives
+    identical logits on `batch`, and `merge_and_unload` computes the same function (up to float rounding)."""
+    from peft import PeftModel
+
+    with torch.no_grad():
+        want = peft_model(**batch).logits
+    peft_model.save_pretrained(folder)
+    loaded = PeftModel.from_pretrained(make_base(), folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, want)
+        merged = loaded.merge_and_unload()
+        assert_close(merged(**batch).logits, want, rtol=1e-5)

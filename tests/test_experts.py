@@ -22,6 +22,7 @@ from gora.targets import find_targets
 from helpers import (
     assert_close,
     assert_same,
+    assert_stock_peft_round_trip,
     lm_batches,
     make_gpt_oss,
     make_llama,
@@ -227,18 +228,10 @@ def test_unreached_experts_are_reported_and_left_out_of_the_importance(caplog):
 def test_saved_adapter_reloads_in_plain_peft_and_merges(kind, tmp_path):
     """Property: the adapter is stock PEFT: `PeftModel.from_pretrained` on a fresh base gives identical logits
     (the ranks come back from rank_pattern), and merge_and_unload computes the same function."""
-    from peft import PeftModel
 
     batch = lm_batches(1, seed=5)[0]
     peft_model = gora.get_gora_model(MAKERS[kind](), config(), lm_batches(3), show_progress=False).eval()
-    with torch.no_grad():
-        want = peft_model(**batch).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(MAKERS[kind](), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, want)
-        merged = loaded.merge_and_unload()
-        assert_close(merged(**batch).logits, want, rtol=1e-5)
+    assert_stock_peft_round_trip(peft_model, MAKERS[kind], batch, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "gora_record.json").is_file()
     record = peft_model.gora_records["default"]  # the base it was made on, read through the expert stacks too
     assert any("experts" in m for m in record.base_model["modules"])

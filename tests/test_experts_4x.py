@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gora
-from helpers import FUSED_EXPERTS, assert_close, lm_batches, make_mixtral, make_qwen3_moe
+from helpers import FUSED_EXPERTS, assert_stock_peft_round_trip, lm_batches, make_mixtral, make_qwen3_moe
 
 pytestmark = pytest.mark.skipif(
     FUSED_EXPERTS, reason="transformers>=5 fuses the experts into 3-D parameters: test_experts.py covers them"
@@ -28,21 +28,13 @@ def config(kind: str, **kwargs) -> gora.GoraConfig:
 def test_per_expert_linears_are_layers_that_reload_in_plain_peft_and_merge(kind, tmp_path):
     """Property: every expert's linear layers are GoRA targets of their own (a rank each in rank_pattern), the
     adapter reloads in stock PEFT with identical logits, and merge_and_unload computes the same function."""
-    from peft import PeftModel
 
     batch = lm_batches(1, seed=5)[0]
     peft_model = gora.get_gora_model(MAKERS[kind](), config(kind), lm_batches(3), show_progress=False).eval()
     ranks = peft_model.peft_config["default"].rank_pattern
     experts = [name for name in ranks if ".experts." in name]
     assert len(experts) == 2 * 4 * 3  # layers x experts x linear layers per expert
-    with torch.no_grad():
-        want = peft_model(**batch).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(MAKERS[kind](), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, want)
-        merged = loaded.merge_and_unload()
-        assert_close(merged(**batch).logits, want, rtol=1e-5)
+    assert_stock_peft_round_trip(peft_model, MAKERS[kind], batch, tmp_path / "adapter")
 
 
 def test_fused_expert_targets_name_the_transformers_release_they_need():
