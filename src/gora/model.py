@@ -130,8 +130,8 @@ def build_gora_model(
             peft_model.unload()
             raise
         start_check = check_start(base_loss, init_loss, config.gamma, "held-out batches")
-    elif config.gamma != 0:
-        logger.info(
+    elif config.gamma != 0:  # debug: gora finetune checks the start itself, on its eval set
+        logger.debug(
             "GoRA: the initial step's effect on the loss is not checked (no held-out batches): pass "
             "eval_dataloader=... to get_gora_model, or use gamma='auto'"
         )
