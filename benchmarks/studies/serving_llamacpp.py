@@ -73,6 +73,21 @@ def install(src: Path, venv: Path, log: list[str]) -> None:
         subprocess.run(command, shell=True, check=True)
 
 
+def prompt_settings(args: argparse.Namespace, token_ids: list[list[int]], start: int) -> dict[str, Any]:
+    """The settings a serving study records about its model, fine-tune and prompts (llama.cpp's and vLLM's alike)."""
+    return {
+        "model": "SmolLM2-135M-Instruct float32 (gora.app.assets.smollm2_path)",
+        "steps": args.steps,
+        "threads": args.threads,
+        "prompts": len(token_ids),
+        "gsm_prompts": args.gsm_prompts,
+        "response_tokens": args.response_tokens,
+        "tokens_per_prompt": [len(t) for t in token_ids],
+        "shared_prefix_tokens": start + 1,
+        "positions_compared": "per prompt: from the position predicting its first own token to its end",
+    }
+
+
 def finetune(work: Path, steps: int, threads: int, log: list[str]) -> Path:
     """A short real GoRA fine-tune with the `gora` command; returns its output folder."""
     run_dir = work / "run"
@@ -276,15 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "llamacpp_system_info": system_info,
         "commands": commands,
         "settings": {
-            "model": "SmolLM2-135M-Instruct float32 (gora.app.assets.smollm2_path)",
-            "steps": args.steps,
-            "threads": args.threads,
-            "prompts": len(token_ids),
-            "gsm_prompts": args.gsm_prompts,
-            "response_tokens": args.response_tokens,
-            "tokens_per_prompt": [len(t) for t in token_ids],
-            "shared_prefix_tokens": start + 1,
-            "positions_compared": "per prompt: from the position predicting its first own token to its end",
+            **prompt_settings(args, token_ids, start),
             "llamacpp": "float32 GGUFs, float32 KV cache, logits_all, the same token ids as PEFT",
         },
         "adapter": {

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     import gora
     from benchmarks.harness.measure import machine, now, versions
     from benchmarks.harness.provenance import git_commit
-    from benchmarks.studies.serving_llamacpp import finetune, prompts, shared_prefix
+    from benchmarks.studies.serving_llamacpp import finetune, prompt_settings, prompts, shared_prefix
     from gora.app.assets import smollm2_path
     from gora.export import vllm_max_lora_rank
 
@@ -287,15 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "vllm_logprobs": round(vllm_s, 1),
         },
         "settings": {
-            "model": "SmolLM2-135M-Instruct float32 (gora.app.assets.smollm2_path)",
-            "steps": args.steps,
-            "threads": args.threads,
-            "prompts": len(token_ids),
-            "gsm_prompts": args.gsm_prompts,
-            "response_tokens": args.response_tokens,
-            "tokens_per_prompt": [len(t) for t in token_ids],
-            "shared_prefix_tokens": start + 1,
-            "positions_compared": "per prompt: the predictions from its first own token to its end",
+            **prompt_settings(args, token_ids, start),
             "vllm": f"LLM(dtype=float32, enforce_eager=True, enable_lora=True, max_lora_rank={max_lora_rank}, "
             "max_loras=2), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), SamplingParams(prompt_logprobs=1), "
             "the same token ids as PEFT; the base alone is a request without a LoRARequest in the same engine",
