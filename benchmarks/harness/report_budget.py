@@ -133,14 +133,20 @@ def _lrs(methods: dict[str, dict[int, Record]], method: str) -> str:
     return "/".join(f"{lr:g}" for lr in sorted({r["lr"] for r in methods.get(method, {}).values()})) or "–"
 
 
-def early_loss(runs: dict[int, Record], last: int = 32) -> str:
-    """Mean training loss over the first `last` steps (mean over seeds)."""
+def mean_train_loss(runs: dict[int, Record], first: int, last: int) -> float | None:
+    """Mean training loss over steps `first`..`last` (mean over the seeds that logged a curve; None without any)."""
     values = [
-        statistics.mean(loss for step, loss in r["loss_curve"] if step <= last)
+        statistics.mean(loss for step, loss in r["loss_curve"] if first <= step <= last)
         for r in runs.values()
         if r.get("loss_curve")
     ]
-    return fmt(statistics.mean(values), 3) if values else "–"
+    return statistics.mean(values) if values else None
+
+
+def early_loss(runs: dict[int, Record], last: int = 32) -> str:
+    """Mean training loss over the first `last` steps (mean over seeds)."""
+    value = mean_train_loss(runs, 1, last)
+    return "–" if value is None else fmt(value, 3)
 
 
 def budget_section(data: dict[str, list[Record]], img_dir: Path, img_rel: str) -> list[str]:
@@ -226,23 +232,15 @@ def variant_table(data: dict[str, list[Record]]) -> list[str]:
         if not runs:
             out.append(f"| {label} | – | 0 | not run yet | | | |")
             continue
-        mid = [
-            statistics.mean(loss for step, loss in r["loss_curve"] if 33 <= step <= 128)
-            for r in runs.values()
-            if r.get("loss_curve")
-        ]
+        mid = mean_train_loss(runs, 33, 128)
         nll = [r["metric"] for r in runs.values()]
         out.append(
             f"| {label} | {'/'.join(f'{lr:g}' for lr in sorted({r['lr'] for r in runs.values()}))} | {len(runs)} | "
-            f"{fmt(statistics.mean(nll), 3)} | {fmt(statistics.mean(mid), 3) if mid else '–'} | "
+            f"{fmt(statistics.mean(nll), 3)} | {'–' if mid is None else fmt(mid, 3)} | "
             f"{_ci_cell(paired_nll(runs, ref['gora']) if ref.get('gora') else None)} | "
             f"{_ci_cell(paired_nll(runs, ref['rslora']) if ref.get('rslora') else None)} |"
         )
-    gora_mid = [
-        statistics.mean(loss for step, loss in r["loss_curve"] if 33 <= step <= 128)
-        for r in ref.get("gora", {}).values()
-        if r.get("loss_curve")
-    ]
-    if gora_mid:
-        out += ["", f"GoRA at 4e-3 itself: training loss over steps 33–128 {fmt(statistics.mean(gora_mid), 3)}."]
+    gora_mid = mean_train_loss(ref.get("gora", {}), 33, 128)
+    if gora_mid is not None:
+        out += ["", f"GoRA at 4e-3 itself: training loss over steps 33–128 {fmt(gora_mid, 3)}."]
     return [*out, ""]
