@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 # reaches ~1.5 decades below it (where ΔW0 is too small to change the loss beyond noise, so γ = 0 is the honest
 # answer) and 4x above it (a step of ‖ΔW0‖ ≈ γ‖G‖ larger than that overshoots on pretrained models). 9 candidates
 # cost 9 forwards per held-out batch; the research code's 0.8^k grid costs 52.
-DEFAULT_GAMMA_CANDIDATES: tuple[float, ...] = tuple(5e-2 * 2.0**k for k in range(-6, 3))
 PAPER_GAMMA = 5e-2  # the paper's γ: the default of GoraConfig.gamma and where the bracket search starts
+DEFAULT_GAMMA_CANDIDATES: tuple[float, ...] = tuple(PAPER_GAMMA * 2.0**k for k in range(-6, 3))
 BRACKET_EVALS = 3  # candidates the bracket search evaluates at most (besides L(0), which every search needs)
 # a start "raises the loss" when L(γ) > L(0) + START_TOLERANCE·|L(0)|: 0.1%, above float noise between two evaluations of
 # one model, far below the raises that matter (the case that prompted the check went 3.96 -> 5.14)
@@ -107,7 +107,7 @@ class StartCheck:
     init_loss: float
     gamma: float
     source: str
-    raised: bool = False
+    raised: bool = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         margin = START_TOLERANCE * abs(self.base_loss)
