@@ -71,6 +71,18 @@ def test_the_stall_variants_run_at_256_steps_on_the_main_seeds(blocks):
     assert {(s["method"], s["lr"]) for s in auto} == {("gora-auto", 4e-3)} and len(auto) == 4
 
 
+def test_a_fixed_lr_block_without_its_lr_is_refused():
+    """Protects against a silent lr 0 (or a block quietly left out): a comparison that lists the "stall" or
+    "auto-256" block without the fixed lr that block runs at is refused on construction, naming the field to set."""
+    with pytest.raises(ValueError, match=r"block 'stall' runs gora .* set fixed_lr=\{'gora'"):
+        capacity_suites.Comparison("capacity-gate-long", "rg-capacity-long", blocks=("stall",))
+    with pytest.raises(ValueError, match=r"block 'auto-256' runs gora-auto"):
+        capacity_suites.Comparison(
+            "capacity-gate-long", "rg-capacity-long", blocks=("auto-256",), fixed_lr={"gora-auto": 0.0}
+        )
+    capacity_suites.Comparison("capacity-gate-long", "rg-capacity-long", blocks=("core",))  # no fixed-lr block
+
+
 def _runs(steps: int, nll: dict[str, float], seeds: int, suite_block: str = "") -> list[dict]:
     tokens = [1, 3] * 20
     out = []

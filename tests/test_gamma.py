@@ -189,6 +189,39 @@ def test_eval_dataloader_and_running_out_leave_model_untouched():
         gora.get_gora_model(make_llama(), auto_config(gamma=0.0), [], eval_dataloader=[], show_progress=False)
 
 
+@pytest.mark.parametrize("gamma", ["auto", 1.0], ids=["search", "fixed-check"])
+def test_a_failure_after_peft_wraps_the_model_leaves_it_as_it_was(gamma):
+    """Protects: an error raised once PEFT has wrapped the model (here the held-out forward fails after L(0), inside
+    the γ search or the fixed-γ start check) propagates unchanged and leaves the user's model as it was: no LoRA
+    layers, the same module tree, bit-identical weights."""
+    model = make_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_modules()]
+    held_out = [{**batch, "held_out": True} for batch in rule_batches(2, 7)]
+    calls = []
+
+    def failing_forward(m, batch):
+        if batch.get("held_out"):
+            calls.append(batch["idx"])
+            if len(calls) > len(held_out):  # L(0) succeeds; the first forward with the adapter in place fails
+                raise RuntimeError("held-out forward failed")
+        return lm_forward(m, batch)
+
+    with pytest.raises(RuntimeError, match="held-out forward failed"):
+        gora.get_gora_model(
+            model,
+            auto_config(gamma=gamma),
+            rule_batches(4, 0),
+            eval_dataloader=held_out,
+            forward_fn=failing_forward,
+            show_progress=False,
+        )
+    assert len(calls) == len(held_out) + 1
+    assert [n for n, _ in model.named_modules()] == names
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_build_gora_model_needs_held_out_batches():
     """Protects: the staged API refuses gamma='auto' without held-out batches before PEFT touches the model."""
     model = make_llama()

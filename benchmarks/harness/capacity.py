@@ -153,6 +153,10 @@ def comparison_blocks(suite: str, gate_records: list[Record]) -> list[Block]:
     task = {**GATE_TASKS[chosen.task], "gate_task": chosen.task}
     low = min(gate.ranks)
     r_low = {"r": low, "gora_min_rank": max(1, low // 2)}  # the paper's r_min = r_ref / 2
+
+    def fixed_lr(method: str) -> dict[str, float]:  # Comparison checks it is set where a listed block needs it
+        return {m: lr for m, lr in comp.fixed_lr.items() if m == method}
+
     blocks = {
         "core": Block(
             "cap-core",
@@ -213,7 +217,7 @@ def comparison_blocks(suite: str, gate_records: list[Record]) -> list[Block]:
             (("gora", "gora"),),
             seeds=comp.main_seeds,
             tune_seeds=(),
-            fixed_lr={"gora": comp.fixed_lr.get("gora", 0.0)},
+            fixed_lr=fixed_lr("gora"),
             overrides={**task, **r_low},
             note="GoRA at half its 256-step lr, a labelled variant",
         ),
@@ -239,11 +243,14 @@ def comparison_blocks(suite: str, gate_records: list[Record]) -> list[Block]:
             (("gora-auto", "gora-auto"),),
             seeds=comp.control_seeds,
             tune_seeds=(),
-            fixed_lr={"gora-auto": comp.fixed_lr.get("gora-auto", 0.0)},
+            fixed_lr=fixed_lr("gora-auto"),
             overrides={**task, **r_low},
             note=f"GoRA with gamma = auto at GoRA's 256-step lr, on the first {len(comp.control_seeds)} seeds",
         ),
     }
+    unknown = [name for name in comp.blocks if name not in blocks]
+    if unknown:
+        raise ValueError(f"unknown comparison block(s) {unknown}: choose from {sorted(blocks)}")
     return [blocks[name] for name in comp.blocks]
 
 

@@ -129,6 +129,18 @@ class Comparison:
     method_lrs: tuple[tuple[str, tuple[float, ...]], ...] = ()
     fixed_lr: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for block, method in FIXED_LR_BLOCKS.items():
+            if block in self.blocks and not self.fixed_lr.get(method, 0.0) > 0:
+                raise ValueError(
+                    f"the comparison's block {block!r} runs {method} at a given lr without tuning: set "
+                    f"fixed_lr={{{method!r}: <lr > 0>}} or drop {block!r} from blocks"
+                )
+
+
+# blocks that run one method at the comparison's fixed_lr[method] instead of tuning it
+FIXED_LR_BLOCKS = {"stall": "gora", "auto-256": "gora-auto"}
+
 
 # the 256-step optima of evidence-capacity-long (lora 4e-3, rslora 1e-3, gora 4e-3), each method's budget grid from
 # half its optimum to 4x (a shorter schedule tends to want a larger lr), widened at an edge

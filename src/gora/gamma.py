@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,6 +325,16 @@ def held_out_loss(
     return total / count
 
 
+@contextmanager
+def unloaded_on_failure(peft_model: Any) -> Iterator[None]:
+    """If the body raises, remove the LoRA layers again (`peft_model.unload()`) so the base model is as it was."""
+    try:
+        yield
+    except BaseException:
+        peft_model.unload()
+        raise
+
+
 @torch.no_grad()
 def search_gamma(
     peft_model: Any,
@@ -356,7 +367,7 @@ def search_gamma(
         _scale_lora_B(lora_B, unit_weights, grid[i])  # lora_B ← γ_k·B0(1)
         return held_out_loss(model, batches, forward_fn=forward_fn, seed=config.seed, strict=False)
 
-    try:
+    with unloaded_on_failure(peft_model):
         if config.gamma_search == "grid":
             seen = {i: loss_at(i) for i in range(len(grid))}
         else:
@@ -365,9 +376,6 @@ def search_gamma(
         losses = [seen[i] for i in sorted(seen)]
         chosen = choose_gamma(candidates, losses, base_loss)
         _scale_lora_B(lora_B, unit_weights, chosen)
-    except BaseException:
-        peft_model.unload()
-        raise
     source = getattr(batches, "source", "eval_batches")
     search = GammaSearch(
         candidates, losses, base_loss, chosen, len(batches) * world_size(), source, config.gamma_search

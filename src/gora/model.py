@@ -25,7 +25,14 @@ from .config import GoraConfig
 from .distributed import check_not_sharded
 from .estimate import estimate_gradients
 from .experts import lora_layer, parameter_patterns_quiet, to_peft_layout
-from .gamma import check_start, held_out_batches, held_out_loss, search_gamma, unit_gamma_config
+from .gamma import (
+    check_start,
+    held_out_batches,
+    held_out_loss,
+    search_gamma,
+    unit_gamma_config,
+    unloaded_on_failure,
+)
 from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
 from .provenance import base_fingerprint
@@ -105,7 +112,8 @@ def build_gora_model(
     base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if check else 0.0  # L(0)
     with _quantized_flags(model), parameter_patterns_quiet(lora_config.target_parameters or ()):
         peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)  # bnb layers for bnb bases
-    _write_lora_weights(peft_model, weights, adapter_name)
+    with unloaded_on_failure(peft_model):
+        _write_lora_weights(peft_model, weights, adapter_name)
     search = None
     if auto:  # lora_B ← γ_k·B0(1) for each candidate, then γ*·B0(1)
         search = search_gamma(
@@ -122,13 +130,10 @@ def build_gora_model(
         init_loss = dict(zip(search.candidates, search.losses)).get(search.gamma, base_loss)
         start_check = check_start(base_loss, init_loss, search.gamma, "held-out batches")
     elif check:  # a fixed γ: L(γ) with the initial adapter in place
-        try:
+        with unloaded_on_failure(peft_model):
             init_loss = held_out_loss(
                 peft_model.get_base_model(), eval_batches, forward_fn=forward_fn, seed=config.seed, strict=False
             )
-        except BaseException:
-            peft_model.unload()
-            raise
         start_check = check_start(base_loss, init_loss, config.gamma, "held-out batches")
     elif config.gamma != 0:  # debug: gora finetune checks the start itself, on its eval set
         logger.debug(
