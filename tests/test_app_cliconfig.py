@@ -186,3 +186,20 @@ def test_command_line_errors_exit_2_with_one_line(capsys):
     assert capsys.readouterr().err.strip() == "gora finetune: error: --min-rank 'x' is not an integer"
     assert main(["fine-tune"]) == 2
     assert "invalid choice: 'fine-tune'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["finetune", "--learning", "1e-4"], "unknown option --learning (did you mean --learning-rate?)"),
+        (["finetune", "--lr", "1e-4"], "unknown option --lr (did you mean --learning-rate?)"),
+        (["finetune", "--lr-sched", "constant"], "unknown option --lr-sched (did you mean --lr-scheduler?)"),
+        (["allocate", "--bs", "4"], "unknown option --bs (did you mean --batch-size?)"),
+    ],
+)
+def test_options_are_never_expanded_from_a_prefix(capsys, argv, message):
+    """Protects against a silent wrong setting: an option must be spelt out (argparse would expand --lr to
+    --lr-scheduler, jsonargparse 5 refuses prefixes: gora refuses them under every version), and the error names
+    the option meant, by spelling or by its words' initials."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"gora {argv[0]}: error: {message}"

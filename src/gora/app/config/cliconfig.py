@@ -394,6 +394,18 @@ def usage_message(err: BaseException, types_by_field: Mapping[str, Any], known_o
     match = re.search(r"unrecognized arguments: (.*)", text, re.IGNORECASE)
     if match:
         unknown = match.group(1).split()[0]
-        nearest = difflib.get_close_matches(unknown.partition("=")[0], list(known_options), n=1, cutoff=0.6)
-        return f"unknown option {unknown}" + (f" (did you mean {nearest[0]}?)" if nearest else "")
+        nearest = nearest_option(unknown.partition("=")[0], list(known_options))
+        return f"unknown option {unknown}" + (f" (did you mean {nearest}?)" if nearest else "")
     return " ".join(text.split())
+
+
+def nearest_option(given: str, known: Sequence[str]) -> str | None:
+    """The option a mistyped `given` most likely meant: one whose words' initials it spells (--lr: --learning-rate,
+    --bs: --batch-size), else the closest spelling (difflib), else None."""
+    bare = given.lstrip("-")
+    for option in known:
+        words = option.lstrip("-").split("-")
+        if len(words) > 1 and "".join(w[:1] for w in words) == bare:
+            return option
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None

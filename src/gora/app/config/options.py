@@ -57,7 +57,10 @@ def build_parser(command: str | None = None) -> Any:
     from .runconfig import DEFAULT_PRESET, PRESETS
 
     def new(prog: str, **kwargs: Any) -> Any:
-        return ArgumentParser(prog=prog, exit_on_error=False, print_config=None, default_env=False, **kwargs)
+        # every option spelt out (jsonargparse 4.x expands prefixes with a deprecation warning, 5.x refuses them)
+        return ArgumentParser(
+            prog=prog, exit_on_error=False, print_config=None, default_env=False, allow_abbrev=False, **kwargs
+        )
 
     if command is None:
         parser = new(
