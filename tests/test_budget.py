@@ -107,10 +107,10 @@ def _runs(steps: int, nll: dict[str, float], seeds: int, suite_block: str = "") 
     return out
 
 
-def test_the_report_gives_one_paired_row_per_budget():
+def test_the_report_gives_one_paired_row_per_budget(tmp_path):
     """Protects the verdict rows: one per budget (the 256-step point from evidence-capacity-long's core block),
     GoRA − rsLoRA being capacity.paired_nll of the runs at that budget only; a budget with fewer paired seeds than
-    planned says so instead of a verdict."""
+    planned says so instead of a verdict. The section links the curve's figure, drawn once two budgets have runs."""
     data = {
         "evidence-budget": _runs(32, {"lora": 2.0, "rslora": 2.0, "gora": 1.0}, 8)
         + _runs(64, {"lora": 2.0, "rslora": 2.0, "gora": 2.5}, 3),
@@ -123,8 +123,12 @@ def test_the_report_gives_one_paired_row_per_budget():
     assert st["mean"] < 0 and f"{st['mean']:+.3f} [{st['low']:+.3f}, {st['high']:+.3f}] (8 seeds)" in rows[0]
     assert "GoRA − rsLoRA: better; GoRA − LoRA: better" in rows[0]
     assert "no verdict yet (3 of 8 paired seeds)" in rows[1]
-    section = report_budget.budget_section(data, Path("/nonexistent"), "img")
+    section = report_budget.budget_section(data, tmp_path, "img")
     assert sum(line.startswith(("| 32 |", "| 64 |", "| 256 |")) for line in section) == 3
+    figure = tmp_path / "evidence-budget-curve.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](img/evidence-budget-curve.png)" in "\n".join(section)
+    assert not report_budget.plot_budget_curve({"evidence-budget": data["evidence-budget"][:3]}, tmp_path / "one.png")
+    assert not (tmp_path / "one.png").exists()  # one budget: no curve to draw
 
 
 def test_the_variants_pair_with_gora_and_rslora_of_the_256_step_suite():

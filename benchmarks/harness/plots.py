@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 Record = dict[str, Any]
 
 
-def _pyplot() -> Any:
+def pyplot_offscreen() -> Any:
     """matplotlib.pyplot on the off-screen backend, or None (with a warning) when matplotlib is not installed."""
     try:
         import matplotlib
@@ -27,7 +27,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: Path, dpi: int) -> None:
+def save_figure(plt: Any, fig: Any, path: Path, dpi: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -46,7 +46,7 @@ def plot_lr_curves(curves: dict[tuple[str, str], dict[str, dict[float, float]]],
     """Every method's validation NLL against the lr (`curves`: (task, regime) -> method -> lr -> NLL, one panel per
     task and regime); False when nothing to plot. A point above the panel's ceiling (`lr_curve_ceiling`) is drawn as
     a triangle at the top edge with its value."""
-    plt = _pyplot()
+    plt = pyplot_offscreen()
     if not curves or plt is None:
         return False
     keys = sorted(curves)
@@ -82,7 +82,7 @@ def plot_lr_curves(curves: dict[tuple[str, str], dict[str, dict[float, float]]],
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(plt, fig, path, dpi=110)
+    save_figure(plt, fig, path, dpi=110)
     return True
 
 
@@ -91,7 +91,7 @@ def loss_plot(
 ) -> bool:
     """Training loss (mean over seeds, moving average) of each panel's methods (`kept`: method -> its records);
     False when no curve was drawn."""
-    plt = _pyplot()
+    plt = pyplot_offscreen()
     if plt is None:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), sharey=True, squeeze=False)
@@ -121,7 +121,7 @@ def loss_plot(
     fig.suptitle(title)
     fig.tight_layout()
     if drawn:
-        _save(plt, fig, path, dpi=90)
+        save_figure(plt, fig, path, dpi=90)
     else:
         plt.close(fig)
     return drawn

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .paired_stats import paired_bootstrap
+from .plots import pyplot_offscreen, save_figure
 from .report_capacity import interim, paired_nll
 from .tables import fmt
 
@@ -64,7 +65,8 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
 def _ci_cell(st: dict[str, Any] | None) -> str:
     if not st:
         return "–"
-    return f"{st['mean']:+.3f} [{st['low']:+.3f}, {st['high']:+.3f}] ({len(st['seeds'])} seeds)"
+    n = len(st["seeds"])
+    return f"{st['mean']:+.3f} [{st['low']:+.3f}, {st['high']:+.3f}] ({n} seed{'' if n == 1 else 's'})"
 
 
 def _verdict(st: dict[str, Any] | None, planned: int) -> str:
@@ -90,43 +92,54 @@ def verdict_rows(data: dict[str, list[Record]], planned: int = 8) -> list[str]:
 
 
 def plot_budget_curve(data: dict[str, list[Record]], path: Path) -> bool:
-    """Test NLL against budget (log2 steps) per method: the mean over seeds with a 95% bootstrap interval."""
+    """Two panels against the budget (log2 steps): each method's test NLL (mean over seeds, 95% bootstrap interval),
+    and the verdict's paired differences GoRA − rsLoRA and GoRA − LoRA with their 95% intervals (below 0: GoRA
+    better). The per-method intervals include the seed-to-seed spread that pairing removes: read the right panel."""
     runs = budget_runs(data)
-    if len(runs) < 2:
+    plt = pyplot_offscreen() if len(runs) >= 2 else None
+    if plt is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, method in enumerate(CORE):
-        xs, ys, lo, hi, ns = [], [], [], [], []
+        points = []  # (x, mean, low, high, n)
         for steps, methods in sorted(runs.items()):
             values = [r["metric"] for r in methods.get(method, {}).values()]
-            if not values:
-                continue
-            mean, low, high = _mean_ci(values)
-            xs.append(steps * (1 + 0.03 * (i - 1)))  # side by side, so the intervals do not hide each other
-            ys.append(mean)
-            lo.append(mean - low)
-            hi.append(high - mean)
-            ns.append(len(values))
-        if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
-            for x, y, n in zip(xs, ys, ns):
-                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training budget (steps of 8 problems)")
+            if values:
+                # side by side, so the intervals do not hide each other
+                points.append((steps * (1 + 0.03 * (i - 1)), *_mean_ci(values), len(values)))
+        _errorbar(ax, points, method, f"C{i}")
     ax.set_ylabel("test answer-token NLL (nats, lower is better)")
-    ax.set_title("SmolLM2-135M, word_sorting, r = 4: each method at its tuned lr")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_title("each method at its tuned lr")
+    for i, other in enumerate(("rslora", "lora")):
+        points = []
+        for steps, methods in sorted(runs.items()):
+            st = paired_nll(methods["gora"], methods[other]) if {"gora", other} <= methods.keys() else None
+            if st:
+                points.append((steps * (1 + 0.03 * (2 * i - 1)), st["mean"], st["low"], st["high"], len(st["seeds"])))
+        label = f"GoRA − {'rsLoRA' if other == 'rslora' else 'LoRA'}"
+        _errorbar(dx, points, label, f"C{CORE.index(other)}")  # the baseline's colour on the left
+    dx.axhline(0.0, color="black", linewidth=0.8)
+    dx.set_ylabel("paired Δ test NLL (nats, below 0: GoRA better)")
+    dx.set_title("GoRA against each baseline, paired by seed")
+    for a in (ax, dx):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("training budget (steps of 8 problems)")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle("SmolLM2-135M, word_sorting, r = 4 (95% intervals; n = seeds)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path, dpi=110)
     return True
+
+
+def _errorbar(ax: Any, points: list[tuple[float, float, float, float, int]], label: str, color: str) -> None:
+    if not points:
+        return
+    xs, ys, lows, highs, ns = zip(*points)
+    yerr = [[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]]
+    ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=label, color=color)
+    for x, y, n in zip(xs, ys, ns):
+        ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
 
 
 def _lrs(methods: dict[str, dict[int, Record]], method: str) -> str:
