@@ -30,8 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,16 +324,6 @@ def held_out_loss(
     return total / count
 
 
-@contextmanager
-def unloaded_on_failure(peft_model: Any) -> Iterator[None]:
-    """If the body raises, remove the LoRA layers again (`peft_model.unload()`) so the base model is as it was."""
-    try:
-        yield
-    except BaseException:
-        peft_model.unload()
-        raise
-
-
 @torch.no_grad()
 def search_gamma(
     peft_model: Any,
@@ -357,7 +346,7 @@ def search_gamma(
         forward_fn: Optional `forward_fn(model, batch) -> loss`; it receives the model with LoRA layers inside.
         adapter_name: The adapter whose lora_B is set.
 
-    On any failure the LoRA layers are removed again (`peft_model.unload()`), so the base model is as it was.
+    It leaves `peft_model` as it is on failure: its caller (`model.build_gora_model`) removes the LoRA layers.
     """
     model = peft_model.get_base_model()
     lora_B = {name: lora_layer(model, name).lora_B[adapter_name].weight for name in unit_weights}
@@ -367,15 +356,14 @@ def search_gamma(
         _scale_lora_B(lora_B, unit_weights, grid[i])  # lora_B ← γ_k·B0(1)
         return held_out_loss(model, batches, forward_fn=forward_fn, seed=config.seed, strict=False)
 
-    with unloaded_on_failure(peft_model):
-        if config.gamma_search == "grid":
-            seen = {i: loss_at(i) for i in range(len(grid))}
-        else:
-            seen = bracket_losses(len(grid), start_index(grid), loss_at, base_loss)
-        candidates = [grid[i] for i in sorted(seen)]
-        losses = [seen[i] for i in sorted(seen)]
-        chosen = choose_gamma(candidates, losses, base_loss)
-        _scale_lora_B(lora_B, unit_weights, chosen)
+    if config.gamma_search == "grid":
+        seen = {i: loss_at(i) for i in range(len(grid))}
+    else:
+        seen = bracket_losses(len(grid), start_index(grid), loss_at, base_loss)
+    candidates = [grid[i] for i in sorted(seen)]
+    losses = [seen[i] for i in sorted(seen)]
+    chosen = choose_gamma(candidates, losses, base_loss)
+    _scale_lora_B(lora_B, unit_weights, chosen)
     source = getattr(batches, "source", "eval_batches")
     search = GammaSearch(
         candidates, losses, base_loss, chosen, len(batches) * world_size(), source, config.gamma_search

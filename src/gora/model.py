@@ -25,14 +25,7 @@ from .config import GoraConfig
 from .distributed import check_not_sharded
 from .estimate import estimate_gradients
 from .experts import lora_layer, parameter_patterns_quiet, to_peft_layout
-from .gamma import (
-    check_start,
-    held_out_batches,
-    held_out_loss,
-    search_gamma,
-    unit_gamma_config,
-    unloaded_on_failure,
-)
+from .gamma import check_start, held_out_batches, held_out_loss, search_gamma, unit_gamma_config
 from .importance import compute_importances
 from .initialize import init_gora_weights, layer_scaling
 from .provenance import base_fingerprint
@@ -112,34 +105,33 @@ def build_gora_model(
     base_loss = held_out_loss(model, eval_batches, forward_fn=forward_fn, seed=config.seed) if check else 0.0  # L(0)
     with _quantized_flags(model), parameter_patterns_quiet(lora_config.target_parameters or ()):
         peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)  # bnb layers for bnb bases
-    with unloaded_on_failure(peft_model):
+    with _unloaded_on_failure(peft_model):  # from here on a failure leaves the model as it was
         _write_lora_weights(peft_model, weights, adapter_name)
-    search = None
-    if auto:  # lora_B ← γ_k·B0(1) for each candidate, then γ*·B0(1)
-        search = search_gamma(
-            peft_model,
-            weights,
-            eval_batches,
-            config,
-            base_loss=base_loss,
-            forward_fn=forward_fn,
-            adapter_name=adapter_name,
-        )
-    start_check = None
-    if search is not None:
-        init_loss = dict(zip(search.candidates, search.losses)).get(search.gamma, base_loss)
-        start_check = check_start(base_loss, init_loss, search.gamma, "held-out batches")
-    elif check:  # a fixed γ: L(γ) with the initial adapter in place
-        with unloaded_on_failure(peft_model):
+        search = None
+        if auto:  # lora_B ← γ_k·B0(1) for each candidate, then γ*·B0(1)
+            search = search_gamma(
+                peft_model,
+                weights,
+                eval_batches,
+                config,
+                base_loss=base_loss,
+                forward_fn=forward_fn,
+                adapter_name=adapter_name,
+            )
+        start_check = None
+        if search is not None:
+            init_loss = dict(zip(search.candidates, search.losses)).get(search.gamma, base_loss)
+            start_check = check_start(base_loss, init_loss, search.gamma, "held-out batches")
+        elif check:  # a fixed γ: L(γ) with the initial adapter in place
             init_loss = held_out_loss(
                 peft_model.get_base_model(), eval_batches, forward_fn=forward_fn, seed=config.seed, strict=False
             )
-        start_check = check_start(base_loss, init_loss, config.gamma, "held-out batches")
-    elif config.gamma != 0:  # debug: gora finetune checks the start itself, on its eval set
-        logger.debug(
-            "GoRA: the initial step's effect on the loss is not checked (no held-out batches): pass "
-            "eval_dataloader=... to get_gora_model, or use gamma='auto'"
-        )
+            start_check = check_start(base_loss, init_loss, config.gamma, "held-out batches")
+        elif config.gamma != 0:  # debug: gora finetune checks the start itself, on its eval set
+            logger.debug(
+                "GoRA: the initial step's effect on the loss is not checked (no held-out batches): pass "
+                "eval_dataloader=... to get_gora_model, or use gamma='auto'"
+            )
     timings = {**(timings or {}), "init_s": (timings or {}).get("init_s", 0.0) + init_s}
     if check:
         timings["gamma_s"] = time.perf_counter() - start - init_s  # L(0), the search or check, with PEFT's wrapping
@@ -151,6 +143,16 @@ def build_gora_model(
     attach_record(peft_model, record, adapter_name)
     _log_summary(allocation, stats)
     return peft_model
+
+
+@contextlib.contextmanager
+def _unloaded_on_failure(peft_model: Any) -> Iterator[None]:
+    """If the body raises, remove the LoRA layers again (`peft_model.unload()`) so the base model is as it was."""
+    try:
+        yield
+    except BaseException:
+        peft_model.unload()
+        raise
 
 
 @contextlib.contextmanager
